@@ -1,0 +1,530 @@
+"""Combine the predictions of ensemble members into one prediction.
+
+Pure functions on torch tensors; nothing here touches Ray, MLflow or the disk.
+
+Conventions
+-----------
+Shapes
+    Member predictions are a tensor of shape ``[M, B, C]`` (M members, B items,
+    C classes) holding either probabilities (each row over C sums to 1) or raw
+    logits, or a tensor of shape ``[M, B]`` of integer class labels. Combined
+    outputs are ``[B, C]`` (probabilities / vote shares) and ``[B]`` (labels,
+    agreement).
+
+Inputs
+    Anything :func:`torch.as_tensor` accepts: tensors, NumPy arrays, nested
+    Python lists. Inputs are validated (dimensions, empty batch, no members,
+    NaN/inf, probabilities in [0, 1] summing to 1 within ``atol``, weight length
+    and sign, label range) and every problem is reported as an
+    :class:`AggregationError` (a ``ValueError``) with a one-line message.
+
+Dtypes
+    Labels are always returned as ``torch.int64``. Floating outputs keep the
+    dtype of a float32 or float64 input; every other input (half precision,
+    bfloat16, integers, bools, nested Python lists of floats, which torch
+    converts to float32) is computed and returned as ``torch.float32``. Results
+    of :func:`vote_labels` (where no floating input exists) are float32.
+    Outputs live on the device of the input predictions.
+
+Weights
+    Optional per-member weights (length M) must be finite and non-negative with
+    at least one positive entry; they are normalized to sum to 1 (see
+    :func:`normalize_weights`). If weights are given they are applied by every
+    method; method ``"weighted"`` merely insists that they are given.
+
+Ties
+    * A member's own vote is its argmax; if a member has several maximal
+      classes, the lowest class index is its vote.
+    * :func:`vote`: among classes with the most votes, the class with the
+      highest (weighted) mean probability wins; if that is tied as well, the
+      lowest class index wins.
+    * :func:`vote_labels`: only labels are known, so among classes with the most
+      votes the lowest class index wins.
+    * Soft methods (mean, weighted, logit_mean): the label is the argmax of the
+      combined probabilities, lowest class index on exact ties.
+    Vote counts and mean probabilities are compared in float64 with an absolute
+    tolerance of 1e-9, so that weighted sums that differ only by rounding count
+    as tied and results do not depend on the order of the members.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "AggregationError",
+    "AggregateResult",
+    "METHODS",
+    "KINDS",
+    "validate_probs",
+    "validate_logits",
+    "validate_labels",
+    "normalize_weights",
+    "mean",
+    "logit_mean",
+    "vote",
+    "vote_labels",
+    "weights_from_accuracy",
+    "agreement",
+    "aggregate",
+]
+
+METHODS: Tuple[str, ...] = ("mean", "vote", "weighted", "logit_mean")
+KINDS: Tuple[str, ...] = ("probs", "logits", "labels")
+
+#: Floor applied to probabilities before taking their log (``logit_mean`` on probs).
+LOG_CLAMP = 1e-12
+#: Absolute tolerance (float64) under which vote counts / mean probabilities tie.
+TIE_TOL = 1e-9
+
+TensorLike = Union[torch.Tensor, Sequence[Any], Any]
+
+
+class AggregationError(ValueError):
+    """Bad input to an aggregation function (one-line, human-readable message)."""
+
+
+@dataclass
+class AggregateResult:
+    """Output of :func:`aggregate`.
+
+    labels: ``[B]`` int64 ensemble labels.
+    probabilities: ``[B, C]`` combined probabilities (vote shares for voting methods).
+    agreement: ``[B]`` fraction of members whose own argmax equals ``labels``.
+    """
+
+    labels: torch.Tensor
+    probabilities: torch.Tensor
+    agreement: torch.Tensor
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _shape(x: torch.Tensor) -> str:
+    return str(tuple(x.shape))
+
+
+def _as_tensor(x: Any, name: str) -> torch.Tensor:
+    """torch.as_tensor, turning any conversion failure into AggregationError."""
+    if x is None:
+        raise AggregationError(f"{name} is missing (got None)")
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        try:
+            t = torch.as_tensor(x)
+        except Exception as exc:  # ragged lists, strings, objects ...
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise AggregationError(f"{name} could not be converted to a tensor: {msg}") from None
+    if t.is_complex():
+        raise AggregationError(f"{name} must be real numbers, got dtype {t.dtype}")
+    return t
+
+
+def _to_float(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype in (torch.float32, torch.float64):
+        return t
+    return t.to(torch.float32)
+
+
+def _float_dtype_of(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t.detach()).all()):
+        raise AggregationError(f"{name} contain NaN or infinite values")
+
+
+def _check_3d(t: torch.Tensor, name: str = "predictions") -> None:
+    if t.dim() != 3:
+        raise AggregationError(
+            f"{name} must be 3-D (members x batch x classes), got shape {_shape(t)}"
+        )
+    m, b, c = t.shape
+    if m == 0:
+        raise AggregationError(f"{name} have no members (shape {_shape(t)})")
+    if b == 0:
+        raise AggregationError(f"empty batch ({name} have shape {_shape(t)})")
+    if c == 0:
+        raise AggregationError(f"{name} have no classes (shape {_shape(t)})")
+
+
+def _as_index(value: Any, name: str) -> int:
+    """A positive int from int-like values (int, NumPy integer, 0-d int tensor)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise AggregationError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        n = value.__index__()
+    except Exception:
+        raise AggregationError(f"{name} must be a positive integer, got {value!r}") from None
+    if n < 1:
+        raise AggregationError(f"{name} must be a positive integer, got {n}")
+    return n
+
+
+def _as_int_tensor(x: Any, name: str) -> torch.Tensor:
+    """Integer tensor (int64) from ints, or from floats that are whole numbers."""
+    t = _as_tensor(x, name)
+    if t.dtype == torch.bool:
+        raise AggregationError(f"{name} must be integers, got dtype torch.bool")
+    if t.is_floating_point():
+        t = t.detach()
+        if not bool(torch.isfinite(t).all()):
+            raise AggregationError(f"{name} contain NaN or infinite values")
+        if not bool((t == t.round()).all()):
+            raise AggregationError(f"{name} must be integers, got non-integral values")
+    return t.to(torch.int64)
+
+
+def _check_label_range(t: torch.Tensor, num_classes: int, name: str) -> None:
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise AggregationError(f"{name} out of range 0..{num_classes - 1} (found {bad})")
+
+
+def _first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim, lowest index among exact ties (device independent)."""
+    c = x.shape[-1]
+    idx = torch.arange(c, device=x.device)
+    is_max = x == x.max(dim=-1, keepdim=True).values
+    return torch.where(is_max, idx, torch.full_like(idx, c)).min(dim=-1).values
+
+
+def _break_ties(primary: torch.Tensor, secondary: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Index of the max of ``primary`` [B, C]; ties (within TIE_TOL) go to the
+    highest ``secondary`` and then to the lowest index."""
+    c = primary.shape[-1]
+    best = primary.max(dim=-1, keepdim=True).values
+    cand = primary >= best - TIE_TOL
+    if secondary is not None:
+        sec = secondary.masked_fill(~cand, -math.inf)
+        best2 = sec.max(dim=-1, keepdim=True).values
+        cand = cand & (sec >= best2 - TIE_TOL)
+    idx = torch.arange(c, device=primary.device)
+    return torch.where(cand, idx, torch.full_like(idx, c)).min(dim=-1).values
+
+
+def _weights_or_none(weights: Any, m: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    if weights is None:
+        return None
+    return normalize_weights(weights, m, dtype=like.dtype).to(like.device)
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def validate_probs(probs: TensorLike, atol: float = 1e-3, *, ndim: int = 3) -> torch.Tensor:
+    """Check member probabilities and return them as a float tensor.
+
+    ``probs`` must be ``[M, B, C]`` (or ``[B, C]`` with ``ndim=2``), non-empty,
+    finite, within ``[0, 1]`` (``atol`` slack) and each row over classes must sum
+    to 1 within ``atol``. Raises :class:`AggregationError` otherwise.
+    """
+    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not atol >= 0:
+        raise AggregationError(f"atol must be a non-negative number, got {atol!r}")
+    if ndim not in (2, 3):
+        raise AggregationError(f"ndim must be 2 or 3, got {ndim!r}")
+    t = _as_tensor(probs, "predictions" if ndim == 3 else "probabilities")
+    if ndim == 3:
+        _check_3d(t, "predictions")
+    else:
+        if t.dim() != 2:
+            raise AggregationError(
+                f"probabilities must be 2-D (batch x classes), got shape {_shape(t)}"
+            )
+        if t.shape[0] == 0:
+            raise AggregationError(f"empty batch (probabilities have shape {_shape(t)})")
+        if t.shape[1] == 0:
+            raise AggregationError(f"probabilities have no classes (shape {_shape(t)})")
+    t = _to_float(t)
+    _check_finite(t, "predictions" if ndim == 3 else "probabilities")
+    d = t.detach()
+    lo, hi = float(d.min()), float(d.max())
+    if lo < -atol or hi > 1 + atol:
+        bad = lo if lo < -atol else hi
+        raise AggregationError(f"probabilities must lie in [0, 1] (found {bad:.3g})")
+    dev = float((d.double().sum(dim=-1) - 1.0).abs().max())
+    if dev > atol:
+        raise AggregationError(
+            f"probabilities must sum to 1 over classes (max deviation {dev:.3g})"
+        )
+    return t
+
+
+def validate_logits(logits: TensorLike) -> torch.Tensor:
+    """Check member logits ``[M, B, C]`` (non-empty, finite); return a float tensor."""
+    t = _as_tensor(logits, "logits")
+    _check_3d(t, "predictions")
+    t = _to_float(t)
+    _check_finite(t, "predictions")
+    return t
+
+
+def validate_labels(labels: TensorLike, num_classes: Optional[int]) -> torch.Tensor:
+    """Check member labels ``[M, B]`` against ``num_classes``; return int64.
+
+    Floats are accepted when they are whole numbers; bools are rejected.
+    """
+    if num_classes is None:
+        raise AggregationError("num_classes is required for labels")
+    c = _as_index(num_classes, "num_classes")
+    t = _as_tensor(labels, "labels")
+    if t.dim() != 2:
+        raise AggregationError(f"labels must be 2-D (members x batch), got shape {_shape(t)}")
+    if t.shape[0] == 0:
+        raise AggregationError(f"labels have no members (shape {_shape(t)})")
+    if t.shape[1] == 0:
+        raise AggregationError(f"empty batch (labels have shape {_shape(t)})")
+    t = _as_int_tensor(t, "labels")
+    _check_label_range(t, c, "labels")
+    return t
+
+
+def normalize_weights(
+    weights: TensorLike, num_members: int, *, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """Validate per-member weights and scale them to sum to 1.
+
+    ``weights`` must be 1-D with ``num_members`` finite, non-negative entries, at
+    least one of them positive. The result is ``[M]`` in ``dtype`` (default:
+    float64 for float64 input, float32 otherwise), on the CPU unless the input
+    tensor lived elsewhere.
+    """
+    m = _as_index(num_members, "num_members")
+    w = _as_tensor(weights, "weights")
+    if w.dtype == torch.bool:
+        raise AggregationError("weights must be numbers, got dtype torch.bool")
+    if w.dim() != 1:
+        raise AggregationError(f"weights must be 1-D (one per member), got shape {_shape(w)}")
+    if w.shape[0] != m:
+        raise AggregationError(f"weights has {w.shape[0]} entries but there are {m} members")
+    out_dtype = dtype if dtype is not None else _float_dtype_of(w)
+    w64 = w.detach().to(torch.float64)
+    if not bool(torch.isfinite(w64).all()):
+        raise AggregationError("weights contain NaN or infinite values")
+    if bool((w64 < 0).any()):
+        raise AggregationError("weights must be non-negative")
+    if float(w64.max()) <= 0:
+        raise AggregationError("weights must have at least one positive entry")
+    w64 = w64 / w64.max()  # avoid overflow of the sum for huge weights
+    return (w64 / w64.sum()).to(out_dtype)
+
+
+def weights_from_accuracy(val_accuracies: Union[Sequence[float], torch.Tensor]) -> torch.Tensor:
+    """Member weights proportional to validation accuracy, summing to 1.
+
+    Accuracies must be finite and non-negative (any scale: fractions or
+    percentages give the same weights). If all are zero, weights are uniform.
+    Returns ``[M]`` float64 for float64 input, float32 otherwise.
+    """
+    a = _as_tensor(val_accuracies, "val_accuracies")
+    if a.dtype == torch.bool:
+        raise AggregationError("val_accuracies must be numbers, got dtype torch.bool")
+    if a.dim() != 1:
+        raise AggregationError(f"val_accuracies must be 1-D (one per member), got shape {_shape(a)}")
+    if a.shape[0] == 0:
+        raise AggregationError("val_accuracies is empty (no members)")
+    dtype = _float_dtype_of(a)
+    a64 = a.detach().to(torch.float64)
+    if not bool(torch.isfinite(a64).all()):
+        raise AggregationError("val_accuracies contain NaN or infinite values")
+    if bool((a64 < 0).any()):
+        raise AggregationError("val_accuracies must be non-negative")
+    if float(a64.max()) == 0.0:
+        return torch.full((a.shape[0],), 1.0 / a.shape[0], dtype=dtype)
+    a64 = a64 / a64.max()
+    return (a64 / a64.sum()).to(dtype)
+
+
+# ------------------------------------------------------------------------- combiners
+
+
+def _mean(p: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
+    if w is None:
+        return p.mean(dim=0)
+    return (w[:, None, None] * p).sum(dim=0)
+
+
+def _logit_mean(z: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.softmax(_mean(z, w), dim=-1)
+
+
+def _vote(p: torch.Tensor, w: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    m, _, c = p.shape
+    member = _first_argmax(p)  # [M, B]
+    onehot = torch.nn.functional.one_hot(member, c).to(torch.float64)  # [M, B, C]
+    p64 = p.to(torch.float64)
+    w64 = None if w is None else w.to(torch.float64)
+    shares = _mean(onehot, w64)
+    mean_p = _mean(p64, w64)
+    labels = _break_ties(shares, mean_p)
+    return labels, shares.to(p.dtype)
+
+
+def _vote_labels(
+    labels: torch.Tensor, c: int, w: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    onehot = torch.nn.functional.one_hot(labels, c).to(torch.float64)
+    shares = _mean(onehot, None if w is None else w.to(torch.float64))
+    return _break_ties(shares), shares.to(torch.float32)
+
+
+def mean(probs: TensorLike, weights: Optional[TensorLike] = None) -> torch.Tensor:
+    """Soft voting: the (weighted) average of member probabilities, ``[B, C]``."""
+    p = validate_probs(probs)
+    return _mean(p, _weights_or_none(weights, p.shape[0], p))
+
+
+def logit_mean(logits: TensorLike, weights: Optional[TensorLike] = None) -> torch.Tensor:
+    """Softmax of the (weighted) mean of member logits, ``[B, C]``."""
+    z = validate_logits(logits)
+    return _logit_mean(z, _weights_or_none(weights, z.shape[0], z))
+
+
+def vote(
+    probs: TensorLike, weights: Optional[TensorLike] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Hard majority vote over each member's argmax.
+
+    Returns ``(labels [B] int64, shares [B, C])`` where ``shares[b, c]`` is the
+    fraction of members (of total weight, if ``weights`` are given) voting for
+    class ``c``.
+
+    Tie rule: a member whose probabilities have several maxima votes for the
+    lowest of those classes. Among classes tied for the most votes, the class
+    with the highest (weighted) mean probability wins; if that is tied too, the
+    lowest class index wins. Comparisons use float64 with tolerance ``TIE_TOL``.
+    """
+    p = validate_probs(probs)
+    return _vote(p, _weights_or_none(weights, p.shape[0], p))
+
+
+def vote_labels(
+    labels: TensorLike, num_classes: int, weights: Optional[TensorLike] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Majority vote when only member labels ``[M, B]`` are known.
+
+    Returns ``(labels [B] int64, shares [B, C] float32)``. With ``weights`` each
+    member's vote counts its normalized weight instead of 1/M.
+
+    Tie rule: among classes tied for the most votes (within ``TIE_TOL``), the
+    lowest class index wins.
+    """
+    t = validate_labels(labels, num_classes)
+    c = _as_index(num_classes, "num_classes")
+    w = None if weights is None else normalize_weights(weights, t.shape[0], dtype=torch.float64)
+    if w is not None:
+        w = w.to(t.device)
+    return _vote_labels(t, c, w)
+
+
+def agreement(
+    member_labels: TensorLike, labels: TensorLike, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Fraction of members whose label (argmax) equals the ensemble label.
+
+    ``member_labels`` is ``[M, B]``, ``labels`` is ``[B]``; returns ``[B]`` in ``dtype``.
+    """
+    ml = _as_tensor(member_labels, "member_labels")
+    if ml.dim() != 2:
+        raise AggregationError(
+            f"member_labels must be 2-D (members x batch), got shape {_shape(ml)}"
+        )
+    if ml.shape[0] == 0:
+        raise AggregationError(f"member_labels have no members (shape {_shape(ml)})")
+    lb = _as_tensor(labels, "labels")
+    if lb.dim() != 1:
+        raise AggregationError(f"labels must be 1-D (batch), got shape {_shape(lb)}")
+    if ml.shape[1] != lb.shape[0]:
+        raise AggregationError(
+            f"member_labels have {ml.shape[1]} items but labels have {lb.shape[0]}"
+        )
+    if lb.shape[0] == 0:
+        raise AggregationError("empty batch")
+    ml = _as_int_tensor(ml, "member_labels")
+    lb = _as_int_tensor(lb, "labels").to(ml.device)
+    return (ml == lb[None, :]).to(dtype).mean(dim=0)
+
+
+# ------------------------------------------------------------------------ entry point
+
+
+def aggregate(
+    predictions: TensorLike,
+    method: str = "mean",
+    kind: str = "probs",
+    weights: Optional[TensorLike] = None,
+    num_classes: Optional[int] = None,
+) -> AggregateResult:
+    """Combine member predictions with one of ``METHODS``.
+
+    kind:
+        ``"probs"`` ([M, B, C] probabilities), ``"logits"`` ([M, B, C] logits) or
+        ``"labels"`` ([M, B] integer labels; needs ``num_classes``).
+    method:
+        ``"mean"``: average of probabilities (logits are softmaxed first).
+        ``"weighted"``: the same with ``weights`` (required); on labels, a weighted vote.
+        ``"vote"``: hard majority vote (see :func:`vote`); probabilities returned
+        are the vote shares.
+        ``"logit_mean"``: softmax of the mean of logits; for probabilities the
+        logits are ``log(clamp(p, 1e-12))``, i.e. a normalized geometric mean.
+    weights:
+        Optional per-member weights, used by every method when given.
+    num_classes:
+        Required for labels; for probs/logits, if given it must equal C.
+
+    Raises :class:`AggregationError` on any bad input.
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise AggregationError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise AggregationError(f"unknown kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    if method == "weighted" and weights is None:
+        raise AggregationError("method 'weighted' needs weights")
+
+    if kind == "labels":
+        if method in ("mean", "logit_mean"):
+            raise AggregationError(
+                f"method {method!r} needs probabilities or logits, not labels; "
+                "use 'vote' or 'weighted'"
+            )
+        t = validate_labels(predictions, num_classes)
+        c = _as_index(num_classes, "num_classes")
+        w = None
+        if weights is not None:
+            w = normalize_weights(weights, t.shape[0], dtype=torch.float64).to(t.device)
+        labels, shares = _vote_labels(t, c, w)
+        return AggregateResult(labels, shares, agreement(t, labels, dtype=shares.dtype))
+
+    if kind == "probs":
+        p = validate_probs(predictions)
+        z = None
+    else:
+        z = validate_logits(predictions)
+        p = torch.softmax(z, dim=-1)
+    m, _, c = p.shape
+    if num_classes is not None and _as_index(num_classes, "num_classes") != c:
+        raise AggregationError(f"num_classes is {num_classes} but predictions have {c} classes")
+    w = _weights_or_none(weights, m, p)
+
+    if method == "vote":
+        labels, combined = _vote(p, w)
+    else:
+        if method == "logit_mean":
+            if z is None:
+                z = torch.log(p.clamp_min(LOG_CLAMP))
+            combined = _logit_mean(z, w)
+        else:  # mean, weighted
+            combined = _mean(p, w)
+        labels = _first_argmax(combined)
+    member_labels = _first_argmax(p)
+    return AggregateResult(labels, combined, agreement(member_labels, labels, dtype=p.dtype))

@@ -1,0 +1,206 @@
+"""The `ensemble` command.
+
+    ensemble submit [OVERRIDES...]   train an ensemble (Hydra overrides, e.g. data=mnist1d strategy.members=3)
+    ensemble runs                    recent ensembles and their main metrics, from MLflow
+    ensemble ui [--port]             the MLflow UI on the same tracking store
+
+Bad input (an unknown data set, model, strategy or optimizer, a value out of range, a
+malformed override, missing data files) prints one line `error: ...` and exits 2,
+before Ray starts or any MLflow run is created. A training failure exits 1 with every
+MLflow run closed as FAILED. Set ENSEMBLE_DEBUG=1 to see tracebacks.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from typing import Any, Dict, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+app = typer.Typer(
+    name="ensemble", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Train ensembles of PyTorch classifiers on Ray, track them in MLflow, serve their predictions.",
+)
+# a wide console when not on a terminal (CI logs, pipes), so tables are not truncated
+console = Console() if sys.stdout.isatty() else Console(width=140)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _debug() -> bool:
+    return os.environ.get("ENSEMBLE_DEBUG", "") not in ("", "0")
+
+
+class ProgressObserver:
+    """One progress bar per member, fed by the driver's event loop."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: Dict[int, Any] = {}
+
+    def started(self, plan, resources) -> None:
+        cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+        self.progress.console.print(
+            f"ensemble {plan.ensemble_id}: {len(plan.members)} members of strategy '{plan.strategy}' "
+            f"on '{plan.data}'; Ray cluster with {cpus:g} CPUs, {gpus:g} GPUs", highlight=False)
+        for spec in plan.members:
+            self.tasks[spec.index] = self.progress.add_task(
+                f"member {spec.index} ({spec.architecture}, seed {spec.seed})", total=spec.epochs, info="queued")
+
+    def event(self, e: Dict[str, Any]) -> None:
+        task = self.tasks.get(e["member"])
+        if task is None:
+            return
+        if e["type"] == "start":
+            note = f"resumed at epoch {e['resumed_from']}" if e["resumed_from"] else "training"
+            self.progress.update(task, completed=e["resumed_from"], info=f"{note} on {e['device']}")
+        elif e["type"] == "epoch":
+            self.progress.update(task, completed=e["epoch"],
+                                 info=f"loss {e['train_loss']:.3f}  val acc {e['val_acc']:.3f}")
+
+    def member_done(self, row: Dict[str, Any]) -> None:
+        task = self.tasks[row["member"]]
+        self.progress.update(task, completed=row["epochs"],
+                             info=f"done: test acc {row['test_acc']:.4f}  nll {row['test_nll']:.4f}")
+
+    def member_failed(self, index: int, message: str) -> None:
+        self.progress.update(self.tasks[index], info=f"[red]FAILED[/]: {message}")
+
+
+def result_tables(result) -> List[Table]:
+    members = Table(title="Members", title_justify="left")
+    for col in ("member", "architecture", "seed", "val acc", "test acc", "test NLL", "epochs", "train s"):
+        members.add_column(col, justify="right" if col not in ("architecture",) else "left")
+    for r in result.members:
+        members.add_row(str(r["member"]), r["architecture"], str(r["seed"]), f"{r['val_acc']:.4f}",
+                        f"{r['test_acc']:.4f}", f"{r['test_nll']:.4f}", str(r["epochs"]), f"{r['train_seconds']:.1f}")
+    e = result.ensemble
+    ens = Table(title="Ensemble (test set)", title_justify="left")
+    ens.add_column("aggregation")
+    ens.add_column("test acc", justify="right")
+    ens.add_row("mean (soft vote)", f"{e['ensemble_mean_test_acc']:.4f}")
+    ens.add_row("vote (majority)", f"{e['ensemble_vote_test_acc']:.4f}")
+    ens.add_row("weighted (by val acc)", f"{e['ensemble_weighted_test_acc']:.4f}")
+    ens.add_row("logit mean", f"{e['ensemble_logit_mean_test_acc']:.4f}")
+    ens.add_row("best member", f"{e['best_member_test_acc']:.4f}")
+    ens.add_row("mean member", f"{e['mean_member_test_acc']:.4f}")
+    ens.add_row("oracle (any member right)", f"{e['oracle_test_acc']:.4f}")
+    extra = Table(title="Ensemble calibration and diversity (mean aggregation)", title_justify="left")
+    for col in ("NLL", "Brier", "ECE (15 bins)", "disagreement"):
+        extra.add_column(col, justify="right")
+    extra.add_row(f"{e['ensemble_mean_test_nll']:.4f}", f"{e['ensemble_mean_test_brier']:.4f}",
+                  f"{e['ensemble_mean_test_ece']:.4f}", f"{e['disagreement']:.4f}")
+    return [members, ens, extra]
+
+
+@app.command(context_settings={"ignore_unknown_options": False})
+def submit(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Hydra overrides, e.g. data=mnist1d model=cnn1d strategy.members=3 trainer.epochs=5 "
+                   "(groups: data, model, strategy, optimizer, trainer, cluster, tracking, experiment)."),
+) -> None:
+    """Train an ensemble on Ray (embedded local cluster unless cluster.address is set) and track it in MLflow."""
+    from ensemble_service.config import ConfigError, load_config
+    from ensemble_service.runner import EnsembleFailed, submit as run_submit
+
+    try:
+        cfg = load_config(overrides or [])
+    except ConfigError as exc:
+        fail(str(exc))
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("epochs"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                        console=console, transient=False)
+    try:
+        with progress:
+            result = run_submit(cfg, ProgressObserver(progress))
+    except ConfigError as exc:
+        fail(str(exc))
+    except EnsembleFailed as exc:
+        fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        fail("interrupted; the ensemble's MLflow runs were marked KILLED", 130)
+    except Exception as exc:  # an unexpected failure: runs are already closed as FAILED
+        if _debug():
+            traceback.print_exc()
+        fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (ENSEMBLE_DEBUG=1 for the traceback)",
+             EXIT_FAILED)
+    for table in result_tables(result):
+        console.print(table)
+    console.print(f"parent run: {result.parent_run_id}", highlight=False)
+    console.print(f"experiment: {result.experiment}", highlight=False)
+    console.print(f"tracking URI: {result.tracking_uri}", highlight=False)
+    console.print(f"wall time: {result.wall_seconds:.1f} s; open the MLflow UI with: ensemble ui", highlight=False)
+
+
+@app.command()
+def runs(
+    experiment: Optional[str] = typer.Option(None, help="Only this experiment (default: all)."),
+    limit: int = typer.Option(20, min=1, help="How many ensembles to list."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
+) -> None:
+    """List recent ensembles (parent runs) with their main metrics."""
+    from ensemble_service.tracking import recent_parent_runs, resolve_uri
+
+    try:
+        found = recent_parent_runs(tracking_uri, experiment, limit)
+    except Exception as exc:
+        fail(f"cannot read runs from {resolve_uri(tracking_uri)}: {str(exc).splitlines()[0]}", EXIT_FAILED)
+    table = Table(title=f"Ensembles in {resolve_uri(tracking_uri)}", title_justify="left")
+    for col in ("run id", "name", "status", "strategy", "data", "model", "members", "mean acc", "vote acc",
+                "best member", "mean NLL"):
+        table.add_column(col)
+    for r in found:
+        m, t = r.data.metrics, r.data.tags
+
+        def f(key: str) -> str:
+            return f"{m[key]:.4f}" if key in m else "-"
+
+        table.add_row(r.info.run_id, r.info.run_name or "", r.info.status, t.get("ensemble.strategy", ""),
+                      t.get("ensemble.data", ""), t.get("ensemble.model", ""), t.get("ensemble.members", ""),
+                      f("ensemble_mean_test_acc"), f("ensemble_vote_test_acc"), f("best_member_test_acc"),
+                      f("ensemble_mean_test_nll"))
+    console.print(table)
+    if not found:
+        console.print("no ensembles yet: run `ensemble submit`")
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, min=1, max=65535, help="Port of the MLflow UI."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
+) -> None:
+    """Start the MLflow UI on the same tracking store: one parent run per ensemble, nested member runs."""
+    from ensemble_service.tracking import resolve_uri, ui_command
+
+    cmd = ui_command(tracking_uri, host, port)
+    cmd = [sys.executable, "-m"] + cmd
+    console.print(f"MLflow UI for {resolve_uri(tracking_uri)} on http://{host}:{port}", highlight=False)
+    try:
+        raise typer.Exit(subprocess.call(cmd))
+    except KeyboardInterrupt:
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

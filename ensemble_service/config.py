@@ -1,0 +1,327 @@
+"""Typed configuration: the Hydra schema, composition and validation.
+
+The schema is a tree of dataclasses stored in Hydra's ConfigStore as ``base_config``;
+``conf/config.yaml`` lists it first in its defaults, so every value a user types is
+type-checked by OmegaConf while composing. ``validate`` then checks what types cannot
+(known names, ranges, model/data compatibility, data files present) before anything
+runs: no Ray is started and no MLflow run is created for a config that fails here.
+
+Everything downstream receives the plain ``Config`` dataclass returned by ``load_config``
+(``OmegaConf.to_object``), never Hydra's runtime config, which does not exist inside a
+Ray worker.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+STRATEGIES = ("independent",)
+OPTIMIZERS = ("sgd", "adam")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the problem and the choices."""
+
+
+@dataclass
+class SyntheticConfig:
+    n_train: int = 96
+    n_val: int = 48
+    n_test: int = 48
+    num_classes: int = 3
+    input_shape: List[int] = field(default_factory=lambda: [1, 8, 8])
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str = "./data"
+    download: bool = False
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    # options of the `synthetic` data set only
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    batchnorm: bool = False
+    dropout: float = 0.0
+    init: str = "default"
+    activation: str = "relu"
+    depth: Optional[int] = None
+    width: Optional[int] = None
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "independent"
+    members: int = 5
+    bagging: bool = False
+    # mixed-architecture ensembles: member i uses models[i % len(models)]; empty = `model`
+    models: List[ModelConfig] = field(default_factory=list)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[float] = None
+    cpus_per_member: float = 1.0
+    gpus_per_member: float = 0.0
+    max_retries: int = 3
+    storage: Optional[str] = None
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None
+    experiment: str = "ensembles"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+ConfigStore.instance().store(name="base_config", node=Config)
+
+GROUPS = ("data", "model", "strategy", "optimizer", "trainer", "cluster", "tracking", "experiment")
+
+
+def conf_dir() -> Path:
+    """The repository's conf/ (override with ENSEMBLE_CONF_DIR)."""
+    env = os.environ.get("ENSEMBLE_CONF_DIR")
+    if env:
+        return Path(env).resolve()
+    return (Path(__file__).resolve().parent.parent / "conf").resolve()
+
+
+def group_options(group: str) -> List[str]:
+    d = conf_dir() / group
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _full_key(text: str) -> str:
+    for line in text.split("\n"):
+        line = line.strip()
+        if line.startswith("full_key:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _explain_compose_error(exc: BaseException) -> str:
+    """Turn Hydra/OmegaConf's multi-line errors into one line naming the problem."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    msg = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, OverrideParseException):
+        return f"malformed override ({_one_line(msg.split(chr(10))[0])}); overrides look like key=value, e.g. strategy.members=5"
+    if isinstance(exc, MissingConfigException) or "Could not find '" in msg:
+        for group in GROUPS:
+            marker = f"'{group}/"
+            if marker in msg:
+                name = msg.split(marker, 1)[1].split("'")[0]
+                return f"unknown {group} '{name}'; choose one of: {', '.join(group_options(group))}"
+    text = str(cause) if cause is not None else msg
+    key = _full_key(text)
+    first = text.strip().split("\n")[0]
+    if "not in" in first and key:
+        return f"unknown config key '{key}'"
+    if key:
+        return f"bad value for {key}: {_one_line(first)}"
+    return _one_line(msg.strip().split("\n")[0]) or type(exc).__name__
+
+
+def compose(overrides: List[str] | None = None):
+    """Compose conf/config.yaml with Hydra overrides -> DictConfig (type-checked)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides or [])
+    for o in overrides:
+        if o.startswith("-"):
+            raise ConfigError(f"unknown option {o!r}; overrides look like key=value (see `ensemble submit --help`)")
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="ensemble"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "bad input"
+        raise ConfigError(_explain_compose_error(exc)) from None
+
+
+def _unknown_key(node, obj, prefix: str = "") -> Optional[str]:
+    """First key of the composed config that the schema does not have (`+foo=1`)."""
+    from omegaconf import DictConfig
+
+    if not isinstance(node, DictConfig) or not is_dataclass(obj):
+        return None
+    names = {f.name for f in fields(obj)}
+    for key in node.keys():
+        if prefix == "" and key == "hydra":
+            continue
+        if str(key) not in names:
+            return f"{prefix}{key}"
+        found = _unknown_key(node._get_node(key), getattr(obj, str(key)), f"{prefix}{key}.")
+        if found:
+            return found
+    return None
+
+
+def to_plain(dcfg) -> Config:
+    from omegaconf import OmegaConf
+
+    try:
+        obj = OmegaConf.to_object(dcfg)
+    except Exception as exc:
+        raise ConfigError(_explain_compose_error(exc)) from None
+    if not isinstance(obj, Config):  # a raw dict would mean the schema was not applied
+        raise ConfigError("config did not match the schema")
+    extra = _unknown_key(dcfg, obj)
+    if extra:
+        raise ConfigError(f"unknown config key '{extra}'")
+    return obj
+
+
+def _check_model(m: ModelConfig, input_shape, where: str) -> None:
+    from ensemble_service.models import ModelError, check_model_options
+
+    try:
+        check_model_options(
+            m.name, tuple(input_shape), depth=m.depth, dropout=m.dropout,
+            init=m.init, activation=m.activation, width=m.width,
+        )
+    except ModelError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def validate(cfg: Config, *, check_files: bool = True) -> None:
+    """Raise ConfigError (one line) for anything that would fail later."""
+    from ensemble_service import data as data_mod
+
+    # data
+    try:
+        info = data_mod.dataset_info(cfg.data.name)
+    except data_mod.DataError as exc:
+        raise ConfigError(str(exc)) from None
+    for key in ("val_fraction", "test_fraction"):
+        v = getattr(cfg.data, key)
+        if not (0.0 < v < 0.5):
+            raise ConfigError(f"data.{key} must be in (0, 0.5), got {v}")
+    input_shape = info.input_shape
+    if cfg.data.name == "synthetic":
+        syn = cfg.data.synthetic
+        if min(syn.n_train, syn.n_val, syn.n_test) < 1 or syn.num_classes < 2 or not syn.input_shape:
+            raise ConfigError("data.synthetic needs n_train, n_val, n_test >= 1, num_classes >= 2 and an input_shape")
+        input_shape = tuple(syn.input_shape)
+    if check_files:
+        try:
+            data_mod.check_available(cfg.data.name, cfg.data.root, cfg.data.download)
+        except data_mod.DataError as exc:
+            raise ConfigError(str(exc)) from None
+
+    # strategy
+    s = cfg.strategy
+    if s.name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy '{s.name}'; choose one of: {', '.join(STRATEGIES)}")
+    if s.members < 1:
+        raise ConfigError(f"strategy.members must be at least 1, got {s.members}")
+
+    # models
+    if s.models:
+        for i, m in enumerate(s.models):
+            _check_model(m, input_shape, f"strategy.models[{i}]")
+    else:
+        _check_model(cfg.model, input_shape, "model")
+
+    # optimizer
+    o = cfg.optimizer
+    if o.name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer '{o.name}'; choose one of: {', '.join(OPTIMIZERS)}")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ConfigError(f"optimizer.lr must be a positive number, got {o.lr}")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+    if not (0.0 <= o.momentum < 1.0):
+        raise ConfigError(f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+
+    # trainer
+    t = cfg.trainer
+    if t.epochs < 1:
+        raise ConfigError(f"trainer.epochs must be at least 1, got {t.epochs}")
+    if t.batch_size < 1:
+        raise ConfigError(f"trainer.batch_size must be at least 1, got {t.batch_size}")
+    if t.device not in DEVICES:
+        raise ConfigError(f"unknown trainer.device '{t.device}'; choose one of: {', '.join(DEVICES)}")
+
+    # cluster
+    c = cfg.cluster
+    if not c.cpus_per_member > 0:
+        raise ConfigError(f"cluster.cpus_per_member must be > 0, got {c.cpus_per_member}")
+    if c.gpus_per_member < 0 or (c.gpus_per_member > 1 and c.gpus_per_member != int(c.gpus_per_member)):
+        raise ConfigError(
+            f"cluster.gpus_per_member must be a fraction in [0, 1] or a whole number, got {c.gpus_per_member}"
+        )
+    if c.max_retries < 0:
+        raise ConfigError(f"cluster.max_retries must be >= 0, got {c.max_retries}")
+    if c.num_cpus is not None and c.num_cpus < 1:
+        raise ConfigError(f"cluster.num_cpus must be at least 1, got {c.num_cpus}")
+    if c.num_cpus is not None and c.cpus_per_member > c.num_cpus:
+        raise ConfigError(
+            f"cluster.cpus_per_member ({c.cpus_per_member}) exceeds cluster.num_cpus ({c.num_cpus}): no member could start"
+        )
+
+    # tracking
+    if not cfg.tracking.experiment.strip():
+        raise ConfigError("tracking.experiment must not be empty")
+
+
+def load_config(overrides: List[str] | None = None, *, check_files: bool = True) -> Config:
+    """Compose, convert to the plain dataclass and validate. Raises ConfigError."""
+    cfg = to_plain(compose(overrides))
+    validate(cfg, check_files=check_files)
+    return cfg

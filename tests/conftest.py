@@ -1,0 +1,29 @@
+"""Shared fixtures: environment for offline runs, one local Ray cluster per session."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray cluster for the whole test session (starting one costs ~7 s)."""
+    import ray
+
+    from ensemble_service import scheduler
+    from ensemble_service.config import ClusterConfig
+
+    resources = scheduler.connect(ClusterConfig(num_cpus=2, num_gpus=0))
+    yield resources
+    ray.shutdown()
+
+
+@pytest.fixture
+def tracking_uri(tmp_path):
+    return f"sqlite:///{tmp_path}/mlflow.db"

@@ -1,0 +1,203 @@
+"""Train one ensemble member: one flat loop, a checkpoint after every epoch, resume.
+
+Runs inside one Ray task but imports no Ray: the scheduler calls ``train_member`` with
+the data set, the number of CPU threads and the device the task was given, and a
+``report`` callback through which per-epoch metrics travel back to the driver (which
+does the MLflow writes).
+
+The checkpoint at ``spec.checkpoint_path`` carries everything needed to resume: the
+model config, input shape and class count, weights, optimizer state, the number of
+completed epochs, the torch RNG state and the data-order generator's state, the
+per-epoch history and a restart count. It is written atomically after each epoch and
+read with ``torch.load(..., weights_only=True)``. If it exists when the member starts,
+training resumes at the next epoch; the final weights and predictions equal those of
+an uninterrupted run (same seed, same batches).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ensemble_service import metrics
+from ensemble_service.data import DataBundle, bootstrap_indices
+from ensemble_service.models import create_model
+
+CHECKPOINT_FORMAT = 1
+EVAL_BATCH = 1024
+
+Report = Callable[[Dict[str, Any]], None]
+
+
+class MemberError(RuntimeError):
+    """Training cannot go on (diverged loss, bad checkpoint); not retried."""
+
+
+@dataclass
+class MemberResult:
+    index: int
+    seed: int
+    architecture: str
+    model: Dict[str, Any]
+    history: List[Dict[str, float]]
+    metrics: Dict[str, float]
+    val_probs: torch.Tensor
+    test_probs: torch.Tensor
+    test_logits: torch.Tensor
+    weights: bytes                  # torch.save of {"model", "input_shape", "num_classes", "state_dict"}
+    resumed_from: int = 0           # completed epochs found in the checkpoint at start (0 = fresh)
+    restarts: int = 0               # how many times this member was started again from a checkpoint
+    train_seconds: float = 0.0
+    device: str = "cpu"
+    host: str = field(default_factory=socket.gethostname)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(preference: str, gpu_assigned: bool) -> torch.device:
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise MemberError("trainer.device=cuda but this worker has no CUDA device")
+    if (preference == "cuda" or gpu_assigned) and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_optimizer(params, cfg: Dict[str, Any]) -> torch.optim.Optimizer:
+    name = cfg["name"]
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
+            weight_decay=cfg.get("weight_decay", 0.0), nesterov=bool(cfg.get("nesterov", False)),
+        )
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+    raise MemberError(f"unknown optimizer '{name}'")
+
+
+def build_model(model_cfg: Dict[str, Any], input_shape, num_classes: int) -> torch.nn.Module:
+    opts = {k: v for k, v in model_cfg.items() if k != "name"}
+    return create_model(model_cfg["name"], tuple(input_shape), num_classes, **opts)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    model.eval()
+    out = [model(x[i:i + EVAL_BATCH].to(device)).float().cpu() for i in range(0, len(x), EVAL_BATCH)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> Optional[Dict[str, Any]]:
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: refuse rather than train on garbage
+        raise MemberError(f"cannot read checkpoint {path}: {exc}") from None
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MemberError(f"checkpoint {path} has an unknown format")
+    return ckpt
+
+
+def weights_blob(model_cfg, input_shape, num_classes, model: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"model": dict(model_cfg), "input_shape": list(input_shape),
+                "num_classes": int(num_classes), "state_dict": state}, buf)
+    return buf.getvalue()
+
+
+def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: bool = False,
+                 report: Optional[Report] = None) -> MemberResult:
+    """Train (or resume) one member described by a ``planning.MemberSpec``."""
+    torch.set_num_threads(max(1, int(num_threads)))
+    device = resolve_device(spec.device, gpu_assigned)
+    report = report or (lambda _event: None)
+
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
+    optimizer = build_optimizer(model.parameters(), spec.optimizer)
+    order = torch.Generator().manual_seed(spec.seed)
+
+    n = len(data.x_train)
+    train_idx = bootstrap_indices(n, spec.seed) if spec.bagging else torch.arange(n)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_val, y_val = data.x_val, data.y_val
+
+    start_epoch, history, restarts, seconds = 0, [], 0, 0.0
+    ckpt = load_checkpoint(spec.checkpoint_path)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        torch.set_rng_state(ckpt["rng_torch"])
+        order.set_state(ckpt["rng_order"])
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
+        restarts, seconds = int(ckpt["restarts"]) + 1, float(ckpt["train_seconds"])
+    resumed_from = start_epoch
+    report({"type": "start", "member": spec.index, "epoch": start_epoch, "epochs": spec.epochs,
+            "resumed_from": resumed_from, "restarts": restarts, "device": str(device)})
+
+    for epoch in range(start_epoch, spec.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        perm = train_idx[torch.randperm(len(train_idx), generator=order)]
+        total, count = 0.0, 0
+        for i in range(0, len(perm), spec.batch_size):
+            idx = perm[i:i + spec.batch_size].to(device)
+            xb, yb = x_train[idx], y_train[idx]
+            if len(idx) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                continue  # BatchNorm cannot train on a batch of one
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        train_loss = total / max(count, 1)
+        if not math.isfinite(train_loss):
+            raise MemberError(f"member {spec.index}: training loss became {train_loss} in epoch {epoch + 1}; "
+                              f"lower optimizer.lr (now {spec.optimizer['lr']})")
+        val_probs = predict_logits(model, x_val, device).softmax(-1)
+        val = metrics.member_metrics(val_probs, y_val)
+        seconds += time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val["acc"], "val_nll": val["nll"]}
+        history.append(record)
+        save_checkpoint(spec.checkpoint_path, {
+            "format": CHECKPOINT_FORMAT, "member_index": spec.index, "seed": spec.seed,
+            "model": dict(spec.model), "optimizer": dict(spec.optimizer),
+            "input_shape": list(data.input_shape), "num_classes": int(data.num_classes),
+            "epoch": epoch + 1, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+            "rng_torch": torch.get_rng_state(), "rng_order": order.get_state(),
+            "history": history, "restarts": restarts, "train_seconds": seconds,
+        })
+        report({"type": "epoch", "member": spec.index, "epochs": spec.epochs, "seconds": seconds, **record})
+
+    val_logits = predict_logits(model, x_val, device)
+    test_logits = predict_logits(model, data.x_test, device)
+    val_probs, test_probs = val_logits.softmax(-1), test_logits.softmax(-1)
+    val = metrics.member_metrics(val_probs, y_val)
+    test = metrics.member_metrics(test_probs, data.y_test)
+    result_metrics = {
+        "val_acc": val["acc"], "val_nll": val["nll"],
+        "test_acc": test["acc"], "test_nll": test["nll"], "test_brier": test["brier"], "test_ece": test["ece"],
+    }
+    return MemberResult(
+        index=spec.index, seed=spec.seed, architecture=spec.architecture, model=dict(spec.model),
+        history=history, metrics=result_metrics, val_probs=val_probs, test_probs=test_probs,
+        test_logits=test_logits, weights=weights_blob(spec.model, data.input_shape, data.num_classes, model.cpu()),
+        resumed_from=resumed_from, restarts=restarts, train_seconds=seconds, device=str(device),
+    )
