@@ -162,9 +162,10 @@ def runs(
     except Exception as exc:
         fail(f"cannot read runs from {resolve_uri(tracking_uri)}: {str(exc).splitlines()[0]}", EXIT_FAILED)
     table = Table(title=f"Ensembles in {resolve_uri(tracking_uri)}", title_justify="left")
-    for col in ("run id", "name", "status", "strategy", "data", "model", "members", "mean acc", "vote acc",
+    table.add_column("run id", no_wrap=True, min_width=32)
+    for col in ("name", "status", "strategy", "data", "model", "members", "mean acc", "vote acc",
                 "best member", "mean NLL"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in found:
         m, t = r.data.metrics, r.data.tags
 

@@ -121,6 +121,11 @@ def weights_blob(model_cfg, input_shape, num_classes, model: torch.nn.Module) ->
     return buf.getvalue()
 
 
+def diverged(spec, epoch: int, value: float) -> MemberError:
+    return MemberError(f"member {spec.index}: training loss became {value} in epoch {epoch + 1}; "
+                       f"lower optimizer.lr (now {spec.optimizer['lr']})")
+
+
 def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: bool = False,
                  report: Optional[Report] = None) -> MemberResult:
     """Train (or resume) one member described by a ``planning.MemberSpec``."""
@@ -165,13 +170,15 @@ def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(idx)
+            batch_loss = loss.item()
+            if not math.isfinite(batch_loss):
+                raise diverged(spec, epoch, batch_loss)
+            total += batch_loss * len(idx)
             count += len(idx)
         train_loss = total / max(count, 1)
-        if not math.isfinite(train_loss):
-            raise MemberError(f"member {spec.index}: training loss became {train_loss} in epoch {epoch + 1}; "
-                              f"lower optimizer.lr (now {spec.optimizer['lr']})")
         val_probs = predict_logits(model, x_val, device).softmax(-1)
+        if not torch.isfinite(val_probs).all():
+            raise diverged(spec, epoch, float("nan"))
         val = metrics.member_metrics(val_probs, y_val)
         seconds += time.perf_counter() - t0
         record = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val["acc"], "val_nll": val["nll"]}
