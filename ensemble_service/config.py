@@ -18,8 +18,6 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
-
 STRATEGIES = ("independent",)
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
@@ -119,7 +117,11 @@ class Config:
         return asdict(self)
 
 
-ConfigStore.instance().store(name="base_config", node=Config)
+def register_schema() -> None:
+    """Store the schema as `base_config` (imported lazily: workers never need Hydra)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)
 
 GROUPS = ("data", "model", "strategy", "optimizer", "trainer", "cluster", "tracking", "experiment")
 
@@ -179,6 +181,7 @@ def compose(overrides: List[str] | None = None):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    register_schema()
     overrides = list(overrides or [])
     for o in overrides:
         if o.startswith("-"):

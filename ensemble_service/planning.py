@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ensemble_service.config import Config, ModelConfig
 
@@ -31,9 +31,32 @@ class MemberSpec:
 
     @property
     def architecture(self) -> str:
-        m = self.model
-        depth = f"{m['depth']}" if m.get("depth") and m["name"] in ("vgg", "resnet") else ""
-        return f"{m['name']}{depth}"
+        return _architecture(self.model)
+
+
+def _architecture(m: Dict[str, Any]) -> str:
+    depth = f"{m['depth']}" if m.get("depth") and m["name"] in ("vgg", "resnet") else ""
+    return f"{m['name']}{depth}"
+
+
+@dataclass(frozen=True)
+class TrajectorySpec:
+    """One training trajectory that yields several members (snapshot, SWA, FGE, heads, MC dropout)."""
+    index: int                      # trajectory index t (0..T-1)
+    strategy: str                   # "snapshot" | "swa" | "fge" | "heads" | "mc_dropout"
+    seed: int                       # trainer.seed + t
+    model: Dict[str, Any]
+    optimizer: Dict[str, Any]
+    epochs: int
+    batch_size: int
+    params: Dict[str, Any]          # the strategy's keys (cycles, use_last, swa_start, ...)
+    member_indices: Tuple[int, ...] # ensemble-wide indices of the members it yields, in order
+    device: str
+    checkpoint_path: str
+
+    @property
+    def architecture(self) -> str:
+        return _architecture(self.model)
 
 
 @dataclass

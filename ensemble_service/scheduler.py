@@ -14,6 +14,7 @@ jobs.py) that imports Ray.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -64,6 +65,7 @@ class _Inbox:
 
 
 def _member_task(spec, data, inbox) -> MemberResult:
+    t_start = time.time()
     ctx = ray.get_runtime_context()
     cpus = ctx.get_assigned_resources().get("CPU", 1.0)
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
@@ -72,7 +74,8 @@ def _member_task(spec, data, inbox) -> MemberResult:
         inbox.put.remote({**event, "node_id": ctx.get_node_id(), "pid": os.getpid(), "gpu_ids": gpu_ids})
 
     result = train_member(spec, data, num_threads=max(1, int(cpus)), gpu_assigned=bool(gpu_ids), report=report)
-    result.extra.update(node_id=ctx.get_node_id(), pid=os.getpid(), gpu_ids=gpu_ids, cpus=cpus)
+    result.extra.update(node_id=ctx.get_node_id(), pid=os.getpid(), gpu_ids=gpu_ids, cpus=cpus,
+                        t_start=t_start, t_end=time.time())
     return result
 
 

@@ -88,10 +88,15 @@ def build_model(model_cfg: Dict[str, Any], input_shape, num_classes: int) -> tor
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    model.eval()
+def forward_batches(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``model(x)`` in chunks of EVAL_BATCH, on the CPU, in whatever mode ``model`` is in."""
     out = [model(x[i:i + EVAL_BATCH].to(device)).float().cpu() for i in range(0, len(x), EVAL_BATCH)]
     return torch.cat(out) if out else torch.empty(0)
+
+
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    model.eval()
+    return forward_batches(model, x, device)
 
 
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
@@ -113,10 +118,12 @@ def load_checkpoint(path: str) -> Optional[Dict[str, Any]]:
     return ckpt
 
 
-def weights_blob(model_cfg, input_shape, num_classes, model: torch.nn.Module) -> bytes:
+def weights_blob(model_cfg, input_shape, num_classes, model: torch.nn.Module,
+                 extra: Optional[Dict[str, Any]] = None) -> bytes:
+    """torch.save of {"model", "input_shape", "num_classes", "state_dict"} (plus ``extra``'s keys)."""
     buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"model": dict(model_cfg), "input_shape": list(input_shape),
+    torch.save({**(extra or {}), "model": dict(model_cfg), "input_shape": list(input_shape),
                 "num_classes": int(num_classes), "state_dict": state}, buf)
     return buf.getvalue()
 
@@ -124,6 +131,69 @@ def weights_blob(model_cfg, input_shape, num_classes, model: torch.nn.Module) ->
 def diverged(spec, epoch: int, value: float) -> MemberError:
     return MemberError(f"member {spec.index}: training loss became {value} in epoch {epoch + 1}; "
                        f"lower optimizer.lr (now {spec.optimizer['lr']})")
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def steps_per_epoch(n: int, batch_size: int, model: torch.nn.Module) -> int:
+    """Optimizer steps ``run_epoch`` takes over ``n`` samples (a trailing batch of one is
+    skipped when the model has BatchNorm)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= (2 if has_batchnorm(model) else 1) else 0)
+
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_epoch(spec, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              x_train: torch.Tensor, y_train: torch.Tensor, perm: torch.Tensor, *,
+              loss_fn: Optional[LossFn] = None, before_step: Optional[Callable[[], None]] = None) -> float:
+    """One pass over the samples ``perm`` in batches of ``spec.batch_size``; the mean training loss.
+
+    ``loss_fn(model, xb, yb)`` defaults to the cross-entropy of ``model(xb)``; ``before_step()``
+    runs before each optimizer step (e.g. to set a per-iteration learning rate). A non-finite
+    batch loss raises ``diverged``.
+    """
+    model.train()
+    skip_single = has_batchnorm(model)
+    total, count = 0.0, 0
+    for i in range(0, len(perm), spec.batch_size):
+        idx = perm[i:i + spec.batch_size].to(x_train.device)
+        if len(idx) < 2 and skip_single:
+            continue  # BatchNorm cannot train on a batch of one
+        xb, yb = x_train[idx], y_train[idx]
+        if before_step is not None:
+            before_step()
+        loss = loss_fn(model, xb, yb) if loss_fn is not None else F.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        batch_loss = loss.item()
+        if not math.isfinite(batch_loss):
+            raise diverged(spec, epoch, batch_loss)
+        total += batch_loss * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+def val_metrics(spec, epoch: int, val_probs: torch.Tensor, y_val: torch.Tensor) -> Dict[str, float]:
+    """Per-epoch validation metrics; non-finite probabilities raise ``diverged``."""
+    if not torch.isfinite(val_probs).all():
+        raise diverged(spec, epoch, float("nan"))
+    return metrics.member_metrics(val_probs, y_val)
+
+
+def result_metrics(val_probs: torch.Tensor, y_val: torch.Tensor,
+                   test_probs: torch.Tensor, y_test: torch.Tensor) -> Dict[str, float]:
+    """The final metrics of a member (MemberResult.metrics)."""
+    val = metrics.member_metrics(val_probs, y_val)
+    test = metrics.member_metrics(test_probs, y_test)
+    return {
+        "val_acc": val["acc"], "val_nll": val["nll"],
+        "test_acc": test["acc"], "test_nll": test["nll"], "test_brier": test["brier"], "test_ece": test["ece"],
+    }
 
 
 def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: bool = False,
@@ -158,28 +228,9 @@ def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
 
     for epoch in range(start_epoch, spec.epochs):
         t0 = time.perf_counter()
-        model.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=order)]
-        total, count = 0.0, 0
-        for i in range(0, len(perm), spec.batch_size):
-            idx = perm[i:i + spec.batch_size].to(device)
-            xb, yb = x_train[idx], y_train[idx]
-            if len(idx) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-                continue  # BatchNorm cannot train on a batch of one
-            loss = F.cross_entropy(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            batch_loss = loss.item()
-            if not math.isfinite(batch_loss):
-                raise diverged(spec, epoch, batch_loss)
-            total += batch_loss * len(idx)
-            count += len(idx)
-        train_loss = total / max(count, 1)
-        val_probs = predict_logits(model, x_val, device).softmax(-1)
-        if not torch.isfinite(val_probs).all():
-            raise diverged(spec, epoch, float("nan"))
-        val = metrics.member_metrics(val_probs, y_val)
+        train_loss = run_epoch(spec, epoch, model, optimizer, x_train, y_train, perm)
+        val = val_metrics(spec, epoch, predict_logits(model, x_val, device).softmax(-1), y_val)
         seconds += time.perf_counter() - t0
         record = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val["acc"], "val_nll": val["nll"]}
         history.append(record)
@@ -196,15 +247,10 @@ def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
     val_logits = predict_logits(model, x_val, device)
     test_logits = predict_logits(model, data.x_test, device)
     val_probs, test_probs = val_logits.softmax(-1), test_logits.softmax(-1)
-    val = metrics.member_metrics(val_probs, y_val)
-    test = metrics.member_metrics(test_probs, data.y_test)
-    result_metrics = {
-        "val_acc": val["acc"], "val_nll": val["nll"],
-        "test_acc": test["acc"], "test_nll": test["nll"], "test_brier": test["brier"], "test_ece": test["ece"],
-    }
     return MemberResult(
         index=spec.index, seed=spec.seed, architecture=spec.architecture, model=dict(spec.model),
-        history=history, metrics=result_metrics, val_probs=val_probs, test_probs=test_probs,
+        history=history, metrics=result_metrics(val_probs, y_val, test_probs, data.y_test),
+        val_probs=val_probs, test_probs=test_probs,
         test_logits=test_logits, weights=weights_blob(spec.model, data.input_shape, data.num_classes, model.cpu()),
         resumed_from=resumed_from, restarts=restarts, train_seconds=seconds, device=str(device),
     )
