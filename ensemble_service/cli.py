@@ -199,6 +199,9 @@ def ui(
         raise typer.Exit(0)
 
 
+# -- serving commands (`serve`, `predict`) are registered here ---------------------------
+
+
 def main() -> None:
     app()
 

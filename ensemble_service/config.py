@@ -101,6 +101,8 @@ class TrackingConfig:
     uri: Optional[str] = None
     experiment: str = "ensembles"
     run_name: Optional[str] = None
+    model_name: Optional[str] = None   # registry name of the ensemble (default: the experiment name)
+    register: bool = True              # register the finished ensemble in the MLflow Model Registry
 
 
 @dataclass
