@@ -63,7 +63,7 @@ def main() -> None:
     for frac in (1.0, 0.25):
         cluster = ClusterConfig(cpus_per_member=1, gpus_per_member=frac, max_retries=0)
         t0 = time.perf_counter()
-        results, failures = scheduler.run_members(specs(8, 3, f"g{frac}"), data, cluster)
+        results, failures = scheduler.run_tasks(specs(8, 3, f"g{frac}"), data, cluster)
         wall = time.perf_counter() - t0
         assert not failures, failures
         runs[frac] = {

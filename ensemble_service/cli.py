@@ -48,23 +48,29 @@ def _debug() -> bool:
 
 
 class ProgressObserver:
-    """One progress bar per member, fed by the driver's event loop."""
+    """One progress bar per Ray task (a member, or a trajectory yielding several), fed by the driver."""
 
     def __init__(self, progress: Progress):
         self.progress = progress
         self.tasks: Dict[int, Any] = {}
+        self.members_left: Dict[int, int] = {}
 
     def started(self, plan, resources) -> None:
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         self.progress.console.print(
-            f"ensemble {plan.ensemble_id}: {len(plan.members)} members of strategy '{plan.strategy}' "
-            f"on '{plan.data}'; Ray cluster with {cpus:g} CPUs, {gpus:g} GPUs", highlight=False)
-        for spec in plan.members:
-            self.tasks[spec.index] = self.progress.add_task(
-                f"member {spec.index} ({spec.architecture}, seed {spec.seed})", total=spec.epochs, info="queued")
+            f"ensemble {plan.ensemble_id}: {len(plan.slots)} members from {len(plan.tasks)} Ray tasks, "
+            f"strategy '{plan.strategy}' on '{plan.data}'; Ray cluster with {cpus:g} CPUs, {gpus:g} GPUs",
+            highlight=False)
+        for spec in plan.tasks:
+            if hasattr(spec, "member_indices"):
+                label = (f"trajectory {spec.index} ({spec.architecture}, seed {spec.seed}) "
+                         f"-> {len(spec.member_indices)} members")
+            else:
+                label = f"member {spec.index} ({spec.architecture}, seed {spec.seed})"
+            self.tasks[spec.index] = self.progress.add_task(label, total=spec.epochs, info="queued")
 
     def event(self, e: Dict[str, Any]) -> None:
-        task = self.tasks.get(e["member"])
+        task = self.tasks.get(e["task"])
         if task is None:
             return
         if e["type"] == "start":
@@ -75,20 +81,22 @@ class ProgressObserver:
                                  info=f"loss {e['train_loss']:.3f}  val acc {e['val_acc']:.3f}")
 
     def member_done(self, row: Dict[str, Any]) -> None:
-        task = self.tasks[row["member"]]
-        self.progress.update(task, completed=row["epochs"],
-                             info=f"done: test acc {row['test_acc']:.4f}  nll {row['test_nll']:.4f}")
+        pass
 
-    def member_failed(self, index: int, message: str) -> None:
-        self.progress.update(self.tasks[index], info=f"[red]FAILED[/]: {message}")
+    def task_done(self, task: int, members: int) -> None:
+        t = self.tasks[task]
+        self.progress.update(t, completed=self.progress.tasks[t].total, info=f"done: {members} member(s)")
+
+    def task_failed(self, task: int, message: str) -> None:
+        self.progress.update(self.tasks[task], info=f"[red]FAILED[/]: {message}")
 
 
 def result_tables(result) -> List[Table]:
     members = Table(title="Members", title_justify="left")
-    for col in ("member", "architecture", "seed", "val acc", "test acc", "test NLL", "epochs", "train s"):
-        members.add_column(col, justify="right" if col not in ("architecture",) else "left")
+    for col in ("member", "architecture", "role", "seed", "val acc", "test acc", "test NLL", "epochs", "train s"):
+        members.add_column(col, justify="left" if col in ("architecture", "role") else "right")
     for r in result.members:
-        members.add_row(str(r["member"]), r["architecture"], str(r["seed"]), f"{r['val_acc']:.4f}",
+        members.add_row(str(r["member"]), r["architecture"], r["role"], str(r["seed"]), f"{r['val_acc']:.4f}",
                         f"{r['test_acc']:.4f}", f"{r['test_nll']:.4f}", str(r["epochs"]), f"{r['train_seconds']:.1f}")
     e = result.ensemble
     ens = Table(title="Ensemble (test set)", title_justify="left")

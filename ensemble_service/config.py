@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-STRATEGIES = ("independent",)
+STRATEGIES = ("independent", "snapshot", "swa", "fge", "heads", "mc_dropout")
+TRAJECTORY_STRATEGIES = ("snapshot", "swa", "fge", "heads", "mc_dropout")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -61,11 +62,29 @@ class ModelConfig:
 
 @dataclass
 class StrategyConfig:
+    """Keys of every strategy; each strategy reads its own (see conf/strategy/*.yaml)."""
     name: str = "independent"
     members: int = 5
+    # independent
     bagging: bool = False
     # mixed-architecture ensembles: member i uses models[i % len(models)]; empty = `model`
     models: List[ModelConfig] = field(default_factory=list)
+    # trajectory strategies: T independent trajectories, one Ray task each
+    trajectories: int = 1
+    # snapshot (M cycles of a cyclic cosine lr, a snapshot at each cycle's end) and fge
+    cycles: int = 5
+    use_last: Optional[int] = None
+    # swa
+    swa_start: Optional[int] = None   # completed epochs before averaging starts (null: 75% of trainer.epochs)
+    swa_lr: float = 0.01
+    # fge: pre-training for trainer.epochs - cycles * cycle_epochs epochs, then cycles between lr1 and lr2
+    cycle_epochs: int = 2
+    lr1: float = 0.05
+    lr2: float = 0.0005
+    # heads: one shared backbone, K classifier heads
+    heads: int = 5
+    # mc_dropout: S stochastic forward passes at test time
+    samples: int = 10
 
 
 @dataclass
@@ -275,6 +294,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         raise ConfigError(f"unknown strategy '{s.name}'; choose one of: {', '.join(STRATEGIES)}")
     if s.members < 1:
         raise ConfigError(f"strategy.members must be at least 1, got {s.members}")
+    _validate_strategy(cfg)
 
     # models
     if s.models:
@@ -323,6 +343,62 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     # tracking
     if not cfg.tracking.experiment.strip():
         raise ConfigError("tracking.experiment must not be empty")
+
+
+def _validate_strategy(cfg: Config) -> None:
+    s, epochs = cfg.strategy, cfg.trainer.epochs
+    if s.name == "independent":
+        return
+    if s.models:
+        raise ConfigError(f"strategy.models (mixed architectures) needs strategy=independent, not {s.name}")
+    if s.bagging:
+        raise ConfigError(f"strategy.bagging needs strategy=independent, not {s.name}")
+    if s.trajectories < 1:
+        raise ConfigError(f"strategy.trajectories must be at least 1, got {s.trajectories}")
+    if s.name == "snapshot":
+        if s.cycles < 1:
+            raise ConfigError(f"strategy.cycles must be at least 1, got {s.cycles}")
+        if epochs % s.cycles:
+            raise ConfigError(f"strategy=snapshot needs trainer.epochs ({epochs}) to be a multiple of "
+                              f"strategy.cycles ({s.cycles}), so that every cycle ends with an epoch")
+        if s.use_last is not None and not (1 <= s.use_last <= s.cycles):
+            raise ConfigError(f"strategy.use_last must be between 1 and strategy.cycles ({s.cycles}), got {s.use_last}")
+    elif s.name == "swa":
+        if s.trajectories != 1:
+            raise ConfigError(
+                f"strategy=swa averages parameters over one trajectory only; strategy.trajectories={s.trajectories} "
+                "would average across independent runs, which does not work (their weights are not in one basin); "
+                "use strategy=independent to combine independent runs by their predictions")
+        start = swa_start(cfg)
+        if not (0 <= start < epochs):
+            raise ConfigError(f"strategy.swa_start must be in [0, trainer.epochs={epochs}), got {start}")
+        if not s.swa_lr > 0:
+            raise ConfigError(f"strategy.swa_lr must be > 0, got {s.swa_lr}")
+    elif s.name == "fge":
+        if s.cycles < 1:
+            raise ConfigError(f"strategy.cycles must be at least 1, got {s.cycles}")
+        if s.cycle_epochs < 2 or s.cycle_epochs % 2:
+            raise ConfigError(f"strategy.cycle_epochs must be an even number >= 2 (a member is collected at "
+                              f"mid-cycle), got {s.cycle_epochs}")
+        if epochs <= s.cycles * s.cycle_epochs:
+            raise ConfigError(f"strategy=fge needs trainer.epochs ({epochs}) > strategy.cycles * strategy.cycle_epochs "
+                              f"({s.cycles * s.cycle_epochs}) to leave epochs for pre-training")
+        if not (s.lr1 > s.lr2 > 0):
+            raise ConfigError(f"strategy=fge needs strategy.lr1 > strategy.lr2 > 0, got lr1={s.lr1}, lr2={s.lr2}")
+    elif s.name == "heads":
+        if s.heads < 1:
+            raise ConfigError(f"strategy.heads must be at least 1, got {s.heads}")
+    elif s.name == "mc_dropout":
+        if s.samples < 1:
+            raise ConfigError(f"strategy.samples must be at least 1, got {s.samples}")
+        if not cfg.model.dropout > 0:
+            raise ConfigError(f"strategy=mc_dropout needs a model with dropout: set model.dropout > 0 "
+                              f"(got {cfg.model.dropout}); its test-time passes are the members")
+
+
+def swa_start(cfg: Config) -> int:
+    s = cfg.strategy.swa_start
+    return int(0.75 * cfg.trainer.epochs) if s is None else s
 
 
 def load_config(overrides: List[str] | None = None, *, check_files: bool = True) -> Config:

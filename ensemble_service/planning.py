@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ensemble_service.config import Config, ModelConfig
+from ensemble_service.config import Config, ModelConfig, swa_start
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,28 @@ class TrajectorySpec:
         return _architecture(self.model)
 
 
+@dataclass(frozen=True)
+class MemberSlot:
+    """One member of the ensemble as known before training: where it comes from."""
+    index: int                      # 0..N-1, the order used for aggregation and size curves
+    task: int                       # index of the task (MemberSpec or TrajectorySpec) that yields it
+    seed: int
+    architecture: str
+    tags: Dict[str, str]            # ensemble.trajectory, ensemble.cycle, ensemble.role, ...
+
+
 @dataclass
 class EnsemblePlan:
     ensemble_id: str
     strategy: str
     data: str
-    members: List[MemberSpec] = field(default_factory=list)
+    tasks: List[Any] = field(default_factory=list)      # MemberSpec | TrajectorySpec, one Ray task each
+    slots: List[MemberSlot] = field(default_factory=list)
     checkpoint_dir: str = ""
+
+    @property
+    def members(self) -> List[MemberSlot]:
+        return self.slots
 
 
 def ensemble_id(cfg: Config) -> str:
@@ -87,9 +102,44 @@ def member_models(cfg: Config) -> List[ModelConfig]:
     return [cfg.model] * n
 
 
+def trajectory_members(cfg: Config) -> List[Dict[str, str]]:
+    """Tags of the members one trajectory yields, in order."""
+    s = cfg.strategy
+    if s.name == "snapshot":
+        first = s.cycles - (s.use_last or s.cycles) + 1
+        return [{"ensemble.cycle": str(c), "ensemble.role": "snapshot"} for c in range(first, s.cycles + 1)]
+    if s.name == "swa":
+        return [{"ensemble.role": "swa"}, {"ensemble.role": "last"}]
+    if s.name == "fge":
+        return [{"ensemble.cycle": str(c), "ensemble.role": "fge"} for c in range(1, s.cycles + 1)]
+    if s.name == "heads":
+        return [{"ensemble.head": str(k), "ensemble.role": "head"} for k in range(s.heads)]
+    if s.name == "mc_dropout":
+        return [{"ensemble.sample": str(k), "ensemble.role": "mc_sample"} for k in range(s.samples)]
+    raise ValueError(f"not a trajectory strategy: {s.name}")
+
+
+def strategy_params(cfg: Config) -> Dict[str, Any]:
+    s = cfg.strategy
+    if s.name == "snapshot":
+        return {"cycles": s.cycles, "use_last": s.use_last}
+    if s.name == "swa":
+        return {"swa_start": swa_start(cfg), "swa_lr": s.swa_lr}
+    if s.name == "fge":
+        return {"pretrain_epochs": cfg.trainer.epochs - s.cycles * s.cycle_epochs, "cycles": s.cycles,
+                "cycle_epochs": s.cycle_epochs, "lr1": s.lr1, "lr2": s.lr2}
+    if s.name == "heads":
+        return {"heads": s.heads}
+    if s.name == "mc_dropout":
+        return {"samples": s.samples}
+    return {}
+
+
 def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
     eid = ensemble or ensemble_id(cfg)
     ckdir = checkpoint_root(cfg) / eid
+    if cfg.strategy.name != "independent":
+        return _plan_trajectories(cfg, eid, ckdir)
     members = [
         MemberSpec(
             index=i,
@@ -104,7 +154,28 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
         )
         for i, m in enumerate(member_models(cfg))
     ]
-    return EnsemblePlan(
-        ensemble_id=eid, strategy=cfg.strategy.name, data=cfg.data.name,
-        members=members, checkpoint_dir=str(ckdir),
-    )
+    slots = [MemberSlot(index=m.index, task=m.index, seed=m.seed, architecture=m.architecture,
+                        tags={"ensemble.role": "member"}) for m in members]
+    return EnsemblePlan(ensemble_id=eid, strategy=cfg.strategy.name, data=cfg.data.name,
+                        tasks=members, slots=slots, checkpoint_dir=str(ckdir))
+
+
+def _plan_trajectories(cfg: Config, eid: str, ckdir: Path) -> EnsemblePlan:
+    per = trajectory_members(cfg)
+    params = strategy_params(cfg)
+    tasks: List[TrajectorySpec] = []
+    slots: List[MemberSlot] = []
+    for t in range(cfg.strategy.trajectories):
+        indices = tuple(range(t * len(per), (t + 1) * len(per)))
+        spec = TrajectorySpec(
+            index=t, strategy=cfg.strategy.name, seed=cfg.trainer.seed + t, model=asdict(cfg.model),
+            optimizer=asdict(cfg.optimizer), epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
+            params=dict(params), member_indices=indices, device=cfg.trainer.device,
+            checkpoint_path=str(ckdir / f"trajectory_{t:03d}.ckpt"),
+        )
+        tasks.append(spec)
+        for i, tags in zip(indices, per):
+            slots.append(MemberSlot(index=i, task=t, seed=spec.seed, architecture=spec.architecture,
+                                    tags={"ensemble.trajectory": str(t), **tags}))
+    return EnsemblePlan(ensemble_id=eid, strategy=cfg.strategy.name, data=cfg.data.name,
+                        tasks=tasks, slots=slots, checkpoint_dir=str(ckdir))

@@ -8,13 +8,15 @@ exception), every run it opened is closed as FINISHED, FAILED or KILLED.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from ensemble_service import metrics
+from ensemble_service import metrics, plots
+from ensemble_service.aggregation import mean
 from ensemble_service.config import Config, ConfigError
 from ensemble_service.data import DataBundle, DataError, load_dataset
 from ensemble_service.planning import EnsemblePlan, plan as make_plan
@@ -41,7 +43,8 @@ class Observer:
     def started(self, plan: EnsemblePlan, resources: Dict[str, Any]) -> None: ...
     def event(self, event: Dict[str, Any]) -> None: ...
     def member_done(self, row: Dict[str, Any]) -> None: ...
-    def member_failed(self, index: int, message: str) -> None: ...
+    def task_done(self, task: int, members: int) -> None: ...
+    def task_failed(self, task: int, message: str) -> None: ...
 
 
 def load_data(cfg: Config) -> DataBundle:
@@ -101,83 +104,100 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         parent = tracker.start_parent(run_name, cfg.to_dict(), {
             "ensemble.strategy": cfg.strategy.name, "ensemble.data": cfg.data.name,
             "ensemble.model": model_label(cfg), "ensemble.id": plan.ensemble_id,
-            "ensemble.members": str(len(plan.members)),
+            "ensemble.members": str(len(plan.slots)), "ensemble.tasks": str(len(plan.tasks)),
         })
         tracker.log_array(parent, data.y_test.numpy(), "predictions/test_labels.npy")
         runs: Dict[int, str] = {}
-        logged: Dict[int, int] = {}
-        for spec in plan.members:
-            runs[spec.index] = tracker.start_member(
-                spec.index, f"member-{spec.index}",
-                {"seed": spec.seed, "architecture": spec.architecture, "model": spec.model,
-                 "bagging": spec.bagging, "epochs": spec.epochs},
-                {"ensemble.architecture": spec.architecture},
+        logged: Dict[int, int] = {}           # member index -> last epoch logged
+        open_members: Dict[int, List[int]] = {}  # task index -> members still collecting epochs
+        for slot in plan.slots:
+            spec = plan.tasks[slot.task]
+            runs[slot.index] = tracker.start_member(
+                slot.index, f"member-{slot.index}",
+                {"seed": slot.seed, "architecture": slot.architecture, "model": spec.model,
+                 "bagging": getattr(spec, "bagging", False), "epochs": spec.epochs},
+                {"ensemble.architecture": slot.architecture, **slot.tags},
             )
-            logged[spec.index] = 0
+            logged[slot.index] = 0
+            open_members.setdefault(slot.task, []).append(slot.index)
 
         def log_epochs(index: int, records: List[Dict[str, Any]]) -> None:
             for rec in records:
                 if rec["epoch"] > logged[index]:
-                    tracker.log_metrics(runs[index], {k: rec[k] for k in ("train_loss", "val_acc", "val_nll")},
-                                        step=int(rec["epoch"]))
+                    values = {k: rec[k] for k in ("train_loss", "val_acc", "val_nll", "lr") if k in rec}
+                    tracker.log_metrics(runs[index], values, step=int(rec["epoch"]))
                     logged[index] = int(rec["epoch"])
 
         def on_event(event: Dict[str, Any]) -> None:
-            i = event["member"]
+            task = event["task"] if "task" in event else event["member"]
+            members = open_members.get(task, [])
             if event["type"] == "start":
-                tracker.set_tags(runs[i], {"ensemble.restarts": event["restarts"],
-                                           "ensemble.resumed_from_epoch": event["resumed_from"],
-                                           "ensemble.device": event["device"], "ensemble.node_id": event["node_id"]})
+                for i in members:
+                    tracker.set_tags(runs[i], {"ensemble.restarts": event["restarts"],
+                                               "ensemble.resumed_from_epoch": event["resumed_from"],
+                                               "ensemble.device": event["device"],
+                                               "ensemble.node_id": event["node_id"]})
             elif event["type"] == "epoch":
-                log_epochs(i, [event])
-            observer.event(event)
+                for i in members:           # a trajectory's epochs belong to the members it has not collected yet
+                    log_epochs(i, [event])
+            elif event["type"] == "collected" and event["member"] in members:
+                members.remove(event["member"])
+            observer.event({**event, "task": task})
 
         rows: Dict[int, Dict[str, Any]] = {}
 
-        def on_result(r) -> None:
-            rid = runs[r.index]
-            log_epochs(r.index, r.history)
-            final = {k: v for k, v in r.metrics.items() if k.startswith("test_")}  # val_* are per-epoch series
-            tracker.log_metrics(rid, {**final, "train_seconds": r.train_seconds})
-            tracker.set_tags(rid, {"ensemble.restarts": r.restarts, "ensemble.resumed_from_epoch": r.resumed_from,
-                                   "ensemble.device": r.device, "ensemble.node_id": r.extra.get("node_id", ""),
-                                   "ensemble.host": r.host})
-            tracker.log_bytes(rid, r.weights, "checkpoint/member.pt")
-            tracker.log_array(rid, r.val_probs.numpy(), "predictions/val_probs.npy")
-            tracker.log_array(rid, r.test_probs.numpy(), "predictions/test_probs.npy")
-            tracker.end(rid, "FINISHED")
-            row = {"member": r.index, "architecture": r.architecture, "seed": r.seed,
-                   "val_acc": r.metrics["val_acc"], "test_acc": r.metrics["test_acc"],
-                   "test_nll": r.metrics["test_nll"], "epochs": len(r.history),
-                   "train_seconds": round(r.train_seconds, 3), "restarts": r.restarts,
-                   "device": r.device, "run_id": rid}
-            rows[r.index] = row
-            observer.member_done(row)
+        def on_result(spec, results) -> None:
+            for r in results:
+                rid = runs[r.index]
+                log_epochs(r.index, r.history)
+                final = {k: v for k, v in r.metrics.items() if k.startswith("test_")}  # val_* are per-epoch series
+                tracker.log_metrics(rid, {**final, "train_seconds": r.train_seconds})
+                tracker.set_tags(rid, {"ensemble.restarts": r.restarts,
+                                       "ensemble.resumed_from_epoch": r.resumed_from,
+                                       "ensemble.device": r.device, "ensemble.node_id": r.extra.get("node_id", ""),
+                                       "ensemble.host": r.host, "ensemble.collected_epoch": len(r.history)})
+                tracker.log_bytes(rid, r.weights, "checkpoint/member.pt")
+                tracker.log_array(rid, r.val_probs.numpy(), "predictions/val_probs.npy")
+                tracker.log_array(rid, r.test_probs.numpy(), "predictions/test_probs.npy")
+                tracker.end(rid, "FINISHED")
+                rows[r.index] = {
+                    "member": r.index, "architecture": r.architecture, "seed": r.seed,
+                    "role": plan.slots[r.index].tags.get("ensemble.role", ""),
+                    "val_acc": r.metrics["val_acc"], "test_acc": r.metrics["test_acc"],
+                    "test_nll": r.metrics["test_nll"], "epochs": len(r.history),
+                    "train_seconds": round(r.train_seconds, 3), "restarts": r.restarts,
+                    "device": r.device, "run_id": rid,
+                }
+                observer.member_done(rows[r.index])
+            observer.task_done(spec.index, len(results))
 
         def on_failure(f) -> None:
-            tracker.set_tags(runs[f.index], {"ensemble.error": f.message[:4000]})
-            tracker.end(runs[f.index], "FAILED")
-            observer.member_failed(f.index, f.message)
+            for i in f.members:
+                tracker.set_tags(runs[i], {"ensemble.error": f.message[:4000]})
+                tracker.end(runs[i], "FAILED")
+            observer.task_failed(f.task, f.message)
 
-        results, failures = scheduler.run_members(
-            plan.members, data, cfg.cluster, on_event=on_event, on_result=on_result, on_failure=on_failure)
+        results, failures = scheduler.run_tasks(
+            plan.tasks, data, cfg.cluster, on_event=on_event, on_result=on_result, on_failure=on_failure)
 
         if failures:
-            failed = ", ".join(f"member {f.index}: {f.message}" for f in sorted(failures, key=lambda f: f.index))
-            raise EnsembleFailed(f"{len(failures)} of {len(plan.members)} members failed ({failed})")
+            failed = ", ".join(f"task {f.task}: {f.message}" for f in sorted(failures, key=lambda f: f.task))
+            raise EnsembleFailed(f"{len(failures)} of {len(plan.tasks)} tasks failed ({failed})")
 
         results.sort(key=lambda r: r.index)
         member_probs = torch.stack([r.test_probs for r in results])
         ens = parent_metrics(member_probs, data.y_test, [r.metrics["val_acc"] for r in results])
+        last = results[-1].metrics
+        ens.update(last_member_test_acc=last["test_acc"], last_member_test_nll=last["test_nll"])
         wall = time.perf_counter() - t0
+        train_total = sum({(r.extra.get("pid"), r.extra.get("t_start")): r.train_seconds for r in results}.values())
         tracker.log_metrics(parent, {**ens, "wall_seconds": wall, "members_finished": len(results),
-                                     "member_train_seconds_total": sum(r.train_seconds for r in results)})
+                                     "train_seconds_total": train_total})
+        log_curves_and_plots(tracker, parent, member_probs, data.y_test, results, cfg)
         table = [rows[i] for i in sorted(rows)]
         tracker.log_text(parent, tracker.member_table_csv(table), "members.csv")
-        import json
-
         tracker.log_text(parent, json.dumps(table, indent=2), "members.json")
-        tracker.log_array(parent, metrics_mean_probs(member_probs).numpy(), "predictions/ensemble_mean_test_probs.npy")
+        tracker.log_array(parent, mean(member_probs).numpy(), "predictions/ensemble_mean_test_probs.npy")
         tracker.end(parent, "FINISHED")
         return SubmitResult(parent_run_id=parent, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment,
                             members=table, ensemble=ens, wall_seconds=wall, plan=plan)
@@ -189,7 +209,15 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         raise
 
 
-def metrics_mean_probs(member_probs: torch.Tensor) -> torch.Tensor:
-    from ensemble_service.aggregation import mean
-
-    return mean(member_probs)
+def log_curves_and_plots(tracker, parent: str, member_probs: torch.Tensor, targets: torch.Tensor,
+                         results, cfg: Config) -> None:
+    """Size curve (metric per k, step k) and the two PNGs on the parent run."""
+    curve = plots.size_curve(member_probs, targets)
+    for k, acc, nll in zip(curve["k"], curve["acc"], curve["nll"]):
+        tracker.log_metrics(parent, {"ensemble_mean_test_acc_at_k": acc, "ensemble_mean_test_nll_at_k": nll}, step=k)
+    title = f"{cfg.strategy.name} on {cfg.data.name}"
+    member_accs = [r.metrics["test_acc"] for r in results]
+    tracker.log_bytes(parent, plots.accuracy_vs_size_png(curve, member_accs, title), "plots/accuracy_vs_size.png")
+    best = max(range(len(results)), key=lambda i: member_accs[i])
+    tracker.log_bytes(parent, plots.reliability_png(mean(member_probs), member_probs[best], targets, title),
+                      "plots/reliability.png")

@@ -3,8 +3,8 @@ jobs.py) that imports Ray.
 
 - ``connect(cluster)`` starts an embedded local Ray cluster when ``cluster.address`` is
   null (reusing one already started in this process), otherwise connects to it.
-- ``run_members`` puts the data set in the object store once, submits one task per
-  member with ``num_cpus``/``num_gpus`` from the cluster config and
+- ``run_tasks`` puts the data set in the object store once, submits one task per
+  independent member or per trajectory (snapshot/SWA/FGE/heads/MC dropout) with ``num_cpus``/``num_gpus`` from the cluster config and
   ``max_retries=cluster.max_retries`` (a worker process that dies is re-run, and the
   member resumes from its last checkpoint), then waits on the tasks and hands each
   result or failure to the caller as it arrives. Per-epoch events travel from the
@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import ray
 
 from workers.member import MemberError, MemberResult, train_member
+from workers.trajectory import train_trajectory
 
 POLL_SECONDS = 0.25
 
@@ -64,27 +65,33 @@ class _Inbox:
         return out
 
 
-def _member_task(spec, data, inbox) -> MemberResult:
+def _task(spec, data, inbox) -> List[MemberResult]:
+    """One Ray task: one independent member (MemberSpec) or one trajectory (TrajectorySpec)."""
     t_start = time.time()
     ctx = ray.get_runtime_context()
     cpus = ctx.get_assigned_resources().get("CPU", 1.0)
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    node_id = ctx.get_node_id()
 
     def report(event: Dict[str, Any]) -> None:
-        inbox.put.remote({**event, "node_id": ctx.get_node_id(), "pid": os.getpid(), "gpu_ids": gpu_ids})
+        inbox.put.remote({**event, "node_id": node_id, "pid": os.getpid(), "gpu_ids": gpu_ids})
 
-    result = train_member(spec, data, num_threads=max(1, int(cpus)), gpu_assigned=bool(gpu_ids), report=report)
-    result.extra.update(node_id=ctx.get_node_id(), pid=os.getpid(), gpu_ids=gpu_ids, cpus=cpus,
-                        t_start=t_start, t_end=time.time())
-    return result
+    train = train_trajectory if hasattr(spec, "member_indices") else train_member
+    out = train(spec, data, num_threads=max(1, int(cpus)), gpu_assigned=bool(gpu_ids), report=report)
+    results = out if isinstance(out, list) else [out]
+    for r in results:
+        r.extra.update(node_id=node_id, pid=os.getpid(), gpu_ids=gpu_ids, cpus=cpus,
+                       t_start=t_start, t_end=time.time())
+    return results
 
 
-_remote_member = ray.remote(_member_task)
+_remote_task = ray.remote(_task)
 
 
 @dataclass
-class MemberFailure:
-    index: int
+class TaskFailure:
+    task: int
+    members: List[int]
     message: str
 
 
@@ -100,23 +107,27 @@ def _failure_message(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def run_members(
+def task_members(spec) -> List[int]:
+    return list(spec.member_indices) if hasattr(spec, "member_indices") else [spec.index]
+
+
+def run_tasks(
     specs: Sequence, data, cluster, *,
     on_event: Optional[Callable[[Dict[str, Any]], None]] = None,
-    on_result: Optional[Callable[[MemberResult], None]] = None,
-    on_failure: Optional[Callable[[MemberFailure], None]] = None,
-) -> tuple[List[MemberResult], List[MemberFailure]]:
-    """Run one Ray task per spec; results come back in completion order."""
+    on_result: Optional[Callable[[Any, List[MemberResult]], None]] = None,
+    on_failure: Optional[Callable[[TaskFailure], None]] = None,
+) -> tuple[List[MemberResult], List[TaskFailure]]:
+    """Run one Ray task per spec; each task's members come back as soon as it finishes."""
     on_event = on_event or (lambda e: None)
     inbox = _Inbox.remote()
-    data_ref = ray.put(data)  # once, not once per member
-    task = _remote_member.options(
+    data_ref = ray.put(data)  # once, not once per task
+    task = _remote_task.options(
         num_cpus=cluster.cpus_per_member, num_gpus=cluster.gpus_per_member,
         max_retries=cluster.max_retries, retry_exceptions=False,
     )
     pending = {task.remote(spec, data_ref, inbox): spec for spec in specs}
     results: List[MemberResult] = []
-    failures: List[MemberFailure] = []
+    failures: List[TaskFailure] = []
 
     def drain() -> None:
         for event in ray.get(inbox.drain.remote()):
@@ -129,16 +140,16 @@ def run_members(
             for ref in ready:
                 spec = pending.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    members = ray.get(ref)
                 except (ray.exceptions.RayError, MemberError) as exc:
-                    failure = MemberFailure(spec.index, _failure_message(exc))
+                    failure = TaskFailure(spec.index, task_members(spec), _failure_message(exc))
                     failures.append(failure)
                     if on_failure:
                         on_failure(failure)
                     continue
-                results.append(result)
+                results.extend(members)
                 if on_result:
-                    on_result(result)
+                    on_result(spec, members)
         drain()
     except BaseException:
         for ref in pending:
@@ -147,3 +158,4 @@ def run_members(
     finally:
         ray.kill(inbox)
     return results, failures
+

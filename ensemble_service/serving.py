@@ -1,0 +1,508 @@
+"""Serve an ensemble: rebuild its members from their checkpoints, run them, combine.
+
+Pure torch (plus ``json``/``hashlib`` for the on-disk manifest): no MLflow, no Ray. The
+HTTP API (``ensemble_service.api``) and the MLflow pyfunc model
+(``ensemble_service.pyfunc_model``) both load ensembles through this module, so the
+endpoint and ``mlflow.pyfunc.load_model(...).predict`` run the same code.
+
+Members
+-------
+A member is the blob ``workers.member.weights_blob`` writes: a ``torch.save`` of
+``{"model": model-config dict, "input_shape": [...], "num_classes": int,
+"state_dict": {...}}`` (extra keys allowed), read with ``torch.load(weights_only=True)``.
+It is rebuilt with ``ensemble_service.models.create_model`` and put in eval mode.
+
+Forward
+-------
+Members are grouped before the first request:
+
+* *stacked groups*: members with the same architecture (model config, input shape,
+  class count and state-dict layout) run as **one** batched forward: their weights are
+  stacked with ``torch.func.stack_module_state`` and the module is called with
+  ``torch.func.functional_call`` under ``torch.func.vmap`` (a group of one is called
+  directly);
+* *MC-dropout groups*: members that are stochastic passes of one trained model
+  (``role == "mc_sample"``) share one module; pass ``s`` runs with only the Dropout
+  modules in train mode (BatchNorm stays in eval) after ``torch.manual_seed(seed_s)``,
+  inside ``torch.random.fork_rng`` so the caller's RNG state is untouched, in chunks of
+  1024 like ``workers.trajectory.mc_dropout_logits``: the same inputs give the same
+  answer on every request. The global RNG is shared by all threads, so these passes
+  hold a module-level lock.
+
+Member outputs (logits ``[M, B, C]``, member order) are combined with
+``ensemble_service.aggregation.aggregate(kind="logits")``: ``mean`` (softmax, then
+average), ``vote``, ``weighted`` (weights from the members' validation accuracy unless
+given) and ``logit_mean``.
+
+On disk
+-------
+:func:`write_ensemble_dir` lays out ``manifest.json`` (format, input shape, class
+count, strategy, member table) and ``members/<sha256[:16]>.pt`` (one file per distinct
+blob: the MC-dropout samples of one model share one file). :func:`load_ensemble_dir`
+reads it back.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ensemble_service import aggregation
+from ensemble_service.models import create_model
+
+__all__ = [
+    "FORMAT", "MANIFEST", "EVAL_BATCH", "ServingError", "Member", "Prediction", "Ensemble",
+    "read_blob", "member_record", "write_ensemble_dir", "load_ensemble_dir", "as_input_tensor",
+]
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+EVAL_BATCH = 1024
+_RNG_LOCK = threading.Lock()
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+class ServingError(ValueError):
+    """Bad input to an ensemble (or a bad ensemble); ``field`` names the offending field."""
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
+
+
+# --------------------------------------------------------------------------- members
+
+
+def read_blob(blob: bytes) -> Dict[str, Any]:
+    """A member checkpoint from its bytes (``torch.load(weights_only=True)``, on the CPU)."""
+    try:
+        ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ServingError(f"cannot read member checkpoint: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    missing = [k for k in ("model", "input_shape", "num_classes", "state_dict") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ServingError(f"member checkpoint lacks {', '.join(missing)}")
+    return ckpt
+
+
+def _derive_seed(seed: int, *keys: Any) -> int:
+    """Same formula as ``workers.trajectory.derive_seed`` (kept here: serving imports no workers)."""
+    digest = hashlib.sha256(repr((int(seed),) + keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def member_record(index: int, architecture: Optional[str] = None, model: Optional[Mapping[str, Any]] = None,
+                  metrics: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None,
+                  *, blob_meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The manifest entry of one member (JSON-safe), from what the runner has about it.
+
+    ``extra`` is ``MemberResult.extra``: ``{"role": "mc_sample", "sample": s, "sample_seed" | "mc_seed": ...}``
+    marks an MC-dropout pass (its seed: ``sample_seed``, else ``mc_seed``, else derived from the
+    checkpoint's ``mc_dropout.seed`` and ``sample`` as the trajectory worker does).
+    """
+    extra = dict(extra or {})
+    role = str(extra.get("role") or "member")
+    rec: Dict[str, Any] = {"index": int(index), "role": role}
+    if architecture is not None:
+        rec["architecture"] = str(architecture)
+    if model is not None:
+        rec["model"] = json.loads(json.dumps(dict(model), default=str))
+    rec["metrics"] = {k: float(v) for k, v in (metrics or {}).items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    for key in ("sample", "cycle", "epoch", "head", "trajectory", "n_averaged"):
+        if isinstance(extra.get(key), int) and not isinstance(extra.get(key), bool):
+            rec[key] = int(extra[key])
+    if role == "mc_sample":
+        seed = extra.get("sample_seed", extra.get("mc_seed"))
+        if seed is None:
+            mc = dict((blob_meta or {}).get("mc_dropout") or {})
+            if "seed" in mc and "sample" in extra:
+                seed = _derive_seed(int(mc["seed"]), "mc_dropout", int(extra["sample"]))
+        if seed is None:
+            raise ServingError(f"member {index} is an MC-dropout sample without a seed (sample_seed / mc_seed)")
+        rec["sample_seed"] = int(seed)
+    return rec
+
+
+@dataclass
+class Member:
+    """One member: its manifest record and its rebuilt module (eval mode)."""
+
+    record: Dict[str, Any]
+    module: nn.Module
+    model_cfg: Dict[str, Any]
+    input_shape: Tuple[int, ...]
+    num_classes: int
+    key: str  # identifies the weights (equal for MC samples of one model)
+
+    @property
+    def index(self) -> int:
+        return int(self.record["index"])
+
+    @property
+    def role(self) -> str:
+        return str(self.record.get("role", "member"))
+
+    @property
+    def architecture(self) -> str:
+        return str(self.record.get("architecture") or self.model_cfg.get("name", "?"))
+
+
+def _build_module(ckpt: Mapping[str, Any]) -> nn.Module:
+    cfg = dict(ckpt["model"])
+    name = cfg.pop("name", None)
+    if name is None:
+        raise ServingError("member checkpoint's model config has no name")
+    opts = {k: v for k, v in cfg.items() if k not in ("input_shape", "num_classes")}
+    try:
+        module = create_model(name, tuple(int(s) for s in ckpt["input_shape"]), int(ckpt["num_classes"]), **opts)
+        module.load_state_dict(ckpt["state_dict"])
+    except ServingError:
+        raise
+    except Exception as exc:
+        raise ServingError(f"cannot rebuild member ({name}): {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def _signature(m: Member) -> str:
+    state = [(k, tuple(v.shape), str(v.dtype)) for k, v in m.module.state_dict().items()]
+    return json.dumps([m.model_cfg, list(m.input_shape), m.num_classes, state], sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------- groups
+
+
+class _StackedGroup:
+    """Members of one architecture: one vmapped forward over their stacked weights."""
+
+    def __init__(self, members: List[Member], positions: List[int]):
+        self.positions = positions
+        self.size = len(members)
+        self.architecture = members[0].architecture
+        if len(members) == 1:
+            self.single: Optional[nn.Module] = members[0].module
+            return
+        self.single = None
+        modules = [m.module for m in members]
+        params, buffers = torch.func.stack_module_state(modules)
+        self.params = {k: v.detach() for k, v in params.items()}
+        self.buffers = {k: v.detach() for k, v in buffers.items()}
+        base = copy.deepcopy(modules[0]).to("meta")
+        base.eval()
+
+        def call(p, b, x):
+            return torch.func.functional_call(base, (p, b), (x,))
+
+        self._vmapped = torch.func.vmap(call, in_dims=(0, 0, None))
+
+    def to(self, device: torch.device) -> "_StackedGroup":
+        if self.single is not None:
+            self.single.to(device)
+        else:
+            self.params = {k: v.to(device) for k, v in self.params.items()}
+            self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.single is not None:
+            return self.single(x).unsqueeze(0)
+        return self._vmapped(self.params, self.buffers, x)
+
+
+class _MCGroup:
+    """MC-dropout samples of one model: seeded stochastic passes (Dropout on, BatchNorm eval)."""
+
+    def __init__(self, module: nn.Module, seeds: List[int], positions: List[int], architecture: str):
+        self.module, self.seeds, self.positions = module, seeds, positions
+        self.size = len(seeds)
+        self.architecture = architecture
+        self.dropouts = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        if not self.dropouts:
+            raise ServingError(f"MC-dropout members of {architecture} have no Dropout modules")
+
+    def to(self, device: torch.device) -> "_MCGroup":
+        self.module.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device
+        gpus = [device.index or 0] if device.type == "cuda" else []
+        out = []
+        with _RNG_LOCK, torch.random.fork_rng(devices=gpus):
+            try:
+                for d in self.dropouts:
+                    d.train()
+                for seed in self.seeds:
+                    torch.manual_seed(seed)
+                    out.append(torch.cat([self.module(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]))
+            finally:
+                self.module.eval()
+        return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def as_input_tensor(x: Any, field: str = "inputs") -> torch.Tensor:
+    """A float tensor from a tensor, NumPy array, pandas DataFrame or nested list of numbers.
+
+    Raises :class:`ServingError` (naming ``field``) for ragged lists, non-numbers and
+    values that cannot be converted.
+    """
+    if x is None:
+        raise ServingError(f"{field} is missing", field)
+    if hasattr(x, "to_numpy") and not isinstance(x, torch.Tensor):  # pandas DataFrame / Series
+        try:
+            x = x.to_numpy(dtype="float32")
+        except Exception as exc:
+            raise ServingError(f"{field} must hold only numbers ({str(exc).splitlines()[0]})", field) from None
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        try:
+            t = torch.as_tensor(x)
+        except Exception as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "expected sequence of length" in msg or "inhomogeneous" in msg:
+                raise ServingError(f"{field} is ragged: every row must have the same length ({msg})", field) from None
+            raise ServingError(f"{field} must be a (nested) list of numbers ({msg})", field) from None
+    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
+        raise ServingError(f"{field} must be real numbers, got {t.dtype}", field)
+    t = t.to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise ServingError(f"{field} contain NaN or infinite values", field)
+    return t
+
+
+@dataclass
+class Prediction:
+    """The ensemble's answer for one batch (tensors on the CPU)."""
+
+    labels: torch.Tensor            # [B] int64
+    probabilities: torch.Tensor     # [B, C] (vote shares for "vote")
+    agreement: torch.Tensor         # [B]
+    member_probs: Optional[torch.Tensor] = None  # [M, B, C] when asked
+
+
+# --------------------------------------------------------------------------- ensemble
+
+
+@dataclass
+class Ensemble:
+    """A loaded ensemble, ready to predict. Build with :meth:`from_blobs` or :func:`load_ensemble_dir`."""
+
+    members: List[Member]
+    input_shape: Tuple[int, ...]
+    num_classes: int
+    meta: Dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        self.groups: List[Union[_StackedGroup, _MCGroup]] = []
+        stacked: Dict[str, List[int]] = {}
+        mc: Dict[str, List[int]] = {}
+        for pos, m in enumerate(self.members):
+            if m.role == "mc_sample":
+                mc.setdefault(m.key, []).append(pos)
+            else:
+                stacked.setdefault(_signature(m), []).append(pos)
+        for positions in stacked.values():
+            self.groups.append(_StackedGroup([self.members[p] for p in positions], positions))
+        for positions in mc.values():
+            first = self.members[positions[0]]
+            self.groups.append(_MCGroup(first.module, [int(self.members[p].record["sample_seed"]) for p in positions],
+                                        positions, first.architecture))
+        for g in self.groups:
+            g.to(self.device)
+        order = [p for g in self.groups for p in g.positions]
+        self._inverse = torch.empty(len(order), dtype=torch.long)
+        self._inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+
+    # -- construction ------------------------------------------------------
+    @classmethod
+    def from_blobs(cls, blobs: Sequence[bytes], records: Optional[Sequence[Mapping[str, Any]]] = None,
+                   meta: Optional[Mapping[str, Any]] = None, device: Union[str, torch.device] = "cpu") -> "Ensemble":
+        """Rebuild members from their checkpoint blobs; ``records`` are manifest entries
+        (:func:`member_record`; default: plain members indexed 0..M-1)."""
+        if not blobs:
+            raise ServingError("an ensemble needs at least one member")
+        if records is not None and len(records) != len(blobs):
+            raise ServingError(f"{len(blobs)} member blobs but {len(records)} member records")
+        modules: Dict[str, Tuple[nn.Module, Dict[str, Any]]] = {}
+        members: List[Member] = []
+        for i, blob in enumerate(blobs):
+            key = hashlib.sha256(blob).hexdigest()
+            if key not in modules:
+                ckpt = read_blob(blob)
+                modules[key] = (_build_module(ckpt), ckpt)
+            module, ckpt = modules[key]
+            rec = dict(records[i]) if records is not None else member_record(i, model=ckpt["model"], blob_meta=ckpt)
+            rec.setdefault("architecture", str(ckpt["model"].get("name")))
+            rec.setdefault("model", json.loads(json.dumps(dict(ckpt["model"]), default=str)))
+            if rec.get("role") != "mc_sample":
+                # deterministic members never share a module: stacking needs one module per member
+                module = module if not any(m.module is module for m in members) else copy.deepcopy(module)
+            members.append(Member(rec, module, dict(ckpt["model"]), tuple(int(s) for s in ckpt["input_shape"]),
+                                  int(ckpt["num_classes"]), key))
+        shapes = {m.input_shape for m in members}
+        classes = {m.num_classes for m in members}
+        if len(shapes) != 1 or len(classes) != 1:
+            raise ServingError(f"members disagree on input shape / classes: {sorted(shapes)} / {sorted(classes)}")
+        return cls(members, members[0].input_shape, members[0].num_classes, dict(meta or {}), torch.device(device))
+
+    # -- description -------------------------------------------------------
+    @property
+    def num_members(self) -> int:
+        return len(self.members)
+
+    def architectures(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for m in self.members:
+            out[m.architecture] = out.get(m.architecture, 0) + 1
+        return out
+
+    def describe_groups(self) -> List[Dict[str, Any]]:
+        return [{"kind": "mc_dropout" if isinstance(g, _MCGroup) else ("stacked" if g.size > 1 else "single"),
+                 "architecture": g.architecture, "members": [self.members[p].index for p in g.positions]}
+                for g in self.groups]
+
+    def default_weights(self) -> Optional[torch.Tensor]:
+        """Weights of method ``weighted``: proportional to the members' validation accuracy."""
+        accs = [m.record.get("metrics", {}).get("val_acc") for m in self.members]
+        if any(a is None for a in accs):
+            return None
+        return aggregation.weights_from_accuracy(torch.tensor(accs, dtype=torch.float64)).to(torch.float32)
+
+    # -- inference ---------------------------------------------------------
+    def prepare(self, x: Any, field: str = "inputs") -> torch.Tensor:
+        """Inputs as ``[B, *input_shape]`` float32; accepts ``[B, *input_shape]`` or flattened ``[B, D]``."""
+        t = as_input_tensor(x, field)
+        shape, d = self.input_shape, math.prod(self.input_shape)
+        if t.dim() == 0:
+            raise ServingError(f"{field} must be a batch: shape [batch, {', '.join(map(str, shape))}] or [batch, {d}]", field)
+        if t.shape[0] == 0:
+            raise ServingError(f"{field} is an empty batch", field)
+        if tuple(t.shape[1:]) == shape:
+            return t
+        if t.dim() == 2 and t.shape[1] == d:
+            return t.reshape(t.shape[0], *shape)
+        raise ServingError(
+            f"{field} has shape {list(t.shape)}; expected [batch, {', '.join(map(str, shape))}] or [batch, {d}]", field)
+
+    @torch.inference_mode()
+    def logits(self, x: Any) -> torch.Tensor:
+        """Member logits ``[M, B, C]`` (float32, CPU), members in ensemble order."""
+        t = self.prepare(x).to(self.device)
+        outs = []
+        for g in self.groups:
+            chunks = [g(t[i:i + EVAL_BATCH]) for i in range(0, len(t), EVAL_BATCH)] \
+                if isinstance(g, _StackedGroup) else [g(t)]
+            outs.append(torch.cat(chunks, dim=1))
+        z = torch.cat(outs, dim=0)
+        return z[self._inverse.to(z.device)].float().cpu()
+
+    def predict(self, x: Any, method: str = "mean", weights: Optional[Any] = None,
+                return_members: bool = False) -> Prediction:
+        """Combine the members' predictions for ``x`` with ``method`` (see the module docstring)."""
+        if method not in aggregation.METHODS:
+            raise ServingError(f"unknown method {method!r}; choose one of: {', '.join(aggregation.METHODS)}", "method")
+        if weights is None and method == "weighted":
+            weights = self.default_weights()
+            if weights is None:
+                weights = torch.full((self.num_members,), 1.0 / self.num_members)
+        if weights is not None:
+            try:
+                weights = aggregation.normalize_weights(weights, self.num_members)
+            except aggregation.AggregationError as exc:
+                raise ServingError(str(exc), "weights") from None
+        z = self.logits(x)
+        res = aggregation.aggregate(z, method=method, kind="logits", weights=weights)
+        return Prediction(res.labels, res.probabilities, res.agreement,
+                          torch.softmax(z, dim=-1) if return_members else None)
+
+    def predict_proba(self, x: Any) -> torch.Tensor:
+        """Mean-aggregated probabilities ``[B, C]`` (what the pyfunc model returns)."""
+        return self.predict(x, "mean").probabilities
+
+
+# --------------------------------------------------------------------------- on disk
+
+
+def write_ensemble_dir(path: Union[str, Path], blobs: Sequence[bytes], records: Sequence[Mapping[str, Any]],
+                       meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Write ``manifest.json`` and ``members/*.pt`` (one file per distinct blob) under ``path``.
+
+    Checks every blob loads (``weights_only=True``) and that members agree on input
+    shape and classes; returns the manifest.
+    """
+    if not blobs:
+        raise ServingError("an ensemble needs at least one member")
+    if len(records) != len(blobs):
+        raise ServingError(f"{len(blobs)} member blobs but {len(records)} member records")
+    root = Path(path)
+    (root / "members").mkdir(parents=True, exist_ok=True)
+    entries, shapes, classes = [], set(), set()
+    seen: Dict[str, Dict[str, Any]] = {}
+    for blob, rec in zip(blobs, records):
+        key = hashlib.sha256(blob).hexdigest()
+        if key not in seen:
+            ckpt = read_blob(blob)
+            seen[key] = ckpt
+            (root / "members" / f"{key[:16]}.pt").write_bytes(blob)
+        ckpt = seen[key]
+        shapes.add(tuple(int(s) for s in ckpt["input_shape"]))
+        classes.add(int(ckpt["num_classes"]))
+        entry = dict(rec)
+        entry.setdefault("architecture", str(ckpt["model"].get("name")))
+        entry.setdefault("model", json.loads(json.dumps(dict(ckpt["model"]), default=str)))
+        entry["file"] = f"members/{key[:16]}.pt"
+        entry["sha256"] = key
+        entries.append(entry)
+    if len(shapes) != 1 or len(classes) != 1:
+        raise ServingError(f"members disagree on input shape / classes: {sorted(shapes)} / {sorted(classes)}")
+    manifest = {"format": FORMAT, **dict(meta or {}), "input_shape": list(next(iter(shapes))),
+                "num_classes": next(iter(classes)), "num_members": len(entries), "members": entries}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def read_manifest(path: Union[str, Path]) -> Dict[str, Any]:
+    p = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise ServingError(f"cannot read ensemble manifest {p}: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise ServingError(f"ensemble manifest {p} has unknown format {manifest.get('format')!r}")
+    return manifest
+
+
+def load_ensemble_dir(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Ensemble:
+    """Load what :func:`write_ensemble_dir` wrote."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    cache: Dict[str, bytes] = {}
+    blobs = []
+    for entry in manifest["members"]:
+        f = str(entry["file"])
+        if f not in cache:
+            target = (root / f).resolve()
+            if root.resolve() not in target.parents:
+                raise ServingError(f"ensemble manifest points outside its directory: {f}")
+            cache[f] = target.read_bytes()
+        blobs.append(cache[f])
+    records = [{k: v for k, v in e.items() if k not in ("file", "sha256")} for e in manifest["members"]]
+    meta = {k: v for k, v in manifest.items() if k != "members"}
+    return Ensemble.from_blobs(blobs, records, meta, device=device)
