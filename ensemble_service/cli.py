@@ -208,6 +208,8 @@ def ui(
 
 
 # -- serving commands (`serve`, `predict`) are registered here ---------------------------
+from ensemble_service.api.commands import register as _register_serving  # noqa: E402
+_register_serving(app)
 
 
 def main() -> None:

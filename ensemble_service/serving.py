@@ -272,7 +272,7 @@ def as_input_tensor(x: Any, field: str = "inputs") -> torch.Tensor:
         t = x.detach()
     else:
         try:
-            t = torch.as_tensor(x)
+            t = torch.tensor(x)  # a copy (NumPy arrays may be read-only)
         except Exception as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "expected sequence of length" in msg or "inhomogeneous" in msg:
@@ -428,7 +428,10 @@ class Ensemble:
             except aggregation.AggregationError as exc:
                 raise ServingError(str(exc), "weights") from None
         z = self.logits(x)
-        res = aggregation.aggregate(z, method=method, kind="logits", weights=weights)
+        try:
+            res = aggregation.aggregate(z, method=method, kind="logits", weights=weights)
+        except aggregation.AggregationError as exc:  # e.g. outputs overflowed for extreme inputs
+            raise ServingError(f"the members' outputs for these inputs cannot be combined: {exc}", "inputs") from None
         return Prediction(res.labels, res.probabilities, res.agreement,
                           torch.softmax(z, dim=-1) if return_members else None)
 

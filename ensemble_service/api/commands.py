@@ -1,0 +1,126 @@
+"""The `ensemble serve` and `ensemble predict` commands (registered on the CLI's Typer app).
+
+    ensemble serve [--host] [--port] [--tracking-uri]     the HTTP API under uvicorn
+    ensemble predict NAME FILE [--method] [--url]         labels of a registered ensemble for FILE
+
+FILE is a ``.npy`` array (read with ``allow_pickle=False``) or a ``.json`` file holding either
+the inputs (a nested list) or a request object (``{"inputs": ..., "method": ...}``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import typer
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _load_inputs(path: Path) -> Dict[str, Any]:
+    from ensemble_service.cli import fail
+
+    if not path.is_file():
+        fail(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        import numpy as np
+
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            fail(f"cannot read {path} as a NumPy array: {str(exc).splitlines()[0]}")
+        if arr.dtype.kind not in "biuf":
+            fail(f"{path} holds {arr.dtype} values; inputs must be numbers")
+        return {"inputs": arr.astype("float64").tolist()}
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read {path} as JSON: {str(exc).splitlines()[0]}")
+        if isinstance(data, dict):
+            if "inputs" not in data:
+                fail(f"{path} is a JSON object without 'inputs'")
+            return dict(data)
+        if isinstance(data, list):
+            return {"inputs": data}
+        fail(f"{path} must hold a list of inputs or an object with 'inputs'")
+    fail(f"unsupported file type {suffix or '(none)'!r}: use .npy or .json")
+    raise AssertionError  # unreachable
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
+    device: str = typer.Option("cpu", help="Where members run: cpu, cuda or auto."),
+    preload: bool = typer.Option(True, help="Load every registered ensemble's latest version at startup."),
+    max_body_bytes: Optional[int] = typer.Option(None, min=1, help="Larger request bodies get 413 (default 8 MiB)."),
+    max_batch_items: Optional[int] = typer.Option(None, min=1, help="Items per request (default 1024)."),
+    max_members: Optional[int] = typer.Option(None, min=1, help="Members per /v1/aggregate request (default 64)."),
+    alias_ttl: Optional[float] = typer.Option(None, min=0, help="Seconds before name@alias is resolved again (default 2)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+    access_log: bool = typer.Option(True, help="Log every request."),
+) -> None:
+    """Serve registered ensembles over HTTP (FastAPI under uvicorn): predict, aggregate, list, describe."""
+    import uvicorn
+
+    from ensemble_service.api.app import Settings, create_app
+    from ensemble_service.cli import console, fail
+    from ensemble_service.tracking import resolve_uri
+
+    if device not in ("cpu", "cuda", "auto"):
+        fail(f"unknown device {device!r}; choose one of: cpu, cuda, auto")
+    settings = Settings.from_env(device=device, preload=preload, max_body_bytes=max_body_bytes,
+                                 max_batch_items=max_batch_items, max_members=max_members, alias_ttl_s=alias_ttl)
+    app = create_app(tracking_uri, settings)
+    console.print(f"serving ensembles registered in {resolve_uri(tracking_uri)} on http://{host}:{port} "
+                  f"(docs: http://{host}:{port}/docs)", highlight=False)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
+    except KeyboardInterrupt:
+        raise typer.Exit(0)
+
+
+def predict(
+    name: str = typer.Argument(..., help="Registered ensemble: name, name@alias or name/versions/N."),
+    file: Path = typer.Argument(..., help="Inputs: a .npy array or a .json list (or {\"inputs\": ...})."),
+    method: Optional[str] = typer.Option(None, help="mean, vote, weighted or logit_mean (default: mean)."),
+    url: str = typer.Option(os.environ.get("ENSEMBLE_URL", DEFAULT_URL), help="Base URL of `ensemble serve`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole response as JSON instead of the labels."),
+    timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for the answer."),
+) -> None:
+    """Ask a running `ensemble serve` for the labels of the inputs in FILE (one label per line)."""
+    from urllib.parse import quote
+
+    import httpx
+
+    from ensemble_service.cli import EXIT_FAILED, console, fail
+
+    body = _load_inputs(file)
+    if method is not None:
+        body["method"] = method
+    endpoint = f"{url.rstrip('/')}/v1/ensembles/{quote(name, safe='@/')}/predict"
+    try:
+        resp = httpx.post(endpoint, json=body, timeout=timeout)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach {url}: {exc}", EXIT_FAILED)
+    try:
+        data = resp.json()
+    except ValueError:
+        data = {"detail": resp.text[:500]}
+    if resp.status_code != 200:
+        detail = data.get("detail") if isinstance(data, dict) else data
+        fail(f"{resp.status_code}: {detail}", 2 if 400 <= resp.status_code < 500 else EXIT_FAILED)
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    for label in data["labels"]:
+        typer.echo(label)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `serve` and `predict` to the `ensemble` command."""
+    app.command()(serve)
+    app.command()(predict)

@@ -1,0 +1,174 @@
+"""HTTP routes: health, the registry's ensembles, predict, and model-free aggregation.
+
+Handlers are plain ``def``: FastAPI runs them in its thread pool, so MLflow reads and torch
+forwards never block the event loop.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+from fastapi import APIRouter, Path, Request
+
+from ensemble_service import aggregation
+from ensemble_service.api.app import ApiError, EnsembleStore, Settings
+from ensemble_service.api.schemas import (
+    AggregateRequest, AggregateResponse, EnsembleInfo, EnsembleList, ErrorResponse, Health, PredictRequest,
+    PredictResponse,
+)
+from ensemble_service.serving import ServingError
+
+router = APIRouter()
+
+_ERR = {"model": ErrorResponse}
+_NAME_DOC = ("`name` (its alias `latest`, i.e. the newest version), `name@alias` or `name/versions/N`.")
+NamePath = Path(..., description=_NAME_DOC, examples=["ensembles"])
+
+
+def _store(request: Request) -> EnsembleStore:
+    return request.app.state.store
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _check_items(value: List[Any], field: str, limit: int, what: str = "items") -> None:
+    if len(value) == 0:
+        raise ApiError(422, "empty batch (no items)" if what == "items" else f"no {what}", field)
+    if len(value) > limit:
+        raise ApiError(422, f"{len(value)} {what} exceed the limit of {limit}", field)
+
+
+def _tensor(value: Any, field: str) -> torch.Tensor:
+    """Nested JSON numbers -> tensor (the same conversion aggregation.aggregate does on lists)."""
+    try:
+        t = torch.tensor(value)
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "expected sequence of length" in msg or "inhomogeneous" in msg:
+            raise ApiError(422, f"ragged nested lists: every row must have the same length ({msg})", field) from None
+        raise ApiError(422, f"must be nested lists of numbers ({msg})", field) from None
+    if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype == torch.int64):
+        raise ApiError(422, f"must be numbers, got {str(t.dtype).replace('torch.', '')}", field)
+    return t
+
+
+def _agg_field(message: str, default: str) -> str:
+    head = message.split(" ", 1)[0]
+    if head in ("weights", "num_classes", "method", "kind"):
+        return head
+    return default
+
+
+# --------------------------------------------------------------------------- health / registry
+
+
+@router.get("/healthz", response_model=Health, tags=["health"])
+def healthz(request: Request) -> Dict[str, Any]:
+    """Liveness: the process answers (the tracking store is not contacted)."""
+    store = _store(request)
+    return {"status": "ok", "tracking_uri": store.uri, "cached_ensembles": len(store)}
+
+
+@router.get("/v1/ensembles", response_model=EnsembleList, tags=["ensembles"], responses={503: _ERR})
+def list_ensembles(request: Request) -> Dict[str, Any]:
+    """Registered ensembles: names, versions and aliases."""
+    out = []
+    for e in _store(request).list():
+        versions = []
+        for v in e["versions"]:
+            tags = v.get("tags") or {}
+            members = tags.get("ensemble.members")
+            versions.append({"version": v["version"], "aliases": v["aliases"], "run_id": v.get("run_id"),
+                             "created": v.get("created", 0), "status": v.get("status"),
+                             "strategy": tags.get("ensemble.strategy"),
+                             "members": int(members) if members and members.isdigit() else None})
+        out.append({"name": e["name"], "latest_version": e["latest_version"], "aliases": e["aliases"],
+                    "versions": versions})
+    return {"ensembles": out}
+
+
+@router.get("/v1/ensembles/{name:path}", response_model=EnsembleInfo, tags=["ensembles"],
+            responses={404: _ERR, 503: _ERR})
+def ensemble_info(request: Request, name: str = NamePath) -> Dict[str, Any]:
+    """One registered version: members, architectures, how they run, strategy, the parent run's metrics."""
+    le = _store(request).get(name)
+    ens, info = le.ensemble, le.info
+    members = []
+    for m in ens.members:
+        d = {"index": m.index, "architecture": m.architecture, "role": m.role,
+             "model": dict(m.record.get("model") or m.model_cfg),
+             "metrics": {k: v for k, v in (m.record.get("metrics") or {}).items() if math.isfinite(v)}}
+        if "sample_seed" in m.record:
+            d["sample_seed"] = int(m.record["sample_seed"])
+        members.append(d)
+    return {"name": le.name, "version": le.version, "aliases": info.get("aliases", []),
+            "run_id": info.get("run_id"), "created": info.get("created", 0),
+            "strategy": ens.meta.get("strategy") or (info.get("tags") or {}).get("ensemble.strategy"),
+            "data": ens.meta.get("data") or None, "num_members": ens.num_members,
+            "input_shape": list(ens.input_shape), "num_classes": ens.num_classes,
+            "architectures": ens.architectures(), "members": members, "groups": ens.describe_groups(),
+            "metrics": le.metrics, "methods": list(aggregation.METHODS)}
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@router.post("/v1/ensembles/{name:path}/predict", response_model=PredictResponse, response_model_exclude_none=True,
+             tags=["predict"], responses={404: _ERR, 413: _ERR, 422: _ERR, 503: _ERR})
+def predict(request: Request, body: PredictRequest, name: str = NamePath) -> Dict[str, Any]:
+    """The ensemble's combined prediction for a batch of inputs."""
+    settings = _settings(request)
+    _check_items(body.inputs, "inputs", settings.max_batch_items)
+    le = _store(request).get(name)
+    if body.weights is not None and len(body.weights) != le.ensemble.num_members:
+        raise ApiError(422, f"{len(body.weights)} weights for {le.ensemble.num_members} members", "weights")
+    try:
+        pred = le.predict(body.inputs, body.method, body.weights, body.return_members)
+    except ServingError as exc:
+        raise ApiError(422, str(exc), exc.field or "inputs") from None
+    out: Dict[str, Any] = {"name": le.name, "model_version": le.version, "method": body.method,
+                           "labels": pred.labels.tolist(), "probabilities": pred.probabilities.tolist(),
+                           "agreement": pred.agreement.tolist()}
+    if body.return_members:
+        out["members"] = pred.member_probs.tolist()
+    return out
+
+
+# --------------------------------------------------------------------------- aggregate
+
+
+@router.post("/v1/aggregate", response_model=AggregateResponse, tags=["aggregate"],
+             responses={413: _ERR, 422: _ERR})
+def aggregate(request: Request, body: AggregateRequest) -> Dict[str, Any]:
+    """Combine member predictions the client already has (no model involved)."""
+    settings = _settings(request)
+    preds = body.predictions
+    _check_items(preds, "predictions", settings.max_members, "members")
+    first = preds[0]
+    if isinstance(first, list):
+        if len(first) > settings.max_batch_items:
+            raise ApiError(422, f"{len(first)} items exceed the limit of {settings.max_batch_items}", "predictions")
+        if first and isinstance(first[0], list) and len(first[0]) > settings.max_classes:
+            raise ApiError(422, f"{len(first[0])} classes exceed the limit of {settings.max_classes}", "predictions")
+    if body.num_classes is not None and body.num_classes > settings.max_classes:
+        raise ApiError(422, f"{body.num_classes} exceeds the limit of {settings.max_classes}", "num_classes")
+    if body.weights is not None and len(body.weights) != len(preds):
+        raise ApiError(422, f"{len(body.weights)} weights for {len(preds)} members", "weights")
+    t = _tensor(preds, "predictions")
+    expected = 2 if body.kind == "labels" else 3
+    if t.dim() != expected:
+        shape = "members x batch" if expected == 2 else "members x batch x classes"
+        raise ApiError(422, f"must be {expected}-D ({shape}) for kind {body.kind!r}, got shape {list(t.shape)}",
+                       "predictions")
+    if t.shape[1] == 0:
+        raise ApiError(422, "empty batch (no items)", "predictions")
+    try:
+        res = aggregation.aggregate(t, method=body.method, kind=body.kind, weights=body.weights,
+                                    num_classes=body.num_classes)
+    except aggregation.AggregationError as exc:
+        raise ApiError(422, str(exc), _agg_field(str(exc), "predictions")) from None
+    return {"method": body.method, "kind": body.kind, "labels": res.labels.tolist(),
+            "probabilities": res.probabilities.tolist(), "agreement": res.agreement.tolist()}

@@ -1,0 +1,142 @@
+"""Request and response bodies of the HTTP API (pydantic v2).
+
+Nested numeric arrays (``inputs``, ``predictions``) are typed loosely here (a JSON array)
+and checked by the routes (shape, raggedness, non-numbers, NaN/inf, limits), so every
+problem gets one message naming the field instead of a cascade of union errors.
+Everything else is strict: a number field takes no strings or booleans.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Dict, List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Method = Literal["mean", "vote", "weighted", "logit_mean"]
+Kind = Literal["probs", "logits", "labels"]
+StrictNumber = Annotated[float, Field(strict=True)]
+
+_NESTED = {"type": "array", "minItems": 1,
+           "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {}}]}}
+_EXAMPLE_INPUT = [[0.0] * 64]
+
+
+class ErrorItem(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: ``detail`` is one line naming the field (``field``) at fault."""
+
+    detail: str
+    field: Optional[str] = None
+    errors: Optional[List[ErrorItem]] = None
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"inputs": _EXAMPLE_INPUT, "method": "mean", "return_members": False}]})
+
+    inputs: List[Any] = Field(
+        ..., json_schema_extra=_NESTED,
+        description="A batch of items: shape [batch, *input_shape] or flattened [batch, prod(input_shape)].")
+    method: Method = Field("mean", description="How member predictions are combined.")
+    return_members: bool = Field(False, strict=True, description="Also return each member's probabilities.")
+    weights: Optional[List[StrictNumber]] = Field(
+        None, description="Per-member weights (finite, non-negative, one per member). Default for "
+                          "method 'weighted': proportional to the members' validation accuracy.")
+
+
+class PredictResponse(BaseModel):
+    name: str
+    model_version: str = Field(..., description="The registered version that answered.")
+    method: Method
+    labels: List[int]
+    probabilities: List[List[float]] = Field(..., description="[batch, classes]; vote shares for method 'vote'.")
+    agreement: List[float] = Field(..., description="Fraction of members whose argmax equals the label.")
+    members: Optional[List[List[List[float]]]] = Field(
+        None, description="[members, batch, classes] member probabilities (only with return_members).")
+
+
+class AggregateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"predictions": [[[0.7, 0.3]], [[0.4, 0.6]], [[0.9, 0.1]]], "kind": "probs", "method": "vote"},
+        {"predictions": [[0, 2, 1], [0, 1, 1]], "kind": "labels", "method": "vote", "num_classes": 3},
+    ]})
+
+    predictions: List[Any] = Field(
+        ..., json_schema_extra=_NESTED,
+        description="members x batch x classes (probs, logits) or members x batch (labels).")
+    kind: Kind = "probs"
+    method: Method = "mean"
+    weights: Optional[List[StrictNumber]] = Field(None, description="Per-member weights (required for 'weighted').")
+    num_classes: Optional[int] = Field(None, strict=True, ge=1, description="Required for labels.")
+
+
+class AggregateResponse(BaseModel):
+    method: Method
+    kind: Kind
+    labels: List[int]
+    probabilities: List[List[float]] = Field(..., description="[batch, classes]; vote shares for method 'vote'.")
+    agreement: List[float]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    tracking_uri: str
+    cached_ensembles: int
+
+
+class VersionSummary(BaseModel):
+    version: str
+    aliases: List[str]
+    run_id: Optional[str] = None
+    created: int = Field(..., description="Creation time, milliseconds since the epoch.")
+    status: Optional[str] = None
+    strategy: Optional[str] = None
+    members: Optional[int] = None
+
+
+class EnsembleSummary(BaseModel):
+    name: str
+    latest_version: Optional[str] = None
+    aliases: Dict[str, str] = Field(..., description="alias -> version ('latest' is the newest version).")
+    versions: List[VersionSummary]
+
+
+class EnsembleList(BaseModel):
+    ensembles: List[EnsembleSummary]
+
+
+class MemberDescription(BaseModel):
+    index: int
+    architecture: str
+    role: str
+    model: Dict[str, Any]
+    metrics: Dict[str, float]
+    sample_seed: Optional[int] = None
+
+
+class GroupDescription(BaseModel):
+    kind: Literal["stacked", "single", "mc_dropout"]
+    architecture: str
+    members: List[int]
+
+
+class EnsembleInfo(BaseModel):
+    name: str
+    version: str
+    aliases: List[str]
+    run_id: Optional[str] = Field(None, description="The parent run of the ensemble.")
+    created: int
+    strategy: Optional[str] = None
+    data: Optional[str] = None
+    num_members: int
+    input_shape: List[int]
+    num_classes: int
+    architectures: Dict[str, int]
+    members: List[MemberDescription]
+    groups: List[GroupDescription] = Field(..., description="How members run: stacked (one vmapped forward), "
+                                                            "single, or mc_dropout (seeded stochastic passes).")
+    metrics: Dict[str, float] = Field(..., description="The parent run's ensemble metrics.")
+    methods: List[Method]
