@@ -90,12 +90,13 @@ def list_ensembles(request: Request) -> Dict[str, Any]:
     return {"ensembles": out}
 
 
-@router.get("/v1/ensembles/{name:path}", response_model=EnsembleInfo, tags=["ensembles"],
-            responses={404: _ERR, 503: _ERR})
+@router.get("/v1/ensembles/{name:path}", response_model=EnsembleInfo, response_model_exclude_none=True,
+            tags=["ensembles"], responses={404: _ERR, 503: _ERR})
 def ensemble_info(request: Request, name: str = NamePath) -> Dict[str, Any]:
     """One registered version: members, architectures, how they run, strategy, the parent run's metrics."""
-    le = _store(request).get(name)
-    ens, info = le.ensemble, le.info
+    store = _store(request)
+    le = store.get(name)
+    ens, info = le.ensemble, store.resolve(name)  # current aliases (the loaded copy's are from load time)
     members = []
     for m in ens.members:
         d = {"index": m.index, "architecture": m.architecture, "role": m.role,
