@@ -12,6 +12,7 @@ MLflow run closed as FAILED. Set ENSEMBLE_DEBUG=1 to see tracebacks.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -24,7 +25,7 @@ from rich.table import Table
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "token" if os.environ.get("RAY_AUTH_TOKEN") else "disabled")
 
 app = typer.Typer(
     name="ensemble", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -117,23 +118,92 @@ def result_tables(result) -> List[Table]:
     return [members, ens, extra]
 
 
+def _raise_interrupt(signum, frame):  # SIGTERM (`ensemble cancel`, a job stop) -> runs end KILLED
+    raise KeyboardInterrupt()
+
+
+def _jobs_address(address: Optional[str], overrides: List[str]) -> tuple[Optional[str], List[str]]:
+    """--address, else an http cluster.address override, else an http RAY_ADDRESS: the Jobs API."""
+    from ensemble_service.jobs import is_jobs_address
+
+    rest = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "cluster.address" and is_jobs_address(value):
+            address = address or value
+            continue
+        rest.append(o)
+    env = os.environ.get("RAY_ADDRESS")
+    if address is None and is_jobs_address(env):
+        address = env
+    return address, rest
+
+
+def _submit_remote(address: str, overrides: List[str], wait: bool) -> None:
+    from ensemble_service import jobs
+    from ensemble_service.config import ConfigError, load_config
+
+    try:
+        load_config(overrides, check_files=False)  # bad input fails here, not on the cluster
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
+        job_id = jobs.submit(address, overrides)
+    except jobs.JobsError as exc:
+        fail(str(exc), EXIT_FAILED)
+    console.print(f"submitted job {job_id} to {address}", highlight=False)
+    console.print(f"follow it with: ensemble logs {job_id} --follow --address {address}", highlight=False)
+    if not wait:
+        return
+    try:
+        for chunk in jobs.follow(address, job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        final = jobs.wait(address, job_id)
+    except jobs.JobsError as exc:
+        fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        fail(f"stopped following; job {job_id} keeps running (ensemble cancel {job_id} to stop it)", 130)
+    console.print(f"job {job_id} {final}", highlight=False)
+    raise typer.Exit(jobs.exit_code(final))
+
+
 @app.command(context_settings={"ignore_unknown_options": False})
 def submit(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="Hydra overrides, e.g. data=mnist1d model=cnn1d strategy.members=3 trainer.epochs=5 "
                    "(groups: data, model, strategy, optimizer, trainer, cluster, tracking, experiment)."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray Jobs API of a remote cluster, e.g. http://HEAD:8265: the job runs there "
+                                "(also taken from an http cluster.address override or RAY_ADDRESS)."),
+    wait: bool = typer.Option(False, "--wait", help="With --address: follow the job's logs until it ends and "
+                                                    "exit with its outcome (0 succeeded, 1 failed, 130 stopped)."),
 ) -> None:
-    """Train an ensemble on Ray (embedded local cluster unless cluster.address is set) and track it in MLflow."""
+    """Train an ensemble: on an embedded local Ray cluster (default), on the cluster at cluster.address,
+    or as a job on a remote cluster's Jobs API (--address http://HEAD:8265)."""
+    overrides = list(overrides or [])
+    address, overrides = _jobs_address(address, overrides)
+    if address:
+        _submit_remote(address, overrides, wait)
+        return
+    if wait:
+        fail("--wait needs --address (a remote cluster's Jobs API)")
+
     from ensemble_service.config import ConfigError, load_config
     from ensemble_service.runner import EnsembleFailed, submit as run_submit
 
     try:
-        cfg = load_config(overrides or [])
+        cfg = load_config(overrides)
     except ConfigError as exc:
         fail(str(exc))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epochs"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                         console=console, transient=False)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread (e.g. called from a test's worker thread)
+        previous = None
     try:
         with progress:
             result = run_submit(cfg, ProgressObserver(progress))
@@ -141,19 +211,97 @@ def submit(
         fail(str(exc))
     except EnsembleFailed as exc:
         fail(str(exc), EXIT_FAILED)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         fail("interrupted; the ensemble's MLflow runs were marked KILLED", 130)
     except Exception as exc:  # an unexpected failure: runs are already closed as FAILED
         if _debug():
             traceback.print_exc()
         fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (ENSEMBLE_DEBUG=1 for the traceback)",
              EXIT_FAILED)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     for table in result_tables(result):
         console.print(table)
+    if result.degraded:
+        console.print(f"[yellow]warning:[/] {result.degraded}", highlight=False)
     console.print(f"parent run: {result.parent_run_id}", highlight=False)
     console.print(f"experiment: {result.experiment}", highlight=False)
     console.print(f"tracking URI: {result.tracking_uri}", highlight=False)
     console.print(f"wall time: {result.wall_seconds:.1f} s; open the MLflow UI with: ensemble ui", highlight=False)
+
+
+def _default_address(address: Optional[str]) -> str:
+    return address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+
+
+ADDRESS_HELP = "Ray Jobs API address (default: RAY_ADDRESS, else http://127.0.0.1:8265)."
+
+
+@app.command("jobs")
+def jobs_cmd(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
+    """List the jobs on a Ray cluster, newest first."""
+    from ensemble_service import jobs
+
+    address = _default_address(address)
+    try:
+        found = jobs.list_jobs(address)
+    except jobs.JobsError as exc:
+        fail(str(exc), EXIT_FAILED)
+    table = Table(title=f"Jobs at {address}", title_justify="left")
+    table.add_column("job id", no_wrap=True)
+    for col in ("status", "entrypoint", "message"):
+        table.add_column(col, overflow="fold")
+    for j in found:
+        table.add_row(str(j["job_id"]), str(j["status"]), str(j["entrypoint"]), str(j["message"])[:200])
+    console.print(table)
+
+
+@app.command("status")
+def status_cmd(job_id: str = typer.Argument(..., help="Job (submission) id."),
+               address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
+    """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from ensemble_service import jobs
+
+    try:
+        console.print(jobs.status(_default_address(address), job_id), highlight=False)
+    except jobs.JobsError as exc:
+        fail(str(exc), EXIT_FAILED)
+
+
+@app.command("logs")
+def logs_cmd(job_id: str = typer.Argument(..., help="Job (submission) id."),
+             follow: bool = typer.Option(False, "--follow", "-f", help="Stream the logs until the job ends."),
+             address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
+    """Print a job's logs."""
+    from ensemble_service import jobs
+
+    address = _default_address(address)
+    try:
+        if follow:
+            for chunk in jobs.follow(address, job_id):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        else:
+            sys.stdout.write(jobs.logs(address, job_id))
+    except jobs.JobsError as exc:
+        fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
+@app.command("cancel")
+def cancel_cmd(job_id: str = typer.Argument(..., help="Job (submission) id."),
+               address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
+    """Stop a job; its driver marks the ensemble's MLflow runs KILLED."""
+    from ensemble_service import jobs
+
+    address = _default_address(address)
+    try:
+        stopped = jobs.cancel(address, job_id)
+    except jobs.JobsError as exc:
+        fail(str(exc), EXIT_FAILED)
+    console.print(f"job {job_id}: {'stop requested' if stopped else 'already finished'}", highlight=False)
 
 
 @app.command()

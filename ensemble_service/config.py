@@ -112,6 +112,7 @@ class ClusterConfig:
     cpus_per_member: float = 1.0
     gpus_per_member: float = 0.0
     max_retries: int = 3
+    min_members: Optional[int] = None   # finish with at least this many members when others fail for good
     storage: Optional[str] = None
 
 
@@ -333,6 +334,8 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         )
     if c.max_retries < 0:
         raise ConfigError(f"cluster.max_retries must be >= 0, got {c.max_retries}")
+    if c.min_members is not None and c.min_members < 1:
+        raise ConfigError(f"cluster.min_members must be at least 1, got {c.min_members}")
     if c.num_cpus is not None and c.num_cpus < 1:
         raise ConfigError(f"cluster.num_cpus must be at least 1, got {c.num_cpus}")
     if c.num_cpus is not None and c.cpus_per_member > c.num_cpus:

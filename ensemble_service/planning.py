@@ -33,6 +33,10 @@ class MemberSpec:
     def architecture(self) -> str:
         return _architecture(self.model)
 
+    @property
+    def kind(self) -> str:
+        return "member"
+
 
 def _architecture(m: Dict[str, Any]) -> str:
     depth = f"{m['depth']}" if m.get("depth") and m["name"] in ("vgg", "resnet") else ""
@@ -57,6 +61,43 @@ class TrajectorySpec:
     @property
     def architecture(self) -> str:
         return _architecture(self.model)
+
+    @property
+    def kind(self) -> str:
+        return "trajectory"
+
+
+@dataclass(frozen=True)
+class PackedSpec:
+    """K independent members of one architecture trained in one task as one stacked model
+    (cluster.pack=K): each keeps its own seed, data order (or bootstrap sample) and run."""
+    index: int                          # task index
+    members: Tuple[MemberSpec, ...]     # same model/optimizer/epochs/batch_size; own seed, bagging, checkpoint
+    checkpoint_path: str                # the pack's own checkpoint (all members' state)
+
+    @property
+    def member_indices(self) -> Tuple[int, ...]:
+        return tuple(m.index for m in self.members)
+
+    @property
+    def kind(self) -> str:
+        return "packed"
+
+    @property
+    def architecture(self) -> str:
+        return self.members[0].architecture
+
+    @property
+    def epochs(self) -> int:
+        return self.members[0].epochs
+
+    @property
+    def model(self) -> Dict[str, Any]:
+        return self.members[0].model
+
+    @property
+    def seed(self) -> int:
+        return self.members[0].seed
 
 
 @dataclass(frozen=True)

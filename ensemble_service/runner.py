@@ -35,6 +35,7 @@ class SubmitResult:
     ensemble: Dict[str, float]
     wall_seconds: float
     plan: EnsemblePlan = field(repr=False, default=None)
+    degraded: str = ""          # non-empty when the ensemble finished with fewer members (cluster.min_members)
 
 
 class Observer:
@@ -136,7 +137,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
                     tracker.set_tags(runs[i], {"ensemble.restarts": event["restarts"],
                                                "ensemble.resumed_from_epoch": event["resumed_from"],
                                                "ensemble.device": event["device"],
-                                               "ensemble.node_id": event["node_id"]})
+                                               "ensemble.node_id": event["node_id"],
+                                               "ensemble.pid": event["pid"]})
             elif event["type"] == "epoch":
                 for i in members:           # a trajectory's epochs belong to the members it has not collected yet
                     log_epochs(i, [event])
@@ -180,9 +182,15 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         results, failures = scheduler.run_tasks(
             plan.tasks, data, cfg.cluster, on_event=on_event, on_result=on_result, on_failure=on_failure)
 
+        degraded = ""
         if failures:
             failed = ", ".join(f"task {f.task}: {f.message}" for f in sorted(failures, key=lambda f: f.task))
-            raise EnsembleFailed(f"{len(failures)} of {len(plan.tasks)} tasks failed ({failed})")
+            need = cfg.cluster.min_members
+            if need is None or len(results) < need:
+                raise EnsembleFailed(f"{len(failures)} of {len(plan.tasks)} tasks failed ({failed})")
+            degraded = (f"finished with {len(results)} of {len(plan.slots)} members (cluster.min_members={need}); "
+                        f"failed: {failed}")
+            tracker.set_tags(parent, {"ensemble.degraded": degraded[:4000]})
 
         results.sort(key=lambda r: r.index)
         member_probs = torch.stack([r.test_probs for r in results])
@@ -192,6 +200,7 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         wall = time.perf_counter() - t0
         train_total = sum({(r.extra.get("pid"), r.extra.get("t_start")): r.train_seconds for r in results}.values())
         tracker.log_metrics(parent, {**ens, "wall_seconds": wall, "members_finished": len(results),
+                                     "members_planned": len(plan.slots),
                                      "train_seconds_total": train_total})
         log_curves_and_plots(tracker, parent, member_probs, data.y_test, results, cfg)
         table = [rows[i] for i in sorted(rows)]
@@ -200,8 +209,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         tracker.log_array(parent, mean(member_probs).numpy(), "predictions/ensemble_mean_test_probs.npy")
         tracker.end(parent, "FINISHED")
         return SubmitResult(parent_run_id=parent, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment,
-                            members=table, ensemble=ens, wall_seconds=wall, plan=plan)
-    except KeyboardInterrupt:
+                            members=table, ensemble=ens, wall_seconds=wall, plan=plan, degraded=degraded)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's driver handler exits on it)
         tracker.end_all("KILLED", "interrupted")
         raise
     except BaseException as exc:

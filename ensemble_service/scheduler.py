@@ -27,18 +27,24 @@ POLL_SECONDS = 0.25
 
 
 def ray_env_defaults() -> None:
-    """These machines have no internet: no usage stats; auth mode set explicitly."""
+    """No usage stats (no internet here); auth mode set explicitly: token when a token is given."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    os.environ.setdefault("RAY_AUTH_MODE", "token" if has_token else "disabled")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def connect(cluster) -> Dict[str, Any]:
-    """Start or join Ray; returns the cluster's resources."""
+    """Start or join Ray; returns the cluster's resources.
+
+    cluster.address (or RAY_ADDRESS, which Ray sets for a job's driver) joins that cluster;
+    neither starts an embedded local one with cluster.num_cpus / cluster.num_gpus.
+    """
     ray_env_defaults()
     if not ray.is_initialized():
-        if cluster.address:
-            ray.init(address=cluster.address, log_to_driver=True)
+        address = cluster.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
         else:
             ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                      include_dashboard=False, log_to_driver=True)
@@ -76,7 +82,7 @@ def _task(spec, data, inbox) -> List[MemberResult]:
     def report(event: Dict[str, Any]) -> None:
         inbox.put.remote({**event, "node_id": node_id, "pid": os.getpid(), "gpu_ids": gpu_ids})
 
-    train = train_trajectory if hasattr(spec, "member_indices") else train_member
+    train = {"member": train_member, "trajectory": train_trajectory}[spec.kind]
     out = train(spec, data, num_threads=max(1, int(cpus)), gpu_assigned=bool(gpu_ids), report=report)
     results = out if isinstance(out, list) else [out]
     for r in results:

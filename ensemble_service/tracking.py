@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import logging  # noqa: E402
 
@@ -233,9 +234,11 @@ def ui_command(uri: Optional[str], host: str, port: int) -> List[str]:
 # ``models:/<name>@latest`` resolves to the newest version: MLflow 3 reserves the alias
 # `latest` for exactly that (it cannot be set by hand there); on a registry that does not, it
 # is set explicitly. Any other alias is set with MlflowClient.set_registered_model_alias.
+import re as _re  # noqa: E402
+
 ENSEMBLE_MODEL_ARTIFACT = "ensemble_model"
 ENSEMBLE_MODEL_TAG = "ensemble.kind"      # registered-model tag marking our ensembles ("ensemble")
-_REF_ALIAS = __import__("re").compile(r"^[A-Za-z0-9_\-]+$")
+_REF_ALIAS = _re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 class EnsembleNotFound(TrackingError, LookupError):

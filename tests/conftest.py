@@ -13,13 +13,16 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One embedded Ray cluster for the whole test session (starting one costs ~7 s)."""
+    """One embedded Ray cluster for the whole test session (starting one costs ~7 s).
+
+    It declares one logical GPU, so GPU scheduling (fractional gpus_per_member) is tested on
+    this CPU-only machine: Ray assigns the GPU id, the worker finds no CUDA and trains on CPU."""
     import ray
 
     from ensemble_service import scheduler
     from ensemble_service.config import ClusterConfig
 
-    resources = scheduler.connect(ClusterConfig(num_cpus=2, num_gpus=0))
+    resources = scheduler.connect(ClusterConfig(num_cpus=2, num_gpus=1))
     yield resources
     ray.shutdown()
 

@@ -62,6 +62,12 @@ def _inputs(x: torch.Tensor, flat: bool = True):
     return (x.reshape(len(x), -1) if flat else x).tolist()
 
 
+def close(got, expected) -> None:
+    """Equal up to float32 rounding."""
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64),
+                               rtol=1e-6, atol=1e-7)
+
+
 def _ensemble(results) -> Ensemble:
     return Ensemble.from_blobs([r.weights for r in results], [member_record(**i) for i in infos(results)])
 
@@ -108,10 +114,10 @@ def test_predict_equals_library_and_in_process_ensemble(client, store, method):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model_version"] == "1" and body["name"] == "alpha" and "members" not in body
-    # the same code in-process: bit for bit
+    # the same code in-process (equal up to float32 rounding: BLAS may pick another kernel per call)
     pred = _ensemble(results).predict(x, method)
     assert body["labels"] == pred.labels.tolist()
-    assert body["probabilities"] == pred.probabilities.tolist()
+    close(body["probabilities"], pred.probabilities)
     assert body["agreement"] == pred.agreement.tolist()
     # the library's aggregation over a plain loop of member forwards
     z = loop_logits([r.weights for r in results], x)
@@ -132,7 +138,7 @@ def test_predict_mean_equals_pyfunc(client, store):
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     body = client.post("/v1/ensembles/alpha/versions/1/predict", json={"inputs": _inputs(x, flat=False)}).json()
-    assert body["probabilities"] == model.predict(x.numpy()).tolist()
+    close(body["probabilities"], model.predict(x.numpy()))
 
 
 def test_predict_return_members_and_agreement(client, store):
@@ -152,15 +158,17 @@ def test_predict_with_explicit_weights(client, store):
     body = client.post("/v1/ensembles/alpha/versions/1/predict",
                        json={"inputs": _inputs(x), "method": "mean", "weights": [1, 0, 2]}).json()
     ref = _ensemble(store["results"]).predict(x, "mean", weights=[1, 0, 2])
-    assert body["probabilities"] == ref.probabilities.tolist()
+    close(body["probabilities"], ref.probabilities)
 
 
 def test_mc_dropout_ensemble_is_deterministic_over_http(client, store):
     inputs = _inputs(store["x"])
     a = client.post("/v1/ensembles/mc/predict", json={"inputs": inputs, "return_members": True}).json()
     b = client.post("/v1/ensembles/mc/predict", json={"inputs": inputs, "return_members": True}).json()
-    assert a == b
-    assert a["members"][0] != a["members"][1]
+    assert a["labels"] == b["labels"]  # the same seeded dropout masks on every request
+    close(a["members"], b["members"])
+    close(a["probabilities"], b["probabilities"])
+    assert not np.allclose(a["members"][0], a["members"][1])  # but different masks per member
 
 
 def test_name_forms_and_alias_moves(store):

@@ -349,3 +349,32 @@ def test_trained_members_reproduce_their_test_logits(tmp_path):
     ens = Ensemble.from_blobs([r.weights for r in results], [member_record(**i) for i in infos(results)])
     ref = torch.stack([r.test_logits for r in results])
     torch.testing.assert_close(ens.logits(data.x_test), ref, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- CUDA (runs where a GPU is)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ensemble_matches_cpu():
+    blobs = [blob_of("resnet", s, batchnorm=True) for s in range(3)] + [blob_of("lenet", 3), blob_of("lenet", 4)]
+    mc = blob_of("mlp", 9, dropout=0.5)
+    records = [member_record(i, None) for i in range(5)] + _mc_records(3)
+    for k, r in enumerate(records):
+        r["index"] = k
+    all_blobs = blobs + [mc] * 3
+    cpu = Ensemble.from_blobs(all_blobs, records)
+    gpu = Ensemble.from_blobs(all_blobs, records, device="cuda")
+    x = torch.randn(33, 1, 8, 8)
+    zc, zg = cpu.logits(x), gpu.logits(x)
+    assert zg.device.type == "cpu" and zg.shape == (8, 33, 3)
+    # deterministic members agree with the CPU (TF32 convolutions allowed: loose tolerance)
+    torch.testing.assert_close(zg[:5], zc[:5], rtol=2e-2, atol=2e-3)
+    # MC-dropout members: seeded on the GPU generator; the same answer every time, RNG untouched
+    state = torch.cuda.get_rng_state()
+    torch.testing.assert_close(gpu.logits(x)[5:], zg[5:])
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert not torch.allclose(zg[5], zg[6])
+    for method in aggregation.METHODS:
+        p = gpu.predict(x, method, return_members=True)
+        assert p.labels.device.type == "cpu" and p.probabilities.shape == (33, 3)
+        torch.testing.assert_close(p.probabilities.sum(-1), torch.ones(33), rtol=1e-5, atol=1e-5)

@@ -70,15 +70,17 @@ def resolve_device(preference: str, gpu_assigned: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def build_optimizer(params, cfg: Dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: Dict[str, Any], **impl: Any) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names; ``impl`` (e.g. ``fused=True``) picks torch's implementation
+    only, never the update rule."""
     name = cfg["name"]
     if name == "sgd":
         return torch.optim.SGD(
             params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
-            weight_decay=cfg.get("weight_decay", 0.0), nesterov=bool(cfg.get("nesterov", False)),
+            weight_decay=cfg.get("weight_decay", 0.0), nesterov=bool(cfg.get("nesterov", False)), **impl,
         )
     if name == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0), **impl)
     raise MemberError(f"unknown optimizer '{name}'")
 
 

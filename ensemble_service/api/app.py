@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Tuple
@@ -94,16 +95,24 @@ def error_body(message: str, field: Optional[str] = None, errors: Optional[List[
 
 @dataclass
 class LoadedEnsemble:
+    """A loaded version. Its forwards run one at a time, in arrival order, on its own worker
+    thread (torch already uses every core; a FIFO queue keeps tail latency fair under load)."""
+
     name: str
     version: str
     info: Dict[str, Any]            # tracking.resolve_ensemble's dict (aliases at load time)
     ensemble: Ensemble
     metrics: Dict[str, float]       # the parent run's ensemble metrics
-    lock: threading.Lock
+    executor: ThreadPoolExecutor
+
+    def submit(self, inputs: Any, method: str, weights: Optional[List[float]], return_members: bool) -> Future:
+        return self.executor.submit(self.ensemble.predict, inputs, method, weights, return_members)
 
     def predict(self, inputs: Any, method: str, weights: Optional[List[float]], return_members: bool):
-        with self.lock:  # one forward at a time per ensemble: torch already uses every core
-            return self.ensemble.predict(inputs, method, weights, return_members)
+        return self.submit(inputs, method, weights, return_members).result()
+
+    # No explicit shutdown when a version leaves the cache: a request may still hold it. Once
+    # nothing refers to it, the executor is collected and its idle thread exits.
 
 
 class EnsembleStore:
@@ -172,6 +181,18 @@ class EnsembleStore:
                         self._cache.popitem(last=False)
         return loaded
 
+    def peek(self, ref: str) -> Optional[LoadedEnsemble]:
+        """The loaded ensemble for ``ref`` if resolving and loading would both be cache hits (no I/O)."""
+        with self._lock:
+            hit = self._refs.get(ref)
+            if hit is None or time.monotonic() - hit[0] >= self.settings.alias_ttl_s:
+                return None
+            loaded = self._cache.get((hit[1]["name"], hit[1]["version"]))
+            if loaded is None or loaded.info.get("source") != hit[1].get("source"):
+                return None
+            self._cache.move_to_end((loaded.name, loaded.version))
+            return loaded
+
     def _load(self, info: Dict[str, Any]) -> LoadedEnsemble:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="ensemble-serve-") as tmp:
@@ -189,7 +210,8 @@ class EnsembleStore:
         self.loads += 1
         log.info("loaded ensemble %s version %s (%d members) in %.2f s", info["name"], info["version"],
                  ensemble.num_members, time.perf_counter() - t0)
-        return LoadedEnsemble(info["name"], info["version"], info, ensemble, metrics, threading.Lock())
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ensemble-{info['name']}-v{info['version']}")
+        return LoadedEnsemble(info["name"], info["version"], info, ensemble, metrics, executor)
 
     def preload(self) -> None:
         try:

@@ -1,15 +1,19 @@
 """HTTP routes: health, the registry's ensembles, predict, and model-free aggregation.
 
-Handlers are plain ``def``: FastAPI runs them in its thread pool, so MLflow reads and torch
-forwards never block the event loop.
+Handlers that read MLflow or compute are plain ``def`` (FastAPI runs them in its thread pool);
+predict is ``async``: a cached ensemble is found without I/O, and its forward runs on the
+ensemble's own worker thread, so neither blocks the event loop.
 """
 from __future__ import annotations
 
+import asyncio
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from ensemble_service import aggregation
 from ensemble_service.api.app import ApiError, EnsembleStore, Settings
@@ -119,15 +123,16 @@ def ensemble_info(request: Request, name: str = NamePath) -> Dict[str, Any]:
 
 @router.post("/v1/ensembles/{name:path}/predict", response_model=PredictResponse, response_model_exclude_none=True,
              tags=["predict"], responses={404: _ERR, 413: _ERR, 422: _ERR, 503: _ERR})
-def predict(request: Request, body: PredictRequest, name: str = NamePath) -> Dict[str, Any]:
+async def predict(request: Request, body: PredictRequest, name: str = NamePath) -> Dict[str, Any]:
     """The ensemble's combined prediction for a batch of inputs."""
     settings = _settings(request)
     _check_items(body.inputs, "inputs", settings.max_batch_items)
-    le = _store(request).get(name)
+    store = _store(request)
+    le = store.peek(name) or await run_in_threadpool(store.get, name)  # MLflow reads off the event loop
     if body.weights is not None and len(body.weights) != le.ensemble.num_members:
         raise ApiError(422, f"{len(body.weights)} weights for {le.ensemble.num_members} members", "weights")
-    try:
-        pred = le.predict(body.inputs, body.method, body.weights, body.return_members)
+    try:  # the forward runs on the ensemble's own worker thread
+        pred = await asyncio.wrap_future(le.submit(body.inputs, body.method, body.weights, body.return_members))
     except ServingError as exc:
         raise ApiError(422, str(exc), exc.field or "inputs") from None
     out: Dict[str, Any] = {"name": le.name, "model_version": le.version, "method": body.method,
@@ -135,7 +140,8 @@ def predict(request: Request, body: PredictRequest, name: str = NamePath) -> Dic
                            "agreement": pred.agreement.tolist()}
     if body.return_members:
         out["members"] = pred.member_probs.tolist()
-    return out
+    # already plain JSON (finite floats): skip re-validating it against the response model
+    return JSONResponse(out)
 
 
 # --------------------------------------------------------------------------- aggregate
@@ -171,5 +177,5 @@ def aggregate(request: Request, body: AggregateRequest) -> Dict[str, Any]:
                                     num_classes=body.num_classes)
     except aggregation.AggregationError as exc:
         raise ApiError(422, str(exc), _agg_field(str(exc), "predictions")) from None
-    return {"method": body.method, "kind": body.kind, "labels": res.labels.tolist(),
-            "probabilities": res.probabilities.tolist(), "agreement": res.agreement.tolist()}
+    return JSONResponse({"method": body.method, "kind": body.kind, "labels": res.labels.tolist(),
+                         "probabilities": res.probabilities.tolist(), "agreement": res.agreement.tolist()})

@@ -1,0 +1,201 @@
+"""Benchmark of the prediction endpoint against a real uvicorn server on 127.0.0.1.
+
+Registers a 5-member ensemble (the demo's MLP on digits-shaped inputs, 1x8x8 -> 10 classes;
+untrained, seeded weights cost the same as trained ones) in a temporary SQLite MLflow store,
+starts `ensemble serve` on a free loopback port in a subprocess, then measures, in one run:
+
+1. endpoint_vs_inprocess at batch 1 and 64: seconds per request of POST
+   /v1/ensembles/<name>/predict (method mean; one keep-alive client) over seconds per call of
+   the same forward + aggregation in-process (serving.Ensemble.predict on a tensor); medians
+   of >= 3 alternating runs;
+2. endpoint_throughput: 32 concurrent clients (asyncio + httpx) sending batch-1 requests for
+   a fixed count: requests/s, errors, latency percentiles; a_s is the wall time per request
+   under that load, b_s the in-process call at batch 1.
+
+Prints a table and writes bench/results_endpoint.json (or the path given as argv[1]).
+Usage: python bench/bench_endpoint.py [out.json]. Finishes in well under 2 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from ensemble_service import tracking  # noqa: E402
+from ensemble_service.models import create_model  # noqa: E402
+from ensemble_service.serving import Ensemble  # noqa: E402
+from workers.member import weights_blob  # noqa: E402
+
+MEMBERS = 5
+SHAPE, CLASSES = (1, 8, 8), 10
+MODEL = {"name": "mlp", "batchnorm": False, "dropout": 0.0, "init": "default", "activation": "relu",
+         "depth": None, "width": None}
+ROUNDS = 5                       # alternating runs per side (medians are taken)
+CALLS = {1: 200, 64: 60}         # calls per run and batch size
+CLIENTS, PER_CLIENT = 32, 40     # throughput: 32 clients x 40 requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build(uri: str):
+    blobs, info = [], []
+    for i in range(MEMBERS):
+        torch.manual_seed(i)
+        opts = {k: v for k, v in MODEL.items() if k != "name"}
+        blobs.append(weights_blob(MODEL, SHAPE, CLASSES, create_model("mlp", SHAPE, CLASSES, **opts)))
+        info.append({"index": i, "architecture": "mlp", "model": MODEL, "metrics": {"val_acc": 0.9 + 0.01 * i}})
+    tr = tracking.EnsembleTracker(uri, "bench")
+    parent = tr.start_parent("bench", {"bench": True}, {"ensemble.strategy": "independent"})
+    tr.end(parent, "FINISHED")
+    t0 = time.perf_counter()
+    reg = tracking.register_ensemble(uri, parent, "bench", blobs, info, "independent")
+    return blobs, info, reg, time.perf_counter() - t0
+
+
+def start_server(uri: str, port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ensemble_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--tracking-uri", uri, "--no-access-log", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.terminate()
+    raise RuntimeError("server did not start within 60 s")
+
+
+def per_call(fn, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def latency(client: httpx.Client, url: str, ens: Ensemble, batch: int) -> dict:
+    x = torch.rand(batch, *SHAPE, generator=torch.Generator().manual_seed(batch))
+    body = {"inputs": x.reshape(batch, -1).tolist(), "method": "mean"}
+
+    def endpoint():
+        r = client.post(url, json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"{r.status_code}: {r.text[:200]}")
+
+    def inprocess():
+        ens.predict(x, "mean")
+
+    # same answer both ways, then warm up
+    r = client.post(url, json=body).json()
+    assert r["probabilities"] == ens.predict(x, "mean").probabilities.tolist(), "endpoint != in-process"
+    per_call(endpoint, 10)
+    per_call(inprocess, 10)
+    a, b = [], []
+    for _ in range(ROUNDS):  # alternate so drift hits both sides alike
+        a.append(per_call(endpoint, CALLS[batch]))
+        b.append(per_call(inprocess, CALLS[batch]))
+    a_s, b_s = statistics.median(a), statistics.median(b)
+    return {"name": f"endpoint_vs_inprocess_batch{batch}", "a_s": a_s, "b_s": b_s, "ratio": a_s / b_s,
+            "a": f"POST /v1/ensembles/<name>/predict, batch {batch}, {MEMBERS} members, loopback, keep-alive",
+            "b": f"serving.Ensemble.predict in-process (same stacked forward + mean), batch {batch}",
+            "runs": ROUNDS, "calls_per_run": CALLS[batch], "a_runs_s": a, "b_runs_s": b}
+
+
+async def _throughput(url: str) -> dict:
+    body = {"inputs": torch.rand(1, 64, generator=torch.Generator().manual_seed(7)).tolist(), "method": "mean"}
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    lat, errors = [], 0
+
+    async def one_client(client: httpx.AsyncClient):
+        nonlocal errors
+        for _ in range(PER_CLIENT):
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url, json=body)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            lat.append(time.perf_counter() - t0)
+            errors += 0 if ok else 1
+
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        await asyncio.gather(*(client.post(url, json=body) for _ in range(CLIENTS)))  # open the connections
+        lat.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(client) for _ in range(CLIENTS)))
+        wall = time.perf_counter() - t0
+    n = CLIENTS * PER_CLIENT
+    lat.sort()
+    return {"requests": n, "errors": errors, "seconds": wall, "requests_per_s": n / wall,
+            "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[int(len(lat) * 0.99) - 1]}
+
+
+def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results_endpoint.json"
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        blobs, info, reg, reg_s = build(uri)
+        ens = Ensemble.from_blobs(blobs, [dict(i, role="member") for i in info])
+        port = free_port()
+        proc = start_server(uri, port, Path(tmp) / "server.log")
+        try:
+            url = f"http://127.0.0.1:{port}/v1/ensembles/bench/predict"
+            results = []
+            with httpx.Client(timeout=60) as client:
+                for batch in (1, 64):
+                    results.append(latency(client, url, ens, batch))
+            tp = asyncio.run(_throughput(url))
+            b1 = per_call(lambda: ens.predict(torch.rand(1, *SHAPE), "mean"), 200)
+            a_s = tp["seconds"] / tp["requests"]
+            results.append({"name": "endpoint_throughput", "a_s": a_s, "b_s": b1, "ratio": a_s / b1,
+                            "a": f"wall time per request, {CLIENTS} concurrent clients x {PER_CLIENT} batch-1 "
+                                 f"requests on loopback", "b": "in-process Ensemble.predict, batch 1",
+                            "clients": CLIENTS, **tp})
+            results.append({"name": "registration", "seconds": reg_s, "members": MEMBERS,
+                            "what": "tracking.register_ensemble: save pyfunc model (explicit pip requirements), "
+                                    "log artifacts, register version"})
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    meta = {"torch": torch.__version__, "threads_in_process": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "total_s": time.perf_counter() - t_start}
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+    print(f"{'benchmark':34s} {'a (s)':>11s} {'b (s)':>11s} {'a/b':>8s}  notes")
+    for r in results:
+        if "a_s" in r:
+            note = (f"{r['requests_per_s']:.0f} req/s, {r['errors']} errors, p50 {r['p50_ms']:.1f} ms, "
+                    f"p99 {r['p99_ms']:.1f} ms" if r["name"] == "endpoint_throughput" else
+                    f"medians of {r['runs']} alternating runs x {r['calls_per_run']} calls")
+            print(f"{r['name']:34s} {r['a_s']:11.6f} {r['b_s']:11.6f} {r['ratio']:8.1f}  {note}")
+        else:
+            print(f"{r['name']:34s} {r['seconds']:11.3f} {'':>11s} {'':>8s}  {r['members']} members")
+    print(f"wrote {out} (total {meta['total_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

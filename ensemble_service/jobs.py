@@ -1,0 +1,163 @@
+"""Remote submission through Ray's Jobs API (the only module besides scheduler.py that
+imports Ray).
+
+``ensemble submit --address http://HEAD:8265 [overrides...]`` uploads the project (this
+repository: conf/, ensemble_service/, workers/) as the job's working directory and
+starts ``python -m ensemble_service.cli submit [overrides...]`` as the job's driver on
+the head node; that driver joins the cluster (Ray sets RAY_ADDRESS for it) and trains
+exactly as a local submit would. The tracking URI should then be an MLflow server every
+node reaches (``tracking.uri=http://...``); MLFLOW_TRACKING_URI is forwarded to the job.
+
+Token auth: when RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) is set, the client sends it as a
+bearer token, whatever RAY_AUTH_MODE says locally.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# gitignore-style; a leading / anchors at the project root (plain "data" would also drop conf/data/)
+EXCLUDES = ["/.venv", "/.git", "/mlruns", "/mlartifacts", "/mlflow.db", "/.ensemble", "/data", "/outputs",
+            "/multirun", "/.pytest_cache", "/.hypothesis", "__pycache__", "/.whl", "/bench/results*.json",
+            "*.ckpt", "*.pt", "*.egg-info"]
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "ENSEMBLE_DATA")
+
+
+class JobsError(RuntimeError):
+    """A Jobs API call failed; the message is one line."""
+
+
+def _token() -> Optional[str]:
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path and Path(path).is_file():
+        token = Path(path).read_text().strip()
+    return token or None
+
+
+def client(address: str) -> JobSubmissionClient:
+    headers = {}
+    token = _token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        return JobSubmissionClient(address, headers=headers or None)
+    except Exception as exc:
+        raise JobsError(f"cannot reach the Ray Jobs API at {address}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def entrypoint(overrides: List[str]) -> str:
+    return " ".join(["python", "-m", "ensemble_service.cli", "submit", *map(shlex.quote, overrides)])
+
+
+def submit(address: str, overrides: List[str], *, submission_id: Optional[str] = None) -> str:
+    env: Dict[str, str] = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    # RAY_JOB_STOP_WAIT_TIME_S: time between `ensemble cancel`'s SIGTERM and a SIGKILL, enough for the
+    # driver to mark its MLflow runs KILLED
+    env.update(RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1",
+               RAY_JOB_STOP_WAIT_TIME_S="20")
+    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env}
+    try:
+        return client(address).submit_job(entrypoint=entrypoint(overrides), runtime_env=runtime_env,
+                                          submission_id=submission_id,
+                                          metadata={"tool": "ensemble", "overrides": " ".join(overrides)})
+    except JobsError:
+        raise
+    except Exception as exc:
+        raise JobsError(f"job submission to {address} failed: {_first_line(exc)}") from None
+
+
+def status(address: str, job_id: str) -> str:
+    try:
+        return str(client(address).get_job_status(job_id).value)
+    except JobsError:
+        raise
+    except Exception as exc:
+        raise JobsError(f"no job {job_id!r} at {address}: {_first_line(exc)}") from None
+
+
+def list_jobs(address: str) -> List[Dict[str, object]]:
+    try:
+        jobs = client(address).list_jobs()
+    except JobsError:
+        raise
+    except Exception as exc:
+        raise JobsError(f"cannot list jobs at {address}: {_first_line(exc)}") from None
+    out = [{"job_id": j.submission_id or j.job_id, "status": str(j.status.value), "entrypoint": j.entrypoint,
+            "start_time": j.start_time, "end_time": j.end_time, "message": j.message or ""} for j in jobs]
+    return sorted(out, key=lambda j: j["start_time"] or 0, reverse=True)
+
+
+def logs(address: str, job_id: str) -> str:
+    try:
+        return client(address).get_job_logs(job_id)
+    except JobsError:
+        raise
+    except Exception as exc:
+        raise JobsError(f"no logs for job {job_id!r} at {address}: {_first_line(exc)}") from None
+
+
+def follow(address: str, job_id: str) -> Iterator[str]:
+    """Yield log chunks until the job ends."""
+    c = client(address)
+
+    # tail_job_logs is an async generator; drive it chunk by chunk from sync code
+    agen = c.tail_job_logs(job_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                chunk = loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                break
+            yield chunk
+    except Exception as exc:
+        raise JobsError(f"lost the log stream of {job_id}: {_first_line(exc)}") from None
+    finally:
+        try:
+            loop.run_until_complete(agen.aclose())
+        except Exception:
+            pass
+        loop.close()
+
+
+def cancel(address: str, job_id: str) -> bool:
+    try:
+        return bool(client(address).stop_job(job_id))
+    except JobsError:
+        raise
+    except Exception as exc:
+        raise JobsError(f"cannot cancel job {job_id!r} at {address}: {_first_line(exc)}") from None
+
+
+def wait(address: str, job_id: str, timeout: Optional[float] = None, poll: float = 1.0) -> str:
+    start = time.time()
+    terminal = {JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.STOPPED.value}
+    while True:
+        s = status(address, job_id)
+        if s in terminal:
+            return s
+        if timeout is not None and time.time() - start > timeout:
+            return s
+        time.sleep(poll)
+
+
+def exit_code(final_status: str) -> int:
+    return {"SUCCEEDED": 0, "STOPPED": 130}.get(final_status, 1)
+
+
+def is_jobs_address(address: Optional[str]) -> bool:
+    return bool(address) and address.startswith(("http://", "https://"))

@@ -1,0 +1,213 @@
+"""What docker-compose.yml starts, as plain processes on loopback: a Ray head (`ray start
+--head`, dashboard + Jobs API), a second Ray node (`ray start --address`, its own temp dir,
+ports and resources) and `mlflow server` with a SQL backend and artifact proxy. A job goes
+in through the CLI and the Jobs API; a worker is SIGKILLed mid-member; a job is cancelled.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", MLFLOW_DISABLE_TELEMETRY="true",
+             PATH=f"{BIN}:{e.get('PATH', '')}", PYTHONUNBUFFERED="1")
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def kill_processes_under(path: str) -> None:
+    """Stop the Ray processes of one node (their command lines name its temp dir); never `ray stop`,
+    which would stop every Ray on the machine."""
+    me = os.getpid()
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
+            continue
+        try:
+            cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+        except OSError:
+            continue
+        if path in cmd:
+            try:
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def node_ports(p: list[int]) -> list[str]:
+    return [f"--dashboard-agent-listen-port={p[0]}", f"--dashboard-agent-grpc-port={p[1]}",
+            f"--runtime-env-agent-port={p[2]}", f"--metrics-export-port={p[3]}", f"--node-manager-port={p[4]}",
+            f"--object-manager-port={p[5]}"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    ports = free_ports(17)
+    gcs, dash, mlflow_port, client_port = ports[:4]
+    # short paths: Ray's unix sockets live under the temp dir and must fit in 107 bytes
+    head_dir, worker_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rw", dir="/tmp")
+    started = []
+    try:
+        mlflow_log = open(root / "mlflow.log", "w")
+        mlflow_proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
+            env=env(), stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(mlflow_proc)
+        subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                        f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                        "--num-cpus=1", f"--temp-dir={head_dir}", "--disable-usage-stats",
+                        f"--ray-client-server-port={client_port}", "--resources={\"head\": 1}",
+                        *node_ports(ports[4:10])], env=env(), check=True, timeout=120,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+                        "--num-cpus=1", f"--temp-dir={worker_dir}", "--disable-usage-stats",
+                        "--resources={\"worker_node\": 1}", *node_ports(ports[10:16])],
+                        env=env(), check=True, timeout=120, stdout=subprocess.DEVNULL)
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        import urllib.request
+
+        def healthy() -> bool:
+            try:
+                return urllib.request.urlopen(f"{uri}/health", timeout=2).read().strip() == b"OK"
+            except OSError:
+                return False
+
+        wait_for(healthy, 60, "mlflow server /health")
+        yield {"address": f"http://127.0.0.1:{dash}", "tracking": uri, "root": root}
+    finally:
+        for proc in started:
+            proc.kill()
+        kill_processes_under(worker_dir)
+        kill_processes_under(head_dir)
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ensemble"), *args], env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def experiment_runs(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return [], []
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("ensemble.kind") == "parent"]
+    members = sorted((r for r in runs if r.data.tags.get("ensemble.kind") == "member"),
+                     key=lambda r: int(r.data.tags["ensemble.member_index"]))
+    return parents, members
+
+
+TRAIN = ["data=synthetic", "data.synthetic.n_train=4000", "data.synthetic.input_shape=[1,16,16]", "model=mlp",
+         "model.depth=1", "model.width=32", "trainer.batch_size=8", "cluster.cpus_per_member=1"]
+
+
+def test_job_on_two_nodes_survives_a_killed_worker(stack):
+    client = MlflowClient(stack["tracking"])
+    overrides = [*TRAIN, "strategy.members=2", "trainer.epochs=8", f"tracking.uri={stack['tracking']}",
+                 "tracking.experiment=multinode", f"cluster.storage={stack['root']}/ckpt", "cluster.max_retries=2"]
+    proc = subprocess.Popen([str(BIN / "ensemble"), "submit", "--address", stack["address"], "--wait", *overrides],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def training_member():
+            _, members = experiment_runs(client, "multinode")
+            for m in members:
+                if "ensemble.pid" in m.data.tags and client.get_metric_history(m.info.run_id, "train_loss"):
+                    return m
+            return None
+
+        victim = wait_for(training_member, 180, "a member that has finished an epoch")
+        os.kill(int(victim.data.tags["ensemble.pid"]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "submitted job" in out and "SUCCEEDED" in out
+    parents, members = experiment_runs(client, "multinode")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(members) == 2 and all(m.info.status == "FINISHED" for m in members)   # no duplicate run
+    killed = next(m for m in members if m.info.run_id == victim.info.run_id)
+    assert int(killed.data.tags["ensemble.restarts"]) >= 1
+    assert int(killed.data.tags["ensemble.resumed_from_epoch"]) >= 1                  # resumed, not from 0
+    assert sorted(h.step for h in client.get_metric_history(killed.info.run_id, "train_loss")) == list(range(1, 9))
+    assert len({m.data.tags["ensemble.node_id"] for m in members}) == 2               # both nodes trained
+    # artifacts went through the server's proxy
+    assert "checkpoint/member.pt" in {a.path for a in client.list_artifacts(killed.info.run_id, "checkpoint")}
+
+    listing = cli("jobs", "--address", stack["address"])
+    assert listing.returncode == 0 and "SUCCEEDED" in listing.stdout
+
+
+def test_cancelled_job_leaves_runs_killed(stack):
+    client = MlflowClient(stack["tracking"])
+    overrides = [*TRAIN, "strategy.members=2", "trainer.epochs=200", f"tracking.uri={stack['tracking']}",
+                 "tracking.experiment=cancelled", f"cluster.storage={stack['root']}/ckpt2"]
+    sub = cli("submit", "--address", stack["address"], *overrides)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job_id = sub.stdout.split("submitted job ")[1].split()[0]
+
+    def member_training():
+        _, members = experiment_runs(client, "cancelled")
+        return any(client.get_metric_history(m.info.run_id, "train_loss") for m in members)
+
+    wait_for(member_training, 180, "the job's members to train")
+    assert cli("status", job_id, "--address", stack["address"]).stdout.strip() == "RUNNING"
+    cancelled = cli("cancel", job_id, "--address", stack["address"])
+    assert cancelled.returncode == 0 and "stop requested" in cancelled.stdout
+    wait_for(lambda: cli("status", job_id, "--address", stack["address"]).stdout.strip() == "STOPPED", 60,
+             "the job to stop")
+
+    def all_closed():
+        parents, members = experiment_runs(client, "cancelled")
+        statuses = [r.info.status for r in parents + members]
+        return statuses if statuses and "RUNNING" not in statuses else None
+
+    statuses = wait_for(all_closed, 30, "the runs to be closed")
+    assert set(statuses) == {"KILLED"}
+    logs = cli("logs", job_id, "--address", stack["address"])
+    assert logs.returncode == 0 and "Running entrypoint" in logs.stdout
+
+
+def test_bad_input_is_rejected_before_submission(stack):
+    result = cli("submit", "--address", stack["address"], "strategy.members=0")
+    assert result.returncode == 2
+    assert "strategy.members must be at least 1" in result.stderr and "submitted job" not in result.stdout
+    unknown = cli("status", "raysubmit_nope", "--address", stack["address"])
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error:")

@@ -1,0 +1,271 @@
+"""Train K independent members of one architecture in one task as one stacked model (cluster.pack=K).
+
+Like ``workers/member.py`` (whose helpers this reuses) it runs inside one Ray task but imports no
+Ray or MLflow: the scheduler calls :func:`train_packed` with a ``planning.PackedSpec``, the data,
+the CPU threads and device the task was given, and a ``report`` callback.
+
+Packing changes how members are computed, not what they are. Member ``m`` of the pack:
+
+* starts from the weights ``train_member`` would give it: ``torch.manual_seed(m.seed)`` then
+  ``build_model``, once per member, in ``spec.members`` order;
+* sees the batches ``train_member`` would give it: its own ``torch.Generator().manual_seed(m.seed)``
+  draws ``torch.randperm`` over its training indices each epoch (``bootstrap_indices(n, m.seed)``
+  when ``m.bagging``), cut into batches of ``batch_size`` (a trailing batch of one is skipped for
+  BatchNorm models, as ``run_epoch`` does);
+* gets the update ``train_member`` would give it: the K members' parameters are stacked
+  (``torch.func.stack_module_state``) into leaf tensors ``[K, ...]`` and one optimizer built by
+  ``build_optimizer`` from the shared optimizer config runs over them. SGD (momentum, weight
+  decay, nesterov) and Adam are elementwise, so a stacked step is K solo steps. The loss is the
+  *sum* over members of each member's mean cross-entropy, so member k's gradient is its solo
+  gradient. Each step gathers a ``[K, B, ...]`` batch with one advanced-indexing op (one row of
+  indices per member) and runs ``vmap(functional_call)`` over (params, buffers, inputs) with
+  ``in_dims=(0, 0, 0)``.
+
+Weights, predictions and metrics therefore equal the solo run's up to float rounding (batched
+matmuls and torch's fused optimizer kernels round differently from the solo loop's; about 1e-7
+relative per step).
+
+BatchNorm is supported with per-member statistics: each member's running mean / var /
+num_batches_tracked are rows of stacked buffers passed to the vmapped ``functional_call`` with
+``in_dims=0``; training-mode BatchNorm updates them in place, row k from member k's batch, exactly
+like a solo run. Dropout runs under ``vmap(..., randomness="different")``: every member draws its
+own masks from the global torch RNG, so masks differ between members but are *not* the masks a solo
+run of that member would draw (the equality with ``train_member`` holds for ``dropout=0``).
+
+Reports: ``{"type": "start", "task", "members", "epoch", "epochs", "resumed_from", "restarts",
+"device"}`` once, then per epoch ``{"type": "epoch", "task", "epoch", "epochs", "train_loss",
+"val_acc", "val_nll", "seconds", "members": {member index: {"train_loss", "val_acc", "val_nll"}}}``
+(the top-level values are means over the members), and after the last epoch
+``{"type": "collected", "task", "member", "epoch"}`` for each member.
+
+Checkpoint (``spec.checkpoint_path``, atomic, after every epoch, ``torch.load(weights_only=True)``):
+``format``, ``kind="packed"``, ``task``, ``member_indices``, ``seeds``, ``bagging``, ``model``,
+``optimizer``, ``input_shape``, ``num_classes``, ``epochs``, ``batch_size``, ``epoch`` (completed
+epochs), ``params`` / ``buffers`` (the stacked ``[K, ...]`` tensors by name), ``optimizer_state``,
+``rng_torch`` (and ``rng_cuda`` on a GPU), ``rng_orders`` (each member's order-generator state),
+``histories`` (each member's history), ``restarts`` and ``train_seconds``. A checkpoint found at
+start is resumed at the next epoch and gives the same members as an uninterrupted run; one written
+for other members (indices or seeds) is refused.
+
+Results: one ``MemberResult`` per member in ``spec.members`` order, each as ``train_member``
+returns it: ``weights`` is ``weights_blob`` of that member alone (it loads into a plain
+``create_model`` instance), ``val_probs`` / ``test_probs`` / ``test_logits`` come from
+``predict_logits`` of that member's own model. ``train_seconds`` is the *pack's* training time (all
+K members together; they cannot be told apart), and ``extra = {"packed": K, "pack_task":
+spec.index}``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+from ensemble_service.data import DataBundle, bootstrap_indices
+from workers.member import (
+    CHECKPOINT_FORMAT,
+    EVAL_BATCH,
+    MemberError,
+    MemberResult,
+    Report,
+    build_model,
+    build_optimizer,
+    diverged,
+    has_batchnorm,
+    load_checkpoint,
+    predict_logits,
+    resolve_device,
+    result_metrics,
+    save_checkpoint,
+    val_metrics,
+    weights_blob,
+)
+
+#: What every member of a pack must share (they are one stacked model with one optimizer).
+SHARED = ("model", "optimizer", "epochs", "batch_size", "device")
+
+
+def check_pack(spec) -> tuple:
+    """The pack's members; MemberError when they cannot be trained as one stacked model."""
+    members = tuple(spec.members)
+    if not members:
+        raise MemberError(f"packed task {spec.index} has no members")
+    first = members[0]
+    for m in members[1:]:
+        for name in SHARED:
+            if getattr(m, name) != getattr(first, name):
+                raise MemberError(
+                    f"packed task {spec.index}: member {m.index} has {name}={getattr(m, name)!r} but member "
+                    f"{first.index} has {getattr(first, name)!r}; packed members must share "
+                    f"{', '.join(SHARED)} (set cluster.pack=1 to train them apart)")
+    indices = [m.index for m in members]
+    if len(set(indices)) != len(indices):
+        raise MemberError(f"packed task {spec.index}: member indices repeat: {indices}")
+    return members
+
+
+def _fused(device: torch.device) -> Dict[str, Any]:
+    # Same update rule, one kernel per stacked tensor instead of several Python-dispatched ops.
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+def _set_member(model: torch.nn.Module, k: int, params: Dict[str, torch.Tensor],
+                buffers: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Copy row k of the stacked tensors into every parameter and buffer of ``model`` (a plain
+    module of the pack's architecture); returns it."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name][k])
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name][k])
+    return model
+
+
+def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: bool = False,
+                 report: Optional[Report] = None) -> List[MemberResult]:
+    """Train (or resume) the K members of a ``planning.PackedSpec`` as one stacked model."""
+    members = check_pack(spec)
+    first, K = members[0], len(members)
+    torch.set_num_threads(max(1, int(num_threads)))
+    device = resolve_device(first.device, gpu_assigned)
+    report = report or (lambda _event: None)
+    epochs, batch_size = int(first.epochs), int(first.batch_size)
+
+    # Each member's initial weights and data order exactly as train_member creates them.
+    models = []
+    for m in members:
+        torch.manual_seed(m.seed)
+        models.append(build_model(m.model, data.input_shape, data.num_classes).to(device))
+    orders = [torch.Generator().manual_seed(m.seed) for m in members]
+    n = len(data.x_train)
+    train_idx = [bootstrap_indices(n, m.seed) if m.bagging else torch.arange(n) for m in members]
+
+    stacked_params, stacked_buffers = stack_module_state(models)  # new [K, ...] tensors
+    params = {k: v.detach().requires_grad_(True) for k, v in stacked_params.items()}
+    buffers = {k: v.detach() for k, v in stacked_buffers.items()}
+    optimizer = build_optimizer(list(params.values()), first.optimizer, **_fused(device))
+    base = models[0].to("meta")  # the architecture only; weights live in params / buffers
+    del models
+    skip_single = has_batchnorm(base)
+
+    def forward(p, b, x):
+        return functional_call(base, (p, b), (x,))
+
+    train_forward = vmap(forward, in_dims=(0, 0, 0), randomness="different")
+    eval_forward = vmap(forward, in_dims=(0, 0, None), randomness="different")
+
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_val, y_val = data.x_val, data.y_val
+
+    start_epoch, histories, restarts, seconds = 0, [[] for _ in members], 0, 0.0
+    ckpt = load_checkpoint(spec.checkpoint_path)
+    if ckpt is not None:
+        if (ckpt.get("kind") != "packed" or list(ckpt.get("member_indices", [])) != [m.index for m in members]
+                or list(ckpt.get("seeds", [])) != [m.seed for m in members]):
+            raise MemberError(f"checkpoint {spec.checkpoint_path} was not written by packed task {spec.index} "
+                              f"(members {[m.index for m in members]}); delete it to start over")
+        with torch.no_grad():
+            for name, t in params.items():
+                t.copy_(ckpt["params"][name])
+            for name, t in buffers.items():
+                t.copy_(ckpt["buffers"][name])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        torch.set_rng_state(ckpt["rng_torch"])
+        if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        for order, state in zip(orders, ckpt["rng_orders"]):
+            order.set_state(state)
+        start_epoch, histories = int(ckpt["epoch"]), [list(h) for h in ckpt["histories"]]
+        restarts, seconds = int(ckpt["restarts"]) + 1, float(ckpt["train_seconds"])
+    resumed_from = start_epoch
+    report({"type": "start", "task": spec.index, "members": [m.index for m in members], "epoch": start_epoch,
+            "epochs": epochs, "resumed_from": resumed_from, "restarts": restarts, "device": str(device)})
+
+    plist = list(params.values())
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        # [K, n]: row k is member k's sample order for this epoch (its own generator, as train_member)
+        perms = torch.stack([idx[torch.randperm(len(idx), generator=order)]
+                             for idx, order in zip(train_idx, orders)]).to(device)
+        base.train()
+        total = torch.zeros(K, device=device)  # per-member sum of batch loss * batch size; synced once
+        count = 0
+        for i in range(0, n, batch_size):
+            idx = perms[:, i:i + batch_size]
+            b = idx.shape[1]
+            if b < 2 and skip_single:
+                continue  # BatchNorm cannot train on a batch of one (as run_epoch)
+            xb, yb = x_train[idx], y_train[idx]                     # [K, B, ...], [K, B]
+            logits = train_forward(params, buffers, xb)              # [K, B, C]
+            losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(K, b).mean(1)
+            for p in plist:
+                p.grad = None
+            losses.sum().backward()  # member k's gradient = the gradient of its own mean loss
+            optimizer.step()
+            total += losses.detach() * b
+            count += b
+        train_loss = (total / max(count, 1)).tolist()
+        for m, value in zip(members, train_loss):
+            if not math.isfinite(value):
+                raise diverged(m, epoch, value)
+        val_probs = _eval_logits(eval_forward, base, params, buffers, x_val, device).softmax(-1)
+        vals = [val_metrics(m, epoch, val_probs[k], y_val) for k, m in enumerate(members)]
+        seconds += time.perf_counter() - t0
+        per_member = {}
+        for k, m in enumerate(members):
+            record = {"epoch": epoch + 1, "train_loss": train_loss[k], "val_acc": vals[k]["acc"],
+                      "val_nll": vals[k]["nll"]}
+            histories[k].append(record)
+            per_member[m.index] = {key: record[key] for key in ("train_loss", "val_acc", "val_nll")}
+        save_checkpoint(spec.checkpoint_path, {
+            "format": CHECKPOINT_FORMAT, "kind": "packed", "task": spec.index,
+            "member_indices": [m.index for m in members], "seeds": [m.seed for m in members],
+            "bagging": [bool(m.bagging) for m in members], "model": dict(first.model),
+            "optimizer": dict(first.optimizer), "input_shape": list(data.input_shape),
+            "num_classes": int(data.num_classes), "epochs": epochs, "batch_size": batch_size,
+            "epoch": epoch + 1,
+            "params": {k: v.detach() for k, v in params.items()}, "buffers": dict(buffers),
+            "optimizer_state": optimizer.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "rng_orders": [order.get_state() for order in orders],
+            "histories": histories, "restarts": restarts, "train_seconds": seconds,
+        })
+        report({"type": "epoch", "task": spec.index, "epoch": epoch + 1, "epochs": epochs, "seconds": seconds,
+                "train_loss": _mean(train_loss), "val_acc": _mean([v["acc"] for v in vals]),
+                "val_nll": _mean([v["nll"] for v in vals]), "members": per_member})
+
+    results = []
+    for k, m in enumerate(members):
+        model = _set_member(copy.deepcopy(base).to_empty(device=device), k, params, buffers)
+        val_logits = predict_logits(model, x_val, device)
+        test_logits = predict_logits(model, data.x_test, device)
+        val_probs, test_probs = val_logits.softmax(-1), test_logits.softmax(-1)
+        results.append(MemberResult(
+            index=m.index, seed=m.seed, architecture=m.architecture, model=dict(m.model),
+            history=histories[k], metrics=result_metrics(val_probs, y_val, test_probs, data.y_test),
+            val_probs=val_probs, test_probs=test_probs, test_logits=test_logits,
+            weights=weights_blob(m.model, data.input_shape, data.num_classes, model.cpu()),
+            resumed_from=resumed_from, restarts=restarts, train_seconds=seconds, device=str(device),
+            extra={"packed": K, "pack_task": spec.index},
+        ))
+        report({"type": "collected", "task": spec.index, "member": m.index, "epoch": epochs})
+    return results
+
+
+@torch.no_grad()
+def _eval_logits(eval_forward, base: torch.nn.Module, params, buffers, x: torch.Tensor,
+                 device: torch.device) -> torch.Tensor:
+    """[K, N, C] logits of every member on ``x`` (eval mode, chunks of EVAL_BATCH), on the CPU."""
+    base.eval()
+    out = [eval_forward(params, buffers, x[i:i + EVAL_BATCH].to(device)).float().cpu()
+           for i in range(0, len(x), EVAL_BATCH)]
+    return torch.cat(out, dim=1) if out else torch.empty(0)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values))
