@@ -12,8 +12,9 @@ starts `ensemble serve` on a free loopback port in a subprocess, then measures, 
    a fixed count: requests/s, errors, latency percentiles; a_s is the wall time per request
    under that load, b_s the in-process call at batch 1.
 
-Prints a table and writes bench/results_endpoint.json (or the path given as argv[1]).
-Usage: python bench/bench_endpoint.py [out.json]. Finishes in well under 2 minutes on 2 cores.
+Prints a table and writes bench/results_endpoint.json (or the path given as argv[1]), with the
+machine's load average: other processes on the same cores move these numbers a lot.
+Usage: [BENCH_THREADS=1] python bench/bench_endpoint.py [out.json]. Finishes in under 2 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ MODEL = {"name": "mlp", "batchnorm": False, "dropout": 0.0, "init": "default", "
 ROUNDS = 5                       # alternating runs per side (medians are taken)
 CALLS = {1: 200, 64: 60}         # calls per run and batch size
 CLIENTS, PER_CLIENT = 32, 40     # throughput: 32 clients x 40 requests
+# torch intra-op threads, the same for the server (`ensemble serve --threads`) and the in-process side.
+# On a 2-core machine the client and the server share the cores, and intra-op parallelism of tiny
+# forwards only adds contention (OpenMP threads waiting for a busy core): 1 by default.
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
 
 def free_port() -> int:
@@ -71,7 +76,7 @@ def build(uri: str):
 
 def start_server(uri: str, port: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ensemble_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--tracking-uri", uri, "--no-access-log", "--log-level", "warning"]
+           "--tracking-uri", uri, "--no-access-log", "--log-level", "warning", "--threads", str(THREADS)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -153,6 +158,8 @@ async def _throughput(url: str) -> dict:
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results_endpoint.json"
     t_start = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         blobs, info, reg, reg_s = build(uri)
@@ -181,8 +188,8 @@ def main() -> None:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    meta = {"torch": torch.__version__, "threads_in_process": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "total_s": time.perf_counter() - t_start}
+    meta = {"torch": torch.__version__, "torch_threads": THREADS, "cpus": os.cpu_count(),
+            "loadavg_1min_before_after": [load_before, os.getloadavg()[0]], "total_s": time.perf_counter() - t_start}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
     print(f"{'benchmark':34s} {'a (s)':>11s} {'b (s)':>11s} {'a/b':>8s}  notes")
@@ -194,7 +201,8 @@ def main() -> None:
             print(f"{r['name']:34s} {r['a_s']:11.6f} {r['b_s']:11.6f} {r['ratio']:8.1f}  {note}")
         else:
             print(f"{r['name']:34s} {r['seconds']:11.3f} {'':>11s} {'':>8s}  {r['members']} members")
-    print(f"wrote {out} (total {meta['total_s']:.1f} s)")
+    print(f"wrote {out} (total {meta['total_s']:.1f} s; torch threads {THREADS}; 1-min load average "
+          f"{load_before:.1f} before, {meta['loadavg_1min_before_after'][1]:.1f} after)")
 
 
 if __name__ == "__main__":

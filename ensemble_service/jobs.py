@@ -28,7 +28,7 @@ EXCLUDES = ["/.venv", "/.git", "/mlruns", "/mlartifacts", "/mlflow.db", "/.ensem
             "/multirun", "/.pytest_cache", "/.hypothesis", "__pycache__", "/.whl", "/bench/results*.json",
             "*.ckpt", "*.pt", "*.egg-info"]
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "ENSEMBLE_DATA")
+                 "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "ENSEMBLE_STORAGE")
 
 
 class JobsError(RuntimeError):

@@ -131,7 +131,9 @@ def ensemble_id(cfg: Config) -> str:
 
 
 def checkpoint_root(cfg: Config) -> Path:
-    root = cfg.cluster.storage or os.path.join(os.getcwd(), ".ensemble", "checkpoints")
+    """cluster.storage, else ENSEMBLE_STORAGE, else ./.ensemble/checkpoints; absolute, resolved on the driver.
+    On a multi-machine cluster it must be a path every node mounts (a member resumes on any node)."""
+    root = cfg.cluster.storage or os.environ.get("ENSEMBLE_STORAGE") or os.path.join(os.getcwd(), ".ensemble", "checkpoints")
     return Path(root).expanduser().resolve()
 
 

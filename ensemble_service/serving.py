@@ -105,9 +105,10 @@ def member_record(index: int, architecture: Optional[str] = None, model: Optiona
                   *, blob_meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The manifest entry of one member (JSON-safe), from what the runner has about it.
 
-    ``extra`` is ``MemberResult.extra``: ``{"role": "mc_sample", "sample": s, "sample_seed" | "mc_seed": ...}``
-    marks an MC-dropout pass (its seed: ``sample_seed``, else ``mc_seed``, else derived from the
-    checkpoint's ``mc_dropout.seed`` and ``sample`` as the trajectory worker does).
+    ``extra`` is ``MemberResult.extra``: ``{"role": "mc_sample", "sample": s, ...}`` marks MC-dropout
+    pass ``s``. Its seed is ``sample_seed`` (the pass's own seed, as workers.trajectory reports it);
+    else it is derived like the trajectory worker does, ``derive_seed(base, "mc_dropout", s)``, from
+    the base seed ``mc_seed`` or the checkpoint's ``mc_dropout.seed``.
     """
     extra = dict(extra or {})
     role = str(extra.get("role") or "member")
@@ -122,13 +123,14 @@ def member_record(index: int, architecture: Optional[str] = None, model: Optiona
         if isinstance(extra.get(key), int) and not isinstance(extra.get(key), bool):
             rec[key] = int(extra[key])
     if role == "mc_sample":
-        seed = extra.get("sample_seed", extra.get("mc_seed"))
+        seed = extra.get("sample_seed")
         if seed is None:
-            mc = dict((blob_meta or {}).get("mc_dropout") or {})
-            if "seed" in mc and "sample" in extra:
-                seed = _derive_seed(int(mc["seed"]), "mc_dropout", int(extra["sample"]))
+            base = extra.get("mc_seed", dict((blob_meta or {}).get("mc_dropout") or {}).get("seed"))
+            if base is not None and extra.get("sample") is not None:
+                seed = _derive_seed(int(base), "mc_dropout", int(extra["sample"]))
         if seed is None:
-            raise ServingError(f"member {index} is an MC-dropout sample without a seed (sample_seed / mc_seed)")
+            raise ServingError(f"member {index} is an MC-dropout sample without a seed "
+                               "(sample_seed, or mc_seed / the checkpoint's mc_dropout.seed with sample)")
         rec["sample_seed"] = int(seed)
     return rec
 

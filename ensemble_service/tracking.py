@@ -105,7 +105,9 @@ class EnsembleTracker:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri))
+        # "custom_model_development": the UI opens the experiment on its training runs, not the GenAI overview
+        return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri),
+                                             tags={"mlflow.experimentKind": "custom_model_development"})
 
     # -- runs -------------------------------------------------------------
     def start_parent(self, run_name: str, config: Dict[str, Any], tags: Dict[str, str]) -> str:

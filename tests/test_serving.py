@@ -274,14 +274,18 @@ def test_mixed_mc_and_stacked_members():
 
 
 def test_member_record_mc_seed_sources():
-    assert member_record(0, extra={"role": "mc_sample", "sample": 1, "mc_seed": 5})["sample_seed"] == 5
     assert member_record(0, extra={"role": "mc_sample", "sample": 1, "sample_seed": 9, "mc_seed": 5})["sample_seed"] == 9
+    from_base = [member_record(s, extra={"role": "mc_sample", "sample": s, "mc_seed": 5})["sample_seed"] for s in range(3)]
+    assert len(set(from_base)) == 3  # one seed per pass, never shared
     derived = member_record(0, extra={"role": "mc_sample", "sample": 2}, blob_meta={"mc_dropout": {"seed": 3}})
     trajectory = pytest.importorskip("workers.trajectory")
     if hasattr(trajectory, "derive_seed"):
         assert derived["sample_seed"] == trajectory.derive_seed(3, "mc_dropout", 2)
+        assert from_base[1] == trajectory.derive_seed(5, "mc_dropout", 1)
     with pytest.raises(ServingError):
         member_record(0, extra={"role": "mc_sample", "sample": 2})
+    with pytest.raises(ServingError):
+        member_record(0, extra={"role": "mc_sample", "mc_seed": 4})
     rec = member_record(4, "mlp", {"name": "mlp"}, {"val_acc": 0.5, "bad": float("nan"), "flag": True})
     assert rec == {"index": 4, "role": "member", "architecture": "mlp", "model": {"name": "mlp"},
                    "metrics": {"val_acc": 0.5}}

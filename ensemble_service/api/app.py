@@ -199,9 +199,10 @@ class EnsembleStore:
             local = self._call(self.tracking.download_ensemble, self.uri, info, tmp)
             try:
                 ensemble = load_ensemble_dir(local, device=self.settings.torch_device())
-            except ServingError as exc:
+            except Exception as exc:  # a broken artifact, no CUDA for --device cuda, ...: the server's problem
+                log.exception("cannot load %s version %s", info["name"], info["version"])
                 raise ApiError(503, f"registered ensemble {info['name']} version {info['version']} "
-                                    f"cannot be loaded: {exc}") from None
+                                    f"cannot be loaded: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         metrics = {}
         if info.get("run_id"):
             raw = self.tracking.run_metrics(self.uri, info["run_id"])

@@ -60,6 +60,8 @@ def serve(
     max_batch_items: Optional[int] = typer.Option(None, min=1, help="Items per request (default 1024)."),
     max_members: Optional[int] = typer.Option(None, min=1, help="Members per /v1/aggregate request (default 64)."),
     alias_ttl: Optional[float] = typer.Option(None, min=0, help="Seconds before name@alias is resolved again (default 2)."),
+    threads: int = typer.Option(0, min=0, help="torch intra-op threads (0: torch's default). Small models "
+                                               "under concurrent load often answer faster with 1."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     access_log: bool = typer.Option(True, help="Log every request."),
 ) -> None:
@@ -74,6 +76,10 @@ def serve(
         fail(f"unknown device {device!r}; choose one of: cpu, cuda, auto")
     settings = Settings.from_env(device=device, preload=preload, max_body_bytes=max_body_bytes,
                                  max_batch_items=max_batch_items, max_members=max_members, alias_ttl_s=alias_ttl)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     app = create_app(tracking_uri, settings)
     console.print(f"serving ensembles registered in {resolve_uri(tracking_uri)} on http://{host}:{port} "
                   f"(docs: http://{host}:{port}/docs)", highlight=False)
