@@ -8,9 +8,10 @@ starts `ensemble serve` on a free loopback port in a subprocess, then measures, 
    /v1/ensembles/<name>/predict (method mean; one keep-alive client) over seconds per call of
    the same forward + aggregation in-process (serving.Ensemble.predict on a tensor); medians
    of >= 3 alternating runs;
-2. endpoint_throughput: 32 concurrent clients (asyncio + httpx) sending batch-1 requests for
-   a fixed count: requests/s, errors, latency percentiles; a_s is the wall time per request
-   under that load, b_s the in-process call at batch 1.
+2. endpoint_throughput: 32 concurrent clients (keep-alive connections on asyncio streams) each
+   sending 40 batch-1 requests back to back: requests/s, errors, latency percentiles and the
+   server's and client's CPU time per request; a_s is the wall time per request under that
+   load, b_s the in-process call at batch 1.
 
 Prints a table and writes bench/results_endpoint.json (or the path given as argv[1]), with the
 machine's load average: other processes on the same cores move these numbers a lot.
@@ -51,6 +52,15 @@ CLIENTS, PER_CLIENT = 32, 40     # throughput: 32 clients x 40 requests
 # On a 2-core machine the client and the server share the cores, and intra-op parallelism of tiny
 # forwards only adds contention (OpenMP threads waiting for a busy core): 1 by default.
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (Linux /proc), -1 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return -1.0
 
 
 def free_port() -> int:
@@ -126,29 +136,56 @@ def latency(client: httpx.Client, url: str, ens: Ensemble, batch: int) -> dict:
             "runs": ROUNDS, "calls_per_run": CALLS[batch], "a_runs_s": a, "b_runs_s": b}
 
 
-async def _throughput(url: str) -> dict:
-    body = {"inputs": torch.rand(1, 64, generator=torch.Generator().manual_seed(7)).tolist(), "method": "mean"}
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+async def _throughput(port: int, path: str) -> dict:
+    """32 clients, each its own keep-alive connection sending requests back to back.
+
+    A minimal HTTP/1.1 client on asyncio streams (pre-encoded request, Content-Length framed
+    answers): a general-purpose async client costs more CPU per request than the server does,
+    and on 2 shared cores it would measure itself."""
+    body = json.dumps({"inputs": torch.rand(1, 64, generator=torch.Generator().manual_seed(7)).tolist(),
+                       "method": "mean"}).encode()
+    request = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(body)}\r\n\r\n").encode() + body
     lat, errors = [], 0
 
-    async def one_client(client: httpx.AsyncClient):
-        nonlocal errors
-        for _ in range(PER_CLIENT):
-            t0 = time.perf_counter()
-            try:
-                r = await client.post(url, json=body)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            lat.append(time.perf_counter() - t0)
-            errors += 0 if ok else 1
+    async def call(reader, writer) -> bool:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        payload = await reader.readexactly(length)
+        return head.startswith(b"HTTP/1.1 200") and payload.startswith(b"{")
 
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        await asyncio.gather(*(client.post(url, json=body) for _ in range(CLIENTS)))  # open the connections
-        lat.clear()
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one_client(client) for _ in range(CLIENTS)))
-        wall = time.perf_counter() - t0
+    async def one_client(start: asyncio.Event):
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await call(reader, writer)  # warm the connection
+            await start.wait()
+            for _ in range(PER_CLIENT):
+                t0 = time.perf_counter()
+                try:
+                    ok = await call(reader, writer)
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    ok = False
+                lat.append(time.perf_counter() - t0)
+                errors += 0 if ok else 1
+                if not ok:  # the connection state is unknown: open a new one
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        finally:
+            writer.close()
+
+    start = asyncio.Event()
+    tasks = [asyncio.create_task(one_client(start)) for _ in range(CLIENTS)]
+    await asyncio.sleep(0.5)  # every client connected and warmed
+    t0 = time.perf_counter()
+    start.set()
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
     n = CLIENTS * PER_CLIENT
     lat.sort()
     return {"requests": n, "errors": errors, "seconds": wall, "requests_per_s": n / wall,
@@ -172,7 +209,10 @@ def main() -> None:
             with httpx.Client(timeout=60) as client:
                 for batch in (1, 64):
                     results.append(latency(client, url, ens, batch))
-            tp = asyncio.run(_throughput(url))
+            server_cpu0, client_cpu0 = cpu_seconds(proc.pid), time.process_time()
+            tp = asyncio.run(_throughput(port, "/v1/ensembles/bench/predict"))
+            tp["server_cpu_ms_per_request"] = 1000 * (cpu_seconds(proc.pid) - server_cpu0) / tp["requests"]
+            tp["client_cpu_ms_per_request"] = 1000 * (time.process_time() - client_cpu0) / tp["requests"]
             b1 = per_call(lambda: ens.predict(torch.rand(1, *SHAPE), "mean"), 200)
             a_s = tp["seconds"] / tp["requests"]
             results.append({"name": "endpoint_throughput", "a_s": a_s, "b_s": b1, "ratio": a_s / b1,
@@ -196,7 +236,8 @@ def main() -> None:
     for r in results:
         if "a_s" in r:
             note = (f"{r['requests_per_s']:.0f} req/s, {r['errors']} errors, p50 {r['p50_ms']:.1f} ms, "
-                    f"p99 {r['p99_ms']:.1f} ms" if r["name"] == "endpoint_throughput" else
+                    f"p99 {r['p99_ms']:.1f} ms; CPU per request: server {r['server_cpu_ms_per_request']:.2f} ms, "
+                    f"client {r['client_cpu_ms_per_request']:.2f} ms" if r["name"] == "endpoint_throughput" else
                     f"medians of {r['runs']} alternating runs x {r['calls_per_run']} calls")
             print(f"{r['name']:34s} {r['a_s']:11.6f} {r['b_s']:11.6f} {r['ratio']:8.1f}  {note}")
         else:

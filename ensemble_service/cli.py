@@ -346,11 +346,12 @@ def ui(
     """Start the MLflow UI on the same tracking store: one parent run per ensemble, nested member runs."""
     from ensemble_service.tracking import resolve_uri, ui_command
 
-    cmd = ui_command(tracking_uri, host, port)
-    cmd = [sys.executable, "-m"] + cmd
+    cmd = [sys.executable, "-m"] + ui_command(tracking_uri, host, port)
+    # a UI for people: one web worker, and no background job runners (MLflow's GenAI jobs)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     console.print(f"MLflow UI for {resolve_uri(tracking_uri)} on http://{host}:{port}", highlight=False)
     try:
-        raise typer.Exit(subprocess.call(cmd))
+        raise typer.Exit(subprocess.call(cmd, env=env))
     except KeyboardInterrupt:
         raise typer.Exit(0)
 

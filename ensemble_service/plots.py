@@ -21,6 +21,22 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def warm_up() -> None:
+    """Import matplotlib and render one tiny figure, so the real plots later are fast."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(1, 1))
+        ax.plot([0, 1], [0, 1], "o-", label="x")
+        ax.legend()
+        _png(fig)
+    except Exception:  # only an optimisation
+        pass
+
+
 def size_curve(member_probs: torch.Tensor, targets: torch.Tensor) -> Dict[str, List[float]]:
     """Test accuracy and NLL of the mean ensemble of the first k members, k = 1..N."""
     acc, nll = [], []

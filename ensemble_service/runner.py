@@ -9,6 +9,7 @@ exception), every run it opened is closed as FINISHED, FAILED or KILLED.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -20,6 +21,9 @@ from ensemble_service.aggregation import mean
 from ensemble_service.config import Config, ConfigError
 from ensemble_service.data import DataBundle, DataError, load_dataset
 from ensemble_service.planning import EnsemblePlan, plan as make_plan
+
+
+FLUSH_SECONDS = 2.0  # per-epoch metrics reach MLflow at most this late while members train
 
 
 class EnsembleFailed(RuntimeError):
@@ -98,6 +102,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
     if cfg.cluster.gpus_per_member > 0 and resources.get("GPU", 0) <= 0:
         raise ConfigError("cluster.gpus_per_member > 0 but the Ray cluster has no GPUs")
     observer.started(plan, resources)
+    # matplotlib's first figure costs ~0.5 s (imports, fonts): pay it while the members train
+    threading.Thread(target=plots.warm_up, daemon=True).start()
 
     tracker = EnsembleTracker(cfg.tracking.uri, cfg.tracking.experiment)
     run_name = cfg.tracking.run_name or f"{cfg.strategy.name}-{cfg.data.name}-{plan.ensemble_id[:15]}"
@@ -126,7 +132,7 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
             for rec in records:
                 if rec["epoch"] > logged[index]:
                     values = {k: rec[k] for k in ("train_loss", "val_acc", "val_nll", "lr") if k in rec}
-                    tracker.log_metrics(runs[index], values, step=int(rec["epoch"]))
+                    tracker.queue_metrics(runs[index], values, step=int(rec["epoch"]))
                     logged[index] = int(rec["epoch"])
 
         def on_event(event: Dict[str, Any]) -> None:
@@ -134,7 +140,7 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
             members = open_members.get(task, [])
             if event["type"] == "start":
                 for i in members:
-                    tracker.set_tags(runs[i], {"ensemble.restarts": event["restarts"],
+                    tracker.queue_tags(runs[i], {"ensemble.restarts": event["restarts"],
                                                "ensemble.resumed_from_epoch": event["resumed_from"],
                                                "ensemble.device": event["device"],
                                                "ensemble.node_id": event["node_id"],
@@ -153,8 +159,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
                 rid = runs[r.index]
                 log_epochs(r.index, r.history)
                 final = {k: v for k, v in r.metrics.items() if k.startswith("test_")}  # val_* are per-epoch series
-                tracker.log_metrics(rid, {**final, "train_seconds": r.train_seconds})
-                tracker.set_tags(rid, {"ensemble.restarts": r.restarts,
+                tracker.queue_metrics(rid, {**final, "train_seconds": r.train_seconds})
+                tracker.queue_tags(rid, {"ensemble.restarts": r.restarts,
                                        "ensemble.resumed_from_epoch": r.resumed_from,
                                        "ensemble.device": r.device, "ensemble.node_id": r.extra.get("node_id", ""),
                                        "ensemble.host": r.host, "ensemble.collected_epoch": len(r.history)})
@@ -180,7 +186,9 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
             observer.task_failed(f.task, f.message)
 
         results, failures = scheduler.run_tasks(
-            plan.tasks, data, cfg.cluster, on_event=on_event, on_result=on_result, on_failure=on_failure)
+            plan.tasks, data, cfg.cluster, on_event=on_event, on_result=on_result, on_failure=on_failure,
+            on_tick=lambda: tracker.flush(every=FLUSH_SECONDS))
+        tracker.flush()
 
         degraded = ""
         if failures:
@@ -223,7 +231,8 @@ def log_curves_and_plots(tracker, parent: str, member_probs: torch.Tensor, targe
     """Size curve (metric per k, step k) and the two PNGs on the parent run."""
     curve = plots.size_curve(member_probs, targets)
     for k, acc, nll in zip(curve["k"], curve["acc"], curve["nll"]):
-        tracker.log_metrics(parent, {"ensemble_mean_test_acc_at_k": acc, "ensemble_mean_test_nll_at_k": nll}, step=k)
+        tracker.queue_metrics(parent, {"ensemble_mean_test_acc_at_k": acc, "ensemble_mean_test_nll_at_k": nll}, step=k)
+    tracker.flush(parent)
     title = f"{cfg.strategy.name} on {cfg.data.name}"
     member_accs = [r.metrics["test_acc"] for r in results]
     tracker.log_bytes(parent, plots.accuracy_vs_size_png(curve, member_accs, title), "plots/accuracy_vs_size.png")

@@ -13,6 +13,7 @@ jobs.py) that imports Ray.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import ray
 from workers.member import MemberError, MemberResult, train_member
 from workers.trajectory import train_trajectory
 
-POLL_SECONDS = 0.25
+POLL_SECONDS = 1.0  # longest the driver waits for worker events before it wakes up anyway
 
 
 def ray_env_defaults() -> None:
@@ -58,16 +59,25 @@ def shutdown() -> None:
 
 @ray.remote(num_cpus=0)
 class _Inbox:
-    """Where workers drop per-epoch events; the driver drains it."""
+    """Where workers drop per-epoch events. ``drain`` answers as soon as there are events
+    (or after ``timeout``), so the driver neither polls nor misses them."""
 
     def __init__(self) -> None:
         self.events: List[Dict[str, Any]] = []
+        self.arrived = asyncio.Event()
 
-    def put(self, event: Dict[str, Any]) -> None:
+    async def put(self, event: Dict[str, Any]) -> None:
         self.events.append(event)
+        self.arrived.set()
 
-    def drain(self) -> List[Dict[str, Any]]:
+    async def drain(self, timeout: float) -> List[Dict[str, Any]]:
+        if not self.events:
+            try:
+                await asyncio.wait_for(self.arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
         out, self.events = self.events, []
+        self.arrived.clear()
         return out
 
 
@@ -122,8 +132,12 @@ def run_tasks(
     on_event: Optional[Callable[[Dict[str, Any]], None]] = None,
     on_result: Optional[Callable[[Any, List[MemberResult]], None]] = None,
     on_failure: Optional[Callable[[TaskFailure], None]] = None,
+    on_tick: Optional[Callable[[], None]] = None,
 ) -> tuple[List[MemberResult], List[TaskFailure]]:
-    """Run one Ray task per spec; each task's members come back as soon as it finishes."""
+    """Run one Ray task per spec; each task's members come back as soon as it finishes.
+
+    ``on_event`` gets each worker event as it arrives, ``on_result``/``on_failure`` each task's
+    outcome, and ``on_tick`` runs after every wake-up (the caller flushes buffered writes there)."""
     on_event = on_event or (lambda e: None)
     inbox = _Inbox.remote()
     data_ref = ray.put(data)  # once, not once per task
@@ -135,15 +149,17 @@ def run_tasks(
     results: List[MemberResult] = []
     failures: List[TaskFailure] = []
 
-    def drain() -> None:
-        for event in ray.get(inbox.drain.remote()):
-            on_event(event)
-
+    events = inbox.drain.remote(POLL_SECONDS)
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
-            drain()
+            ready, _ = ray.wait([events, *pending], num_returns=1)
+            if events in ready:
+                for event in ray.get(events):
+                    on_event(event)
+                events = inbox.drain.remote(POLL_SECONDS)
             for ref in ready:
+                if ref not in pending:
+                    continue
                 spec = pending.pop(ref)
                 try:
                     members = ray.get(ref)
@@ -156,7 +172,10 @@ def run_tasks(
                 results.extend(members)
                 if on_result:
                     on_result(spec, members)
-        drain()
+            if on_tick:
+                on_tick()
+        for event in ray.get(events) + ray.get(inbox.drain.remote(0.0)):
+            on_event(event)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)

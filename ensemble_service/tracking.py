@@ -98,6 +98,9 @@ class EnsembleTracker:
         self.experiment_id = self._experiment(experiment)
         self.parent_id: Optional[str] = None
         self.open_runs: List[str] = []
+        self._metrics: Dict[str, List[Metric]] = {}   # buffered, written in one log_batch per run
+        self._tags: Dict[str, Dict[str, str]] = {}
+        self._last_flush = time.monotonic()
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -135,13 +138,37 @@ class EnsembleTracker:
         return rid
 
     def log_metrics(self, run_id: str, values: Dict[str, float], step: int = 0) -> None:
-        ts = _now_ms()
-        ms = [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
-        if ms:
-            self.client.log_batch(run_id, metrics=ms)
+        self.queue_metrics(run_id, values, step)
+        self.flush(run_id)
 
     def set_tags(self, run_id: str, tags: Dict[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.queue_tags(run_id, tags)
+        self.flush(run_id)
+
+    # Each SQLite write is a committed transaction (~10-30 ms here): per-epoch metrics and tags
+    # are queued and written together, one log_batch per run, at most every `every` seconds.
+    def queue_metrics(self, run_id: str, values: Dict[str, float], step: int = 0) -> None:
+        ts = _now_ms()
+        self._metrics.setdefault(run_id, []).extend(
+            Metric(k, float(v), ts, step) for k, v in values.items() if v is not None)
+
+    def queue_tags(self, run_id: str, tags: Dict[str, Any]) -> None:
+        self._tags.setdefault(run_id, {}).update({k: str(v) for k, v in tags.items()})
+
+    def flush(self, run_id: Optional[str] = None, every: float = 0.0) -> None:
+        """Write what is queued: for one run, or for all runs if `every` seconds have passed."""
+        if run_id is None:
+            if time.monotonic() - self._last_flush < every:
+                return
+            self._last_flush = time.monotonic()
+        for rid in [run_id] if run_id else list(set(self._metrics) | set(self._tags)):
+            metrics = self._metrics.pop(rid, [])
+            tags = [RunTag(k, v) for k, v in self._tags.pop(rid, {}).items()]
+            for i in range(0, max(len(metrics), 1), 1000):
+                chunk = metrics[i:i + 1000]
+                if chunk or tags:
+                    self.client.log_batch(rid, metrics=chunk, tags=tags)
+                    tags = []
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.log_bytes(run_id, text.encode(), artifact_file)
@@ -160,6 +187,7 @@ class EnsembleTracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         if run_id in self.open_runs:
+            self.flush(run_id)
             self.client.set_terminated(run_id, status)
             self.open_runs.remove(run_id)
 
@@ -220,7 +248,7 @@ def load_array(run_id: str, artifact_path: str, uri: Optional[str] = None) -> np
 def ui_command(uri: Optional[str], host: str, port: int) -> List[str]:
     """The `mlflow ui` command line for this store."""
     uri = resolve_uri(uri)
-    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
     root = local_artifact_root(uri)
     if root:
         cmd += ["--default-artifact-root", root]

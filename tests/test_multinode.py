@@ -36,6 +36,7 @@ def free_ports(n: int) -> list[int]:
 def env() -> dict:
     e = dict(os.environ)
     e.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", MLFLOW_DISABLE_TELEMETRY="true",
+             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
              PATH=f"{BIN}:{e.get('PATH', '')}", PYTHONUNBUFFERED="1")
     e.pop("RAY_ADDRESS", None)
     return e

@@ -155,8 +155,7 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
     def forward(p, b, x):
         return functional_call(base, (p, b), (x,))
 
-    train_forward = vmap(forward, in_dims=(0, 0, 0), randomness="different")
-    eval_forward = vmap(forward, in_dims=(0, 0, None), randomness="different")
+    batched_forward = vmap(forward, in_dims=(0, 0, 0), randomness="different")
 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_val, y_val = data.x_val, data.y_val
@@ -200,7 +199,7 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
             if b < 2 and skip_single:
                 continue  # BatchNorm cannot train on a batch of one (as run_epoch)
             xb, yb = x_train[idx], y_train[idx]                     # [K, B, ...], [K, B]
-            logits = train_forward(params, buffers, xb)              # [K, B, C]
+            logits = batched_forward(params, buffers, xb)              # [K, B, C]
             losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(K, b).mean(1)
             for p in plist:
                 p.grad = None
@@ -212,7 +211,7 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
         for m, value in zip(members, train_loss):
             if not math.isfinite(value):
                 raise diverged(m, epoch, value)
-        val_probs = _eval_logits(eval_forward, base, params, buffers, x_val, device).softmax(-1)
+        val_probs = _eval_logits(batched_forward, base, params, buffers, x_val, device, K).softmax(-1)
         vals = [val_metrics(m, epoch, val_probs[k], y_val) for k, m in enumerate(members)]
         seconds += time.perf_counter() - t0
         per_member = {}
@@ -258,12 +257,15 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
 
 
 @torch.no_grad()
-def _eval_logits(eval_forward, base: torch.nn.Module, params, buffers, x: torch.Tensor,
-                 device: torch.device) -> torch.Tensor:
-    """[K, N, C] logits of every member on ``x`` (eval mode, chunks of EVAL_BATCH), on the CPU."""
+def _eval_logits(batched_forward, base: torch.nn.Module, params, buffers, x: torch.Tensor,
+                 device: torch.device, k: int) -> torch.Tensor:
+    """[K, N, C] logits of every member on ``x`` (eval mode, chunks of EVAL_BATCH), on the CPU.
+    (The chunk is expanded to [K, ...] rather than passed with in_dims=None: faster under vmap.)"""
     base.eval()
-    out = [eval_forward(params, buffers, x[i:i + EVAL_BATCH].to(device)).float().cpu()
-           for i in range(0, len(x), EVAL_BATCH)]
+    out = []
+    for i in range(0, len(x), EVAL_BATCH):
+        chunk = x[i:i + EVAL_BATCH].to(device)
+        out.append(batched_forward(params, buffers, chunk.expand(k, *chunk.shape)).float().cpu())
     return torch.cat(out, dim=1) if out else torch.empty(0)
 
 
