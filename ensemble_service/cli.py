@@ -63,7 +63,9 @@ class ProgressObserver:
             f"strategy '{plan.strategy}' on '{plan.data}'; Ray cluster with {cpus:g} CPUs, {gpus:g} GPUs",
             highlight=False)
         for spec in plan.tasks:
-            if hasattr(spec, "member_indices"):
+            if spec.kind == "packed":
+                label = f"members {', '.join(map(str, spec.member_indices))} packed ({spec.architecture})"
+            elif spec.kind == "trajectory":
                 label = (f"trajectory {spec.index} ({spec.architecture}, seed {spec.seed}) "
                          f"-> {len(spec.member_indices)} members")
             else:
@@ -228,6 +230,8 @@ def submit(
     console.print(f"parent run: {result.parent_run_id}", highlight=False)
     console.print(f"experiment: {result.experiment}", highlight=False)
     console.print(f"tracking URI: {result.tracking_uri}", highlight=False)
+    if result.model_version:
+        console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False)
     console.print(f"wall time: {result.wall_seconds:.1f} s; open the MLflow UI with: ensemble ui", highlight=False)
 
 

@@ -113,6 +113,7 @@ class ClusterConfig:
     gpus_per_member: float = 0.0
     max_retries: int = 3
     min_members: Optional[int] = None   # finish with at least this many members when others fail for good
+    pack: int = 1                       # train up to this many same-architecture members in one task (torch.func)
     storage: Optional[str] = None
 
 
@@ -334,6 +335,14 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         )
     if c.max_retries < 0:
         raise ConfigError(f"cluster.max_retries must be >= 0, got {c.max_retries}")
+    if c.pack < 1:
+        raise ConfigError(f"cluster.pack must be at least 1, got {c.pack}")
+    if c.pack > 1 and cfg.strategy.name != "independent":
+        raise ConfigError(f"cluster.pack packs independent members; strategy={cfg.strategy.name} trains "
+                          "trajectories (set cluster.pack=1)")
+    if c.pack > 1 and any(m.batchnorm for m in (cfg.strategy.models or [cfg.model])):
+        raise ConfigError("cluster.pack does not support BatchNorm models (model.batchnorm=true): their running "
+                          "statistics cannot be updated under vmap; set cluster.pack=1 or model.batchnorm=false")
     if c.min_members is not None and c.min_members < 1:
         raise ConfigError(f"cluster.min_members must be at least 1, got {c.min_members}")
     if c.num_cpus is not None and c.num_cpus < 1:

@@ -197,10 +197,34 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
         )
         for i, m in enumerate(member_models(cfg))
     ]
-    slots = [MemberSlot(index=m.index, task=m.index, seed=m.seed, architecture=m.architecture,
+    tasks: List[Any] = list(members)
+    if cfg.cluster.pack > 1:
+        tasks = pack_members(members, cfg.cluster.pack, ckdir)
+    task_of = {i: t.index for t in tasks for i in getattr(t, "member_indices", (t.index,))}
+    slots = [MemberSlot(index=m.index, task=task_of[m.index], seed=m.seed, architecture=m.architecture,
                         tags={"ensemble.role": "member"}) for m in members]
     return EnsemblePlan(ensemble_id=eid, strategy=cfg.strategy.name, data=cfg.data.name,
-                        tasks=members, slots=slots, checkpoint_dir=str(ckdir))
+                        tasks=tasks, slots=slots, checkpoint_dir=str(ckdir))
+
+
+def pack_members(members: List[MemberSpec], k: int, ckdir: Path) -> List[Any]:
+    """Group members with the same model config into PackedSpecs of at most k (a group of one
+    stays a plain MemberSpec). A task's id (its `index`) is its first member's index, so ids
+    of packs and of single members never collide."""
+    groups: Dict[str, List[MemberSpec]] = {}
+    for m in members:
+        groups.setdefault(json.dumps(m.model, sort_keys=True), []).append(m)
+    tasks: List[Any] = []
+    for group in groups.values():
+        for start in range(0, len(group), k):
+            chunk = group[start:start + k]
+            if len(chunk) == 1:
+                tasks.append(chunk[0])
+            else:
+                first = chunk[0].index
+                tasks.append(PackedSpec(index=first, members=tuple(chunk),
+                                        checkpoint_path=str(ckdir / f"pack_{first:03d}.ckpt")))
+    return tasks
 
 
 def _plan_trajectories(cfg: Config, eid: str, ckdir: Path) -> EnsemblePlan:

@@ -40,6 +40,7 @@ class SubmitResult:
     wall_seconds: float
     plan: EnsemblePlan = field(repr=False, default=None)
     degraded: str = ""          # non-empty when the ensemble finished with fewer members (cluster.min_members)
+    model_version: str = ""     # "<name>/versions/<N>" in the MLflow Model Registry, when registered
 
 
 class Observer:
@@ -215,9 +216,23 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         tracker.log_text(parent, tracker.member_table_csv(table), "members.csv")
         tracker.log_text(parent, json.dumps(table, indent=2), "members.json")
         tracker.log_array(parent, mean(member_probs).numpy(), "predictions/ensemble_mean_test_probs.npy")
+        if cfg.tracking.register:  # before the parent ends: a failed registration fails the run
+            from ensemble_service.tracking import register_ensemble
+
+            registered = register_ensemble(
+                tracker.uri, parent, cfg.tracking.model_name or cfg.tracking.experiment,
+                [r.weights for r in results],
+                [{"index": r.index, "architecture": r.architecture, "model": r.model,
+                  "metrics": r.metrics, "extra": r.extra} for r in results],
+                strategy=cfg.strategy.name)
+            tracker.log_metrics(parent, {"registration_seconds": registered.seconds})
+            model_version = f"{registered.name}/versions/{registered.version}"
+        else:
+            model_version = ""
         tracker.end(parent, "FINISHED")
         return SubmitResult(parent_run_id=parent, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment,
-                            members=table, ensemble=ens, wall_seconds=wall, plan=plan, degraded=degraded)
+                            members=table, ensemble=ens, wall_seconds=wall, plan=plan, degraded=degraded,
+                            model_version=model_version)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's driver handler exits on it)
         tracker.end_all("KILLED", "interrupted")
         raise

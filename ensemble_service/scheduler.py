@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import ray
 
 from workers.member import MemberError, MemberResult, train_member
+from workers.packed import train_packed
 from workers.trajectory import train_trajectory
 
 POLL_SECONDS = 1.0  # longest the driver waits for worker events before it wakes up anyway
@@ -92,7 +93,7 @@ def _task(spec, data, inbox) -> List[MemberResult]:
     def report(event: Dict[str, Any]) -> None:
         inbox.put.remote({**event, "node_id": node_id, "pid": os.getpid(), "gpu_ids": gpu_ids})
 
-    train = {"member": train_member, "trajectory": train_trajectory}[spec.kind]
+    train = {"member": train_member, "trajectory": train_trajectory, "packed": train_packed}[spec.kind]
     out = train(spec, data, num_threads=max(1, int(cpus)), gpu_assigned=bool(gpu_ids), report=report)
     results = out if isinstance(out, list) else [out]
     for r in results:

@@ -447,7 +447,7 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(store, monkeypatch):
     assert r.exit_code == 0, r.output
     assert (seen["host"], seen["port"], seen["access_log"], seen["threads"]) == ("127.0.0.1", 8123, False, 1)
     settings = seen["app"].state.settings
-    assert (settings.max_batch_items, settings.preload) == (7, False)
+    assert (settings.max_batch_items, settings.preload, settings.gc_freeze) == (7, False, True)
     assert seen["app"].state.store.uri == store["uri"]
     r = CliRunner().invoke(app, ["serve", "--device", "tpu"])
     assert r.exit_code == 2 and "unknown device" in r.output

@@ -114,8 +114,11 @@ def stack(tmp_path_factory):
         wait_for(healthy, 60, "mlflow server /health")
         yield {"address": f"http://127.0.0.1:{dash}", "tracking": uri, "root": root}
     finally:
-        for proc in started:
-            proc.kill()
+        for proc in started:  # the server's whole process group: mlflow forks uvicorn workers
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
         kill_processes_under(worker_dir)
         kill_processes_under(head_dir)
 

@@ -52,6 +52,7 @@ class Settings:
     max_cached: int = 8                     # loaded ensemble versions kept in memory (LRU)
     device: str = "cpu"                     # cpu | cuda | auto
     preload: bool = False                   # load every ensemble's latest version at startup
+    gc_freeze: bool = False                 # after startup, exempt what is loaded from GC scans (`ensemble serve`)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
@@ -352,6 +353,13 @@ def create_app(tracking_uri: Optional[str] = None, settings: Optional[Settings] 
             from starlette.concurrency import run_in_threadpool
 
             await run_in_threadpool(store.preload)
+        if settings.gc_freeze:
+            # torch, MLflow and the loaded members are long-lived: keeping them out of the cyclic
+            # GC's full collections removes pauses that otherwise show up as tail latency.
+            import gc
+
+            gc.collect()
+            gc.freeze()
         yield
 
     app = FastAPI(

@@ -74,7 +74,7 @@ def serve(
 
     if device not in ("cpu", "cuda", "auto"):
         fail(f"unknown device {device!r}; choose one of: cpu, cuda, auto")
-    settings = Settings.from_env(device=device, preload=preload, max_body_bytes=max_body_bytes,
+    settings = Settings.from_env(device=device, preload=preload, gc_freeze=True, max_body_bytes=max_body_bytes,
                                  max_batch_items=max_batch_items, max_members=max_members, alias_ttl_s=alias_ttl)
     if threads:
         import torch
