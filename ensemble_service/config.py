@@ -340,9 +340,6 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     if c.pack > 1 and cfg.strategy.name != "independent":
         raise ConfigError(f"cluster.pack packs independent members; strategy={cfg.strategy.name} trains "
                           "trajectories (set cluster.pack=1)")
-    if c.pack > 1 and any(m.batchnorm for m in (cfg.strategy.models or [cfg.model])):
-        raise ConfigError("cluster.pack does not support BatchNorm models (model.batchnorm=true): their running "
-                          "statistics cannot be updated under vmap; set cluster.pack=1 or model.batchnorm=false")
     if c.min_members is not None and c.min_members < 1:
         raise ConfigError(f"cluster.min_members must be at least 1, got {c.min_members}")
     if c.num_cpus is not None and c.num_cpus < 1:

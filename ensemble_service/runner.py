@@ -118,8 +118,11 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         runs: Dict[int, str] = {}
         logged: Dict[int, int] = {}           # member index -> last epoch logged
         open_members: Dict[int, List[int]] = {}  # task index -> members still collecting epochs
+        tasks = {t.index: t for t in plan.tasks}
         for slot in plan.slots:
-            spec = plan.tasks[slot.task]
+            spec = tasks[slot.task]
+            if spec.kind == "packed":  # the member's own spec (its seed and bagging)
+                spec = next(m for m in spec.members if m.index == slot.index)
             runs[slot.index] = tracker.start_member(
                 slot.index, f"member-{slot.index}",
                 {"seed": slot.seed, "architecture": slot.architecture, "model": spec.model,

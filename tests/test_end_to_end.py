@@ -117,3 +117,16 @@ def test_a_failing_member_fails_the_ensemble_and_leaves_nothing_running(ray_clus
     assert parents[0].info.status == "FAILED"
     assert {m.info.status for m in members} == {"FAILED"}
     assert all("training loss became" in m.data.tags.get("ensemble.error", "") for m in members)
+
+
+def test_packed_members_are_tracked_like_independent_ones(ray_cluster, tmp_path):
+    result = submit(tmp_path, "data=synthetic", "model=mlp", "model.depth=1", "model.width=16", "strategy.members=5",
+                    "trainer.epochs=2", "cluster.pack=2", "strategy.bagging=true")
+    assert result.exit_code == 0, result.output
+    assert "members 0, 1 packed" in result.output
+    client, parents, members = runs_of(tmp_path)
+    assert parents[0].info.status == "FINISHED" and len(members) == 5
+    assert all(m.info.status == "FINISHED" for m in members)
+    for m in members:
+        assert sorted(h.step for h in client.get_metric_history(m.info.run_id, "train_loss")) == [1, 2]
+        assert "test_acc" in m.data.metrics and m.data.params["seed"] == m.data.tags["ensemble.member_index"]
