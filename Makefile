@@ -37,5 +37,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+bench: $(STAMP)
+	# torchensemble without its dependencies: its unpinned torchvision would swap the CPU torch
+	$(BIN)/python -m pip install -q --no-deps "torchensemble==0.2.0"
+	$(BIN)/python bench/run_all.py
+
 clean:
 	rm -rf $(VENV) mlruns mlflow.db outputs multirun .pytest_cache

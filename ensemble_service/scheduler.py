@@ -54,6 +54,7 @@ def connect(cluster) -> Dict[str, Any]:
 
 
 def shutdown() -> None:
+    _INBOX.clear()
     if ray.is_initialized():
         ray.shutdown()
 
@@ -80,6 +81,25 @@ class _Inbox:
         out, self.events = self.events, []
         self.arrived.clear()
         return out
+
+    async def wake(self) -> None:
+        """End a waiting drain now (the driver is done waiting for tasks)."""
+        self.arrived.set()
+
+
+_INBOX: Dict[str, Any] = {}
+
+
+def _inbox():
+    """One inbox actor per driver and Ray session: starting an actor is a new Python process
+    (~1 s of CPU that the members would otherwise lose), so it is paid once."""
+    session = ray.get_runtime_context().get_job_id()
+    actor = _INBOX.get(session)
+    if actor is None:
+        actor = _INBOX[session] = _Inbox.remote()
+    else:
+        ray.get(actor.drain.remote(0.0))  # leftovers of an earlier run in this driver
+    return actor
 
 
 def _task(spec, data, inbox) -> List[MemberResult]:
@@ -140,7 +160,7 @@ def run_tasks(
     ``on_event`` gets each worker event as it arrives, ``on_result``/``on_failure`` each task's
     outcome, and ``on_tick`` runs after every wake-up (the caller flushes buffered writes there)."""
     on_event = on_event or (lambda e: None)
-    inbox = _Inbox.remote()
+    inbox = _inbox()
     data_ref = ray.put(data)  # once, not once per task
     task = _remote_task.options(
         num_cpus=cluster.cpus_per_member, num_gpus=cluster.gpus_per_member,
@@ -175,13 +195,12 @@ def run_tasks(
                     on_result(spec, members)
             if on_tick:
                 on_tick()
+        inbox.wake.remote()
         for event in ray.get(events) + ray.get(inbox.drain.remote(0.0)):
             on_event(event)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
         raise
-    finally:
-        ray.kill(inbox)
     return results, failures
 

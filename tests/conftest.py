@@ -24,7 +24,7 @@ def ray_cluster():
 
     resources = scheduler.connect(ClusterConfig(num_cpus=2, num_gpus=1))
     yield resources
-    ray.shutdown()
+    scheduler.shutdown()
 
 
 @pytest.fixture
