@@ -43,4 +43,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db outputs multirun .pytest_cache
+	rm -rf $(VENV) mlruns mlartifacts mlflow.db .ensemble data outputs multirun .pytest_cache

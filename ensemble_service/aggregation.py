@@ -373,8 +373,10 @@ def _vote(p: torch.Tensor, w: Optional[torch.Tensor]) -> Tuple[torch.Tensor, tor
 def _vote_labels(
     labels: torch.Tensor, c: int, w: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    onehot = torch.nn.functional.one_hot(labels, c).to(torch.float64)
-    shares = _mean(onehot, None if w is None else w.to(torch.float64))
+    m, b = labels.shape
+    weight = torch.full((m,), 1.0 / m, dtype=torch.float64) if w is None else w.to(torch.float64)
+    shares = torch.zeros(b, c, dtype=torch.float64)  # [B, C]: no [M, B, C] one-hot, whatever C is
+    shares.scatter_add_(1, labels.t(), weight[None, :].expand(b, m).contiguous())
     return _break_ties(shares), shares.to(torch.float32)
 
 

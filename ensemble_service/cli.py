@@ -1,12 +1,15 @@
 """The `ensemble` command.
 
-    ensemble submit [OVERRIDES...]   train an ensemble (Hydra overrides, e.g. data=mnist1d strategy.members=3)
+    ensemble submit [OVERRIDES...]   train an ensemble (Hydra overrides, e.g. data=mnist1d strategy.members=3);
+                                     --address http://HEAD:8265 [--wait] submits it as a job to a remote cluster
     ensemble runs                    recent ensembles and their main metrics, from MLflow
     ensemble ui [--port]             the MLflow UI on the same tracking store
+    ensemble serve / predict         the prediction API on the registered ensembles, and its client
+    ensemble jobs / status / logs / cancel   the jobs of a remote cluster
 
 Bad input (an unknown data set, model, strategy or optimizer, a value out of range, a
-malformed override, missing data files) prints one line `error: ...` and exits 2,
-before Ray starts or any MLflow run is created. A training failure exits 1 with every
+malformed override, missing data files, a member no Ray node could run) prints one line
+`error: ...` and exits 2, before an embedded Ray starts or any MLflow run is created. A training failure exits 1 with every
 MLflow run closed as FAILED. Set ENSEMBLE_DEBUG=1 to see tracebacks.
 """
 from __future__ import annotations
@@ -23,9 +26,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "token" if os.environ.get("RAY_AUTH_TOKEN") else "disabled")
+from ensemble_service.config import service_env_defaults  # noqa: E402  (light: no Hydra, Ray or MLflow)
+
+service_env_defaults()
 
 app = typer.Typer(
     name="ensemble", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -19,9 +19,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 STRATEGIES = ("independent", "snapshot", "swa", "fge", "heads", "mc_dropout")
-TRAJECTORY_STRATEGIES = ("snapshot", "swa", "fge", "heads", "mc_dropout")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def service_env_defaults() -> None:
+    """Set where the service starts Ray or MLflow (these machines have no internet): no usage
+    stats or telemetry, and RAY_AUTH_MODE explicitly: token when a token is given, else disabled."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    os.environ.setdefault("RAY_AUTH_MODE", "token" if has_token else "disabled")
 
 
 class ConfigError(ValueError):
@@ -333,6 +341,9 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         raise ConfigError(
             f"cluster.gpus_per_member must be a fraction in [0, 1] or a whole number, got {c.gpus_per_member}"
         )
+    if t.device == "cuda" and c.gpus_per_member <= 0:
+        raise ConfigError("trainer.device=cuda needs cluster.gpus_per_member > 0 (Ray gives a task a GPU only "
+                          "when it asks for one); or leave trainer.device=auto")
     if c.max_retries < 0:
         raise ConfigError(f"cluster.max_retries must be >= 0, got {c.max_retries}")
     if c.pack < 1:

@@ -9,6 +9,8 @@ exception), every run it opened is closed as FINISHED, FAILED or KILLED.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,6 +84,17 @@ def parent_metrics(member_probs: torch.Tensor, targets: torch.Tensor, val_accs: 
     }
 
 
+def unschedulable(cfg: Config, nodes: List[Dict[str, float]]) -> str:
+    """Why no node with these resources could run one task ('' if one can): such a task would
+    wait forever."""
+    c = cfg.cluster
+    if any(n.get("CPU", 0) >= c.cpus_per_member and n.get("GPU", 0) >= c.gpus_per_member for n in nodes):
+        return ""
+    have = ", ".join(f"{n.get('CPU', 0):g} CPUs/{n.get('GPU', 0):g} GPUs" for n in nodes) or "no nodes"
+    return (f"no Ray node can run a member with cluster.cpus_per_member={c.cpus_per_member:g} and "
+            f"cluster.gpus_per_member={c.gpus_per_member:g} (nodes: {have})")
+
+
 def model_label(cfg: Config) -> str:
     if cfg.strategy.models:
         return "+".join(sorted({m.name for m in cfg.strategy.models}))
@@ -96,12 +109,17 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
     t0 = time.perf_counter()
     plan = make_plan(cfg)
     data = load_data(cfg)                      # bad data -> ConfigError, before Ray and MLflow
+    embedded = cfg.cluster.address is None and not scheduler.joining_existing_cluster()
+    if embedded:                               # what the embedded cluster will have, before starting it
+        problem = unschedulable(cfg, [{"CPU": cfg.cluster.num_cpus or os.cpu_count() or 1,
+                                       "GPU": cfg.cluster.num_gpus if cfg.cluster.num_gpus is not None
+                                       else torch.cuda.device_count()}])
+        if problem:
+            raise ConfigError(problem)
     resources = scheduler.connect(cfg.cluster)
-    if cfg.cluster.address is None and resources.get("CPU", 0) < cfg.cluster.cpus_per_member:
-        raise ConfigError(f"cluster.cpus_per_member={cfg.cluster.cpus_per_member} but the cluster has "
-                          f"{resources.get('CPU', 0):g} CPUs")
-    if cfg.cluster.gpus_per_member > 0 and resources.get("GPU", 0) <= 0:
-        raise ConfigError("cluster.gpus_per_member > 0 but the Ray cluster has no GPUs")
+    problem = unschedulable(cfg, scheduler.node_resources())
+    if problem:                                # a task no node can run would wait forever
+        raise ConfigError(problem)
     observer.started(plan, resources)
     # matplotlib's first figure costs ~0.5 s (imports, fonts): pay it while the members train
     threading.Thread(target=plots.warm_up, daemon=True).start()
@@ -151,7 +169,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
                                                "ensemble.pid": event["pid"]})
             elif event["type"] == "epoch":
                 for i in members:           # a trajectory's epochs belong to the members it has not collected yet
-                    log_epochs(i, [event])
+                    own = event.get("members", {}).get(i)  # a pack reports each member's own values
+                    log_epochs(i, [{**event, **own} if own else event])
             elif event["type"] == "collected" and event["member"] in members:
                 members.remove(event["member"])
             observer.event({**event, "task": task})
@@ -233,6 +252,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         else:
             model_version = ""
         tracker.end(parent, "FINISHED")
+        # the members' weights are in MLflow now; their resume checkpoints are not needed any more
+        shutil.rmtree(plan.checkpoint_dir, ignore_errors=True)
         return SubmitResult(parent_run_id=parent, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment,
                             members=table, ensemble=ens, wall_seconds=wall, plan=plan, degraded=degraded,
                             model_version=model_version)

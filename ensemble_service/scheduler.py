@@ -4,7 +4,8 @@ jobs.py) that imports Ray.
 - ``connect(cluster)`` starts an embedded local Ray cluster when ``cluster.address`` is
   null (reusing one already started in this process), otherwise connects to it.
 - ``run_tasks`` puts the data set in the object store once, submits one task per
-  independent member or per trajectory (snapshot/SWA/FGE/heads/MC dropout) with ``num_cpus``/``num_gpus`` from the cluster config and
+  independent member, per trajectory (snapshot/SWA/FGE/heads/MC dropout) or per pack of
+  members (cluster.pack) with ``num_cpus``/``num_gpus`` from the cluster config and
   ``max_retries=cluster.max_retries`` (a worker process that dies is re-run, and the
   member resumes from its last checkpoint), then waits on the tasks and hands each
   result or failure to the caller as it arrives. Per-epoch events travel from the
@@ -16,24 +17,18 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
 
+from ensemble_service.config import service_env_defaults
 from workers.member import MemberError, MemberResult, train_member
 from workers.packed import train_packed
 from workers.trajectory import train_trajectory
 
 POLL_SECONDS = 1.0  # longest the driver waits for worker events before it wakes up anyway
-
-
-def ray_env_defaults() -> None:
-    """No usage stats (no internet here); auth mode set explicitly: token when a token is given."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-    os.environ.setdefault("RAY_AUTH_MODE", "token" if has_token else "disabled")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def connect(cluster) -> Dict[str, Any]:
@@ -42,7 +37,7 @@ def connect(cluster) -> Dict[str, Any]:
     cluster.address (or RAY_ADDRESS, which Ray sets for a job's driver) joins that cluster;
     neither starts an embedded local one with cluster.num_cpus / cluster.num_gpus.
     """
-    ray_env_defaults()
+    service_env_defaults()
     if not ray.is_initialized():
         address = cluster.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -51,6 +46,17 @@ def connect(cluster) -> Dict[str, Any]:
             ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                      include_dashboard=False, log_to_driver=True)
     return dict(ray.cluster_resources())
+
+
+def joining_existing_cluster() -> bool:
+    """True when connect() would join a running cluster (already connected, or RAY_ADDRESS set)."""
+    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def node_resources() -> List[Dict[str, float]]:
+    """CPU and GPU of each alive node (for feasibility checks)."""
+    return [{"CPU": n["Resources"].get("CPU", 0.0), "GPU": n["Resources"].get("GPU", 0.0)}
+            for n in ray.nodes() if n.get("Alive")]
 
 
 def shutdown() -> None:
@@ -102,7 +108,7 @@ def _inbox():
     return actor
 
 
-def _task(spec, data, inbox) -> List[MemberResult]:
+def _task(spec, data, inbox, run_token: str) -> List[MemberResult]:
     """One Ray task: one independent member (MemberSpec) or one trajectory (TrajectorySpec)."""
     t_start = time.time()
     ctx = ray.get_runtime_context()
@@ -111,7 +117,7 @@ def _task(spec, data, inbox) -> List[MemberResult]:
     node_id = ctx.get_node_id()
 
     def report(event: Dict[str, Any]) -> None:
-        inbox.put.remote({**event, "node_id": node_id, "pid": os.getpid(), "gpu_ids": gpu_ids})
+        inbox.put.remote({**event, "node_id": node_id, "pid": os.getpid(), "gpu_ids": gpu_ids, "run": run_token})
 
     train = {"member": train_member, "trajectory": train_trajectory, "packed": train_packed}[spec.kind]
     out = train(spec, data, num_threads=max(1, int(cpus)), gpu_assigned=bool(gpu_ids), report=report)
@@ -166,7 +172,8 @@ def run_tasks(
         num_cpus=cluster.cpus_per_member, num_gpus=cluster.gpus_per_member,
         max_retries=cluster.max_retries, retry_exceptions=False,
     )
-    pending = {task.remote(spec, data_ref, inbox): spec for spec in specs}
+    run_token = uuid.uuid4().hex  # events of an earlier run in this driver arriving late are ignored
+    pending = {task.remote(spec, data_ref, inbox, run_token): spec for spec in specs}
     results: List[MemberResult] = []
     failures: List[TaskFailure] = []
 
@@ -176,7 +183,8 @@ def run_tasks(
             ready, _ = ray.wait([events, *pending], num_returns=1)
             if events in ready:
                 for event in ray.get(events):
-                    on_event(event)
+                    if event.get("run") == run_token:
+                        on_event(event)
                 events = inbox.drain.remote(POLL_SECONDS)
             for ref in ready:
                 if ref not in pending:
@@ -197,7 +205,8 @@ def run_tasks(
                 on_tick()
         inbox.wake.remote()
         for event in ray.get(events) + ray.get(inbox.drain.remote(0.0)):
-            on_event(event)
+            if event.get("run") == run_token:
+                on_event(event)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)

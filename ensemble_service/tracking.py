@@ -187,20 +187,35 @@ class EnsembleTracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         if run_id in self.open_runs:
-            self.flush(run_id)
-            self.client.set_terminated(run_id, status)
-            self.open_runs.remove(run_id)
+            try:
+                self.flush(run_id)
+            finally:  # a failed metric write must not leave the run RUNNING
+                self.client.set_terminated(run_id, status)
+                self.open_runs.remove(run_id)
 
     def end_all(self, status: str = "FAILED", reason: str = "") -> None:
         """Close every run still open (members first, then the parent)."""
-        for rid in [r for r in self.open_runs if r != self.parent_id] + (
-                [self.parent_id] if self.parent_id in self.open_runs else []):
+        import signal
+
+        # a second Ctrl-C or SIGTERM while closing would leave runs RUNNING: hold them off until done
+        held = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                if reason:
-                    self.set_tags(rid, {"ensemble.error": reason[:4000]})
-                self.end(rid, status)
-            except Exception:  # closing is best effort; keep closing the others
+                held[sig] = signal.signal(sig, signal.SIG_IGN)
+            except ValueError:  # not the main thread
                 pass
+        try:
+            for rid in [r for r in self.open_runs if r != self.parent_id] + (
+                    [self.parent_id] if self.parent_id in self.open_runs else []):
+                if reason:
+                    self.queue_tags(rid, {"ensemble.error": reason[:4000]})
+                try:
+                    self.end(rid, status)
+                except Exception:  # closing is best effort; keep closing the others
+                    pass
+        finally:
+            for sig, handler in held.items():
+                signal.signal(sig, handler)
 
     @staticmethod
     def member_table_csv(rows: List[Dict[str, Any]]) -> str:

@@ -325,3 +325,13 @@ def test_aggregation_error_is_value_error():
 def test_function_errors(call, match):
     with pytest.raises(AggregationError, match=match):
         call()
+
+
+def test_label_votes_with_many_classes_do_not_build_a_members_by_classes_tensor():
+    # 64 members x 1024 items x 10000 classes as a one-hot would be ~5 GB; the counts are [B, C]
+    labels = torch.arange(64 * 1024).reshape(64, 1024) % 10000
+    labels[:, 0] = 7                                       # every member votes 7 for item 0
+    winners, shares = A.vote_labels(labels, 10000)
+    assert shares.shape == (1024, 10000)
+    assert winners[0].item() == 7 and shares[0, 7].item() == pytest.approx(1.0)
+    assert torch.allclose(shares.sum(-1), torch.ones(1024))

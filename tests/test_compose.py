@@ -81,6 +81,15 @@ def test_ports_match_commands_and_health_checks():
     assert option(api_cmd, "--tracking-uri") == "http://mlflow:5000"
 
 
+def test_the_mlflow_server_accepts_the_host_its_clients_use():
+    allowed = option(SERVICES["mlflow"]["command"], "--allowed-hosts").split(",")
+    uris = {svc.get("environment", {}).get("MLFLOW_TRACKING_URI") for svc in SERVICES.values()}
+    uris |= {option(SERVICES["api"]["command"], "--tracking-uri")}
+    for uri in filter(None, uris):
+        host = uri.split("://", 1)[1].rstrip("/")
+        assert host in allowed, f"{host} is not in the mlflow server's --allowed-hosts"
+
+
 def test_ray_services_have_shm_and_the_worker_reserves_a_gpu():
     for name in ("ray-head", "ray-worker"):
         assert SERVICES[name]["shm_size"]

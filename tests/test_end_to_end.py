@@ -128,5 +128,10 @@ def test_packed_members_are_tracked_like_independent_ones(ray_cluster, tmp_path)
     assert parents[0].info.status == "FINISHED" and len(members) == 5
     assert all(m.info.status == "FINISHED" for m in members)
     for m in members:
-        assert sorted(h.step for h in client.get_metric_history(m.info.run_id, "train_loss")) == [1, 2]
+        history = sorted(client.get_metric_history(m.info.run_id, "train_loss"), key=lambda h: h.step)
+        assert [h.step for h in history] == [1, 2]
         assert "test_acc" in m.data.metrics and m.data.params["seed"] == m.data.tags["ensemble.member_index"]
+    # each packed member logs its own series, not the pack's average: bagging makes them differ
+    losses = {m.data.tags["ensemble.member_index"]: client.get_metric_history(m.info.run_id, "train_loss")[0].value
+              for m in members}
+    assert losses["0"] != losses["1"] and losses["2"] != losses["3"]

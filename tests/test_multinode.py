@@ -215,3 +215,32 @@ def test_bad_input_is_rejected_before_submission(stack):
     assert "strategy.members must be at least 1" in result.stderr and "submitted job" not in result.stdout
     unknown = cli("status", "raysubmit_nope", "--address", stack["address"])
     assert unknown.returncode == 1 and unknown.stderr.startswith("error:")
+
+
+def test_token_auth_cluster_needs_the_token_and_the_cli_sends_it(tmp_path):
+    """A head started with RAY_AUTH_MODE=token: the CLI passes RAY_AUTH_TOKEN; without it, a clear error."""
+    ports = free_ports(10)
+    head_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    token_env = dict(env(), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="ensemble-test-token-0123456789abcdef")
+    try:
+        subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={ports[0]}",
+                        f"--dashboard-port={ports[1]}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                        "--num-cpus=1", f"--temp-dir={head_dir}", "--disable-usage-stats",
+                        f"--ray-client-server-port={ports[2]}", *node_ports(ports[3:9])],
+                       env=token_env, check=True, timeout=120, stdout=subprocess.DEVNULL)
+        address = f"http://127.0.0.1:{ports[1]}"
+
+        def jobs(environment):
+            return subprocess.run([str(BIN / "ensemble"), "jobs", "--address", address], env=environment,
+                                  capture_output=True, text=True, timeout=120)
+
+        with_token = dict(env(), RAY_AUTH_TOKEN=token_env["RAY_AUTH_TOKEN"])
+        with_token.pop("RAY_AUTH_MODE")          # the CLI sets token mode itself when a token is given
+        ok = wait_for(lambda: (r := jobs(with_token)).returncode == 0 and r, 60, "the Jobs API with the token")
+        assert f"Jobs at {address}" in ok.stdout
+        refused = jobs(env())                    # no token
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("error:") and refused.stderr.count("\n") == 1
+        assert "Traceback" not in refused.stderr
+    finally:
+        kill_processes_under(head_dir)

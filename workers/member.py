@@ -221,6 +221,8 @@ def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         torch.set_rng_state(ckpt["rng_torch"])
+        if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         order.set_state(ckpt["rng_order"])
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
         restarts, seconds = int(ckpt["restarts"]) + 1, float(ckpt["train_seconds"])
@@ -242,6 +244,7 @@ def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
             "input_shape": list(data.input_shape), "num_classes": int(data.num_classes),
             "epoch": epoch + 1, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
             "rng_torch": torch.get_rng_state(), "rng_order": order.get_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "history": history, "restarts": restarts, "train_seconds": seconds,
         })
         report({"type": "epoch", "member": spec.index, "epochs": spec.epochs, "seconds": seconds, **record})
