@@ -93,6 +93,7 @@ afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -125,6 +126,14 @@ __all__ = [
     "model_entry",
     "register_model",
 ]
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A seed in [0, 2**63) determined by ``seed`` and ``keys`` (e.g. ``("head", k)`` for head k,
+    ``("mc_dropout", s)`` for MC-dropout pass s): the training workers and the serving code
+    derive the same per-head and per-pass seeds from it."""
+    digest = hashlib.sha256(repr((int(seed),) + keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class ModelError(ValueError):

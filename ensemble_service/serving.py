@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from ensemble_service import aggregation
-from ensemble_service.models import create_model
+from ensemble_service.models import create_model, derive_seed
 
 __all__ = [
     "FORMAT", "MANIFEST", "EVAL_BATCH", "ServingError", "Member", "Prediction", "Ensemble",
@@ -94,12 +94,6 @@ def read_blob(blob: bytes) -> Dict[str, Any]:
     return ckpt
 
 
-def _derive_seed(seed: int, *keys: Any) -> int:
-    """Same formula as ``workers.trajectory.derive_seed`` (kept here: serving imports no workers)."""
-    digest = hashlib.sha256(repr((int(seed),) + keys).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def member_record(index: int, architecture: Optional[str] = None, model: Optional[Mapping[str, Any]] = None,
                   metrics: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None,
                   *, blob_meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -127,7 +121,7 @@ def member_record(index: int, architecture: Optional[str] = None, model: Optiona
         if seed is None:
             base = extra.get("mc_seed", dict((blob_meta or {}).get("mc_dropout") or {}).get("seed"))
             if base is not None and extra.get("sample") is not None:
-                seed = _derive_seed(int(base), "mc_dropout", int(extra["sample"]))
+                seed = derive_seed(int(base), "mc_dropout", int(extra["sample"]))
         if seed is None:
             raise ServingError(f"member {index} is an MC-dropout sample without a seed "
                                "(sample_seed, or mc_seed / the checkpoint's mc_dropout.seed with sample)")

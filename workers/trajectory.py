@@ -64,7 +64,6 @@ uninterrupted run; one written by another strategy or member layout is refused.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -76,7 +75,7 @@ from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 from ensemble_service.data import DataBundle
-from ensemble_service.models import init_weights
+from ensemble_service.models import derive_seed, init_weights
 from workers.member import (
     CHECKPOINT_FORMAT, MemberError, MemberResult, Report, build_model, build_optimizer, forward_batches,
     load_checkpoint, predict_logits, resolve_device, result_metrics, run_epoch, save_checkpoint,
@@ -112,12 +111,6 @@ def fge_lr(i: int, cycle_iters: int, lr1: float, lr2: float) -> float:
     if t <= 0.5:
         return (1 - 2 * t) * lr1 + 2 * t * lr2
     return (2 - 2 * t) * lr2 + (2 * t - 1) * lr1
-
-
-def derive_seed(seed: int, *keys: Any) -> int:
-    """A seed in [0, 2**63) determined by ``seed`` and ``keys`` (e.g. ``("head", k)``)."""
-    digest = hashlib.sha256(repr((int(seed),) + keys).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 # --------------------------------------------------------------------------- heads
