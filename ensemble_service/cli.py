@@ -57,7 +57,7 @@ class ProgressObserver:
     def __init__(self, progress: Progress):
         self.progress = progress
         self.tasks: Dict[int, Any] = {}
-        self.members_left: Dict[int, int] = {}
+        self.done: set = set()
 
     def started(self, plan, resources) -> None:
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
@@ -77,7 +77,7 @@ class ProgressObserver:
 
     def event(self, e: Dict[str, Any]) -> None:
         task = self.tasks.get(e["task"])
-        if task is None:
+        if task is None or e["task"] in self.done:  # a late event must not overwrite "done"
             return
         if e["type"] == "start":
             note = f"resumed at epoch {e['resumed_from']}" if e["resumed_from"] else "training"
@@ -90,6 +90,7 @@ class ProgressObserver:
         pass
 
     def task_done(self, task: int, members: int) -> None:
+        self.done.add(task)
         t = self.tasks[task]
         self.progress.update(t, completed=self.progress.tasks[t].total, info=f"done: {members} member(s)")
 
