@@ -119,10 +119,6 @@ class EnsemblePlan:
     slots: List[MemberSlot] = field(default_factory=list)
     checkpoint_dir: str = ""
 
-    @property
-    def members(self) -> List[MemberSlot]:
-        return self.slots
-
 
 def ensemble_id(cfg: Config) -> str:
     """A fresh id per submission: config hash + time, so re-submitting never resumes stale checkpoints."""

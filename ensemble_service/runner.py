@@ -176,8 +176,10 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
             observer.event({**event, "task": task})
 
         rows: Dict[int, Dict[str, Any]] = {}
+        task_seconds: Dict[int, float] = {}   # a trajectory's or pack's members share one training time
 
         def on_result(spec, results) -> None:
+            task_seconds[spec.index] = max(r.train_seconds for r in results)
             for r in results:
                 rid = runs[r.index]
                 log_epochs(r.index, r.history)
@@ -229,7 +231,7 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         last = results[-1].metrics
         ens.update(last_member_test_acc=last["test_acc"], last_member_test_nll=last["test_nll"])
         wall = time.perf_counter() - t0
-        train_total = sum({(r.extra.get("pid"), r.extra.get("t_start")): r.train_seconds for r in results}.values())
+        train_total = sum(task_seconds.values())
         tracker.log_metrics(parent, {**ens, "wall_seconds": wall, "members_finished": len(results),
                                      "members_planned": len(plan.slots),
                                      "train_seconds_total": train_total})

@@ -22,19 +22,15 @@ with warnings.catch_warnings():  # starlette's notice about httpx vs httpx2
 from ensemble_service import aggregation, tracking
 from ensemble_service.api import Settings, create_app
 from ensemble_service.serving import Ensemble, member_record
-from test_serving import blob_of, infos, loop_logits, synthetic_data, train_members
+from test_serving import blob_of, close, finished_parent, infos, loop_logits, synthetic_data, train_members
 
 MLP = {"name": "mlp", "width": 16, "depth": 1}
 PARENT_METRICS = {"ensemble_mean_test_acc": 0.8, "ensemble_vote_test_acc": 0.75, "disagreement": 0.2,
                   "wall_seconds": 3.0}
 
 
-def _parent(uri: str, metrics=None) -> str:
-    tr = tracking.EnsembleTracker(uri, "api")
-    parent = tr.start_parent("parent", {"a": 1}, {"ensemble.data": "synthetic", "ensemble.strategy": "independent"})
-    tr.log_metrics(parent, metrics or PARENT_METRICS)
-    tr.end(parent, "FINISHED")
-    return parent
+def _parent(uri: str) -> str:
+    return finished_parent(uri, "api", PARENT_METRICS)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +57,6 @@ def client(store):
 def _inputs(x: torch.Tensor, flat: bool = True):
     return (x.reshape(len(x), -1) if flat else x).tolist()
 
-
-def close(got, expected) -> None:
-    """Equal up to float32 rounding."""
-    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64),
-                               rtol=1e-6, atol=1e-7)
 
 
 def _ensemble(results) -> Ensemble:

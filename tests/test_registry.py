@@ -13,24 +13,13 @@ import torch
 
 from ensemble_service import tracking
 from ensemble_service.serving import Ensemble, member_record
-from test_serving import blob_of, infos, synthetic_data, train_members
+from test_serving import blob_of, close, finished_parent, infos, synthetic_data, train_members
 
 MLP = {"name": "mlp", "width": 16, "depth": 1}
 
 
-def close(got, expected) -> None:
-    """Equal up to float32 rounding (BLAS may pick another kernel from one call to the next)."""
-    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64),
-                               rtol=1e-6, atol=1e-7)
-
-
 def _parent(uri: str, experiment: str = "ens", metrics=None) -> str:
-    tr = tracking.EnsembleTracker(uri, experiment)
-    parent = tr.start_parent("parent", {"strategy": {"name": "independent"}},
-                             {"ensemble.data": "synthetic", "ensemble.strategy": "independent"})
-    tr.log_metrics(parent, metrics or {"ensemble_mean_test_acc": 0.75, "disagreement": 0.1})
-    tr.end(parent, "FINISHED")
-    return parent
+    return finished_parent(uri, experiment, metrics or {"ensemble_mean_test_acc": 0.75, "disagreement": 0.1})
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,24 @@ def blob_of(name: str, seed: int, *, num_classes: int = 3, randomize_bn: bool = 
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 2.0)
     return weights_blob(cfg, SHAPES[name], num_classes, model)
+
+
+def close(got, expected) -> None:
+    """Equal up to float32 rounding (BLAS may pick another kernel from one call to the next)."""
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64),
+                               rtol=1e-6, atol=1e-7)
+
+
+def finished_parent(uri: str, experiment: str, metrics: dict) -> str:
+    """A FINISHED parent run with these metrics, as a submit leaves it, to register ensembles under."""
+    from ensemble_service import tracking
+
+    tr = tracking.EnsembleTracker(uri, experiment)
+    parent = tr.start_parent("parent", {"strategy": {"name": "independent"}},
+                             {"ensemble.data": "synthetic", "ensemble.strategy": "independent"})
+    tr.log_metrics(parent, metrics)
+    tr.end(parent, "FINISHED")
+    return parent
 
 
 def loop_logits(blobs, x):
