@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 STRATEGIES = ("independent", "snapshot", "swa", "fge", "heads", "mc_dropout")
-OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -58,25 +57,17 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    name: str = "mlp"
-    batchnorm: bool = False
-    dropout: float = 0.0
-    init: str = "default"
-    activation: str = "relu"
-    depth: Optional[int] = None
-    width: Optional[int] = None
-
-
-@dataclass
 class StrategyConfig:
     """Keys of every strategy; each strategy reads its own (see conf/strategy/*.yaml)."""
     name: str = "independent"
     members: int = 5
     # independent
     bagging: bool = False
-    # mixed-architecture ensembles: member i uses models[i % len(models)]; empty = `model`
-    models: List[ModelConfig] = field(default_factory=list)
+    # mixed members: member i uses models[i % len(models)]; empty = `model` for every member.
+    # An entry is a model (`{name: lenet, batchnorm: true}` for a built-in, `{_target_: mypkg.Net, ...}`
+    # for the user's) and may carry its own `optimizer` (a conf/optimizer name, a full `_target_`
+    # spec, or keys merged over the top-level optimizer) and `trainer: {epochs, batch_size}`.
+    models: List[Any] = field(default_factory=list)
     # trajectory strategies: T independent trajectories, one Ray task each
     trajectories: int = 1
     # snapshot (M cycles of a cyclic cosine lr, a snapshot at each cycle's end) and fge
@@ -93,15 +84,6 @@ class StrategyConfig:
     heads: int = 5
     # mc_dropout: S stochastic forward passes at test time
     samples: int = 10
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
 
 
 @dataclass
@@ -137,9 +119,9 @@ class TrackingConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = None          # a `_target_` spec (conf/model/*.yaml), a plain dict once loaded
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: Any = None      # a `_target_` + `_partial_: true` spec (conf/optimizer/*.yaml)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -206,6 +188,22 @@ def _explain_compose_error(exc: BaseException) -> str:
     return _one_line(msg.strip().split("\n")[0]) or type(exc).__name__
 
 
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _select_custom_groups(overrides: List[str]) -> List[str]:
+    """``model._target_=mypkg.Net`` without a ``model=...`` choice selects ``model=custom`` (a node
+    holding only the target), so the default model's options (depth, width, ...) do not leak
+    into the user's constructor; likewise for ``data._target_``."""
+    keys = [_override_key(o) for o in overrides]
+    extra = []
+    for group in ("model", "data"):
+        if f"{group}._target_" in keys and group not in keys and (conf_dir() / group / "custom.yaml").is_file():
+            extra.append(f"{group}=custom")
+    return extra + list(overrides)
+
+
 def compose(overrides: List[str] | None = None):
     """Compose conf/config.yaml with Hydra overrides -> DictConfig (type-checked)."""
     from hydra import compose as hydra_compose
@@ -217,6 +215,7 @@ def compose(overrides: List[str] | None = None):
     for o in overrides:
         if o.startswith("-"):
             raise ConfigError(f"unknown option {o!r}; overrides look like key=value (see `ensemble submit --help`)")
+    overrides = _select_custom_groups(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
@@ -249,8 +248,14 @@ def _unknown_key(node, obj, prefix: str = "") -> Optional[str]:
 def to_plain(dcfg) -> Config:
     from omegaconf import OmegaConf
 
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
         obj = OmegaConf.to_object(dcfg)
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", "") or _full_key(str(exc)) or "a key"
+        hint = " (your model's import path, e.g. mypkg.nets.TinyNet)" if key == "model._target_" else ""
+        raise ConfigError(f"missing value for {key}{hint}") from None
     except Exception as exc:
         raise ConfigError(_explain_compose_error(exc)) from None
     if not isinstance(obj, Config):  # a raw dict would mean the schema was not applied
@@ -261,16 +266,95 @@ def to_plain(dcfg) -> Config:
     return obj
 
 
-def _check_model(m: ModelConfig, input_shape, where: str) -> None:
-    from ensemble_service.models import ModelError, check_model_options
+def _conf_node(group: str, name: Any, where: str) -> Dict[str, Any]:
+    """conf/<group>/<name>.yaml as a plain dict (a name inside strategy.models)."""
+    from omegaconf import OmegaConf
 
+    path = conf_dir() / group / f"{name}.yaml"
+    if not isinstance(name, str) or not name or "/" in name or not path.is_file():
+        raise ConfigError(f"{where}: unknown {group} {name!r}; choose one of: {', '.join(group_options(group))}")
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    node.pop("defaults", None)
+    return dict(node)
+
+
+@dataclass(frozen=True)
+class MemberSettings:
+    """What one member trains with: its model spec, optimizer spec, epochs and batch size."""
+    model: Dict[str, Any]
+    optimizer: Dict[str, Any]
+    epochs: int
+    batch_size: int
+    where: str          # the config path these come from ("model" or "strategy.models[i]")
+
+
+def _entry_settings(cfg: Config, entry: Any, i: int) -> MemberSettings:
+    where = f"strategy.models[{i}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a mapping such as {{name: lenet}} or {{_target_: mypkg.nets.Net}}, "
+                          f"got {entry!r}")
+    entry = dict(entry)
+    opt = entry.pop("optimizer", None)
+    trainer = entry.pop("trainer", None) or {}
+    if not isinstance(trainer, dict) or set(trainer) - {"epochs", "batch_size"}:
+        raise ConfigError(f"{where}.trainer may set only epochs and batch_size, got {trainer!r}")
+    if "_target_" in entry:
+        model = entry
+    elif "name" in entry:
+        model = {**_conf_node("model", entry["name"], where), **entry}
+    else:
+        raise ConfigError(f"{where} needs a name (a built-in model: {', '.join(group_options('model'))}) "
+                          "or a _target_ (your model's import path)")
+    if opt is None:
+        optimizer = dict(cfg.optimizer)
+    elif isinstance(opt, str):
+        optimizer = _conf_node("optimizer", opt, f"{where}.optimizer")
+    elif isinstance(opt, dict):
+        optimizer = dict(opt) if "_target_" in opt else {**cfg.optimizer, **opt}
+    else:
+        raise ConfigError(f"{where}.optimizer must be an optimizer name ({', '.join(group_options('optimizer'))}) "
+                          f"or a mapping, got {opt!r}")
+    return MemberSettings(model=model, optimizer=optimizer,
+                          epochs=trainer.get("epochs", cfg.trainer.epochs),
+                          batch_size=trainer.get("batch_size", cfg.trainer.batch_size), where=where)
+
+
+def model_variants(cfg: Config) -> List[MemberSettings]:
+    """The distinct member settings: one per strategy.models entry, or the top-level model."""
+    if cfg.strategy.models:
+        return [_entry_settings(cfg, e, i) for i, e in enumerate(cfg.strategy.models)]
+    return [MemberSettings(model=dict(cfg.model), optimizer=dict(cfg.optimizer), epochs=cfg.trainer.epochs,
+                           batch_size=cfg.trainer.batch_size, where="model")]
+
+
+def member_settings(cfg: Config) -> List[MemberSettings]:
+    """Each member's settings: strategy.models cycled over strategy.members, or the model for all."""
+    variants = model_variants(cfg)
+    return [variants[i % len(variants)] for i in range(cfg.strategy.members)]
+
+
+def _check_variant(ms: MemberSettings, input_shape, num_classes: int, built: Dict[str, Any]):
+    """Build the member's model once (a forward pass on the data set's input shape) and its
+    optimizer over a dummy parameter; one-line ConfigError naming where it comes from."""
+    import json
+
+    from ensemble_service.models import ModelError, build_model, check_model
+    from ensemble_service.optimizers import OptimizerError, check_optimizer
+
+    where_opt = "optimizer" if ms.where == "model" else f"{ms.where}.optimizer"
+    for key, value in (("epochs", ms.epochs), ("batch_size", ms.batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            where = f"trainer.{key}" if ms.where == "model" else f"{ms.where}.trainer.{key}"
+            raise ConfigError(f"{where} must be at least 1, got {value}")
+    key = json.dumps([ms.model, list(input_shape), num_classes], sort_keys=True, default=str)
     try:
-        check_model_options(
-            m.name, tuple(input_shape), depth=m.depth, dropout=m.dropout,
-            init=m.init, activation=m.activation, width=m.width,
-        )
-    except ModelError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        if key not in built:
+            check_model(ms.model, input_shape, num_classes, ms.where)
+            built[key] = build_model(ms.model, input_shape, num_classes, ms.where)
+        check_optimizer(ms.optimizer, where_opt)
+    except (ModelError, OptimizerError) as exc:
+        raise ConfigError(str(exc)) from None
+    return built[key]
 
 
 def validate(cfg: Config, *, check_files: bool = True) -> None:
@@ -286,12 +370,12 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         v = getattr(cfg.data, key)
         if not (0.0 < v < 0.5):
             raise ConfigError(f"data.{key} must be in (0, 0.5), got {v}")
-    input_shape = info.input_shape
+    input_shape, num_classes = info.input_shape, info.num_classes
     if cfg.data.name == "synthetic":
         syn = cfg.data.synthetic
         if min(syn.n_train, syn.n_val, syn.n_test) < 1 or syn.num_classes < 2 or not syn.input_shape:
             raise ConfigError("data.synthetic needs n_train, n_val, n_test >= 1, num_classes >= 2 and an input_shape")
-        input_shape = tuple(syn.input_shape)
+        input_shape, num_classes = tuple(syn.input_shape), syn.num_classes
     if check_files:
         try:
             data_mod.check_available(cfg.data.name, cfg.data.root, cfg.data.download)
@@ -304,32 +388,16 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         raise ConfigError(f"unknown strategy '{s.name}'; choose one of: {', '.join(STRATEGIES)}")
     if s.members < 1:
         raise ConfigError(f"strategy.members must be at least 1, got {s.members}")
-    _validate_strategy(cfg)
 
-    # models
-    if s.models:
-        for i, m in enumerate(s.models):
-            _check_model(m, input_shape, f"strategy.models[{i}]")
-    else:
-        _check_model(cfg.model, input_shape, "model")
-
-    # optimizer
-    o = cfg.optimizer
-    if o.name not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer '{o.name}'; choose one of: {', '.join(OPTIMIZERS)}")
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        raise ConfigError(f"optimizer.lr must be a positive number, got {o.lr}")
-    if o.weight_decay < 0:
-        raise ConfigError(f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
-    if not (0.0 <= o.momentum < 1.0):
-        raise ConfigError(f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+    # models and their training settings: each built once, here, on the driver
+    if not isinstance(cfg.model, dict) or not isinstance(cfg.optimizer, dict):
+        raise ConfigError("model and optimizer must be config groups (model=mlp, optimizer=adam, ...)")
+    built: Dict[str, Any] = {}
+    models = [_check_variant(ms, input_shape, num_classes, built) for ms in model_variants(cfg)]
+    _validate_strategy(cfg, models[0])
 
     # trainer
     t = cfg.trainer
-    if t.epochs < 1:
-        raise ConfigError(f"trainer.epochs must be at least 1, got {t.epochs}")
-    if t.batch_size < 1:
-        raise ConfigError(f"trainer.batch_size must be at least 1, got {t.batch_size}")
     if t.device not in DEVICES:
         raise ConfigError(f"unknown trainer.device '{t.device}'; choose one of: {', '.join(DEVICES)}")
 
@@ -351,6 +419,14 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     if c.pack > 1 and cfg.strategy.name != "independent":
         raise ConfigError(f"cluster.pack packs independent members; strategy={cfg.strategy.name} trains "
                           "trajectories (set cluster.pack=1)")
+    if c.pack > 1:
+        from ensemble_service.optimizers import ELEMENTWISE, elementwise, label
+
+        for ms in model_variants(cfg):
+            if not elementwise(ms.optimizer):
+                raise ConfigError(f"cluster.pack trains members as one stacked model, which needs an optimizer "
+                                  f"whose update is elementwise ({', '.join(sorted(n.split('.')[-1] for n in ELEMENTWISE))}); "
+                                  f"{label(ms.optimizer)} is not one (set cluster.pack=1)")
     if c.min_members is not None and c.min_members < 1:
         raise ConfigError(f"cluster.min_members must be at least 1, got {c.min_members}")
     if c.num_cpus is not None and c.num_cpus < 1:
@@ -365,7 +441,13 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         raise ConfigError("tracking.experiment must not be empty")
 
 
-def _validate_strategy(cfg: Config) -> None:
+def _validate_strategy(cfg: Config, model) -> None:
+    """Strategy-specific checks; ``model`` is the (first) member's model, built once."""
+    import torch
+
+    from ensemble_service.models import feature_head_problem, is_builtin
+    from ensemble_service.optimizers import learning_rate
+
     s, epochs = cfg.strategy, cfg.trainer.epochs
     if s.name == "independent":
         return
@@ -383,6 +465,8 @@ def _validate_strategy(cfg: Config) -> None:
                               f"strategy.cycles ({s.cycles}), so that every cycle ends with an epoch")
         if s.use_last is not None and not (1 <= s.use_last <= s.cycles):
             raise ConfigError(f"strategy.use_last must be between 1 and strategy.cycles ({s.cycles}), got {s.use_last}")
+        if learning_rate(cfg.optimizer) is None:
+            raise ConfigError("strategy=snapshot needs optimizer.lr: every cosine cycle starts from it")
     elif s.name == "swa":
         if s.trajectories != 1:
             raise ConfigError(
@@ -408,12 +492,18 @@ def _validate_strategy(cfg: Config) -> None:
     elif s.name == "heads":
         if s.heads < 1:
             raise ConfigError(f"strategy.heads must be at least 1, got {s.heads}")
+        problem = feature_head_problem(model)
+        if problem:
+            raise ConfigError(f"strategy=heads trains K classifier heads on one shared backbone; the model has no "
+                              f"such split: {problem}")
     elif s.name == "mc_dropout":
         if s.samples < 1:
             raise ConfigError(f"strategy.samples must be at least 1, got {s.samples}")
-        if not cfg.model.dropout > 0:
-            raise ConfigError(f"strategy=mc_dropout needs a model with dropout: set model.dropout > 0 "
-                              f"(got {cfg.model.dropout}); its test-time passes are the members")
+        if not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.modules()):
+            hint = (f"set model.dropout > 0 (got {cfg.model.get('dropout')})" if is_builtin(cfg.model)
+                    else "the model has no nn.Dropout module")
+            raise ConfigError(f"strategy=mc_dropout needs a model with dropout: {hint}; its test-time passes "
+                              "are the members")
 
 
 def swa_start(cfg: Config) -> int:

@@ -14,15 +14,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ensemble_service.config import Config, ModelConfig, swa_start
+from ensemble_service.config import Config, member_settings, swa_start
+from ensemble_service.models import architecture as model_architecture
 
 
 @dataclass(frozen=True)
 class MemberSpec:
     index: int                  # position in the ensemble, 0..N-1
     seed: int                   # trainer.seed + index
-    model: Dict[str, Any]       # ModelConfig as a dict (name, batchnorm, dropout, init, activation, depth, width)
-    optimizer: Dict[str, Any]   # OptimizerConfig as a dict
+    model: Dict[str, Any]       # the model's `_target_` spec (a plain dict)
+    optimizer: Dict[str, Any]   # the optimizer's `_target_` + `_partial_` spec
     epochs: int
     batch_size: int
     bagging: bool
@@ -39,8 +40,7 @@ class MemberSpec:
 
 
 def _architecture(m: Dict[str, Any]) -> str:
-    depth = f"{m['depth']}" if m.get("depth") and m["name"] in ("vgg", "resnet") else ""
-    return f"{m['name']}{depth}"
+    return model_architecture(m)
 
 
 @dataclass(frozen=True)
@@ -133,14 +133,6 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(root).expanduser().resolve()
 
 
-def member_models(cfg: Config) -> List[ModelConfig]:
-    """The architecture of each member: strategy.models cycled, or `model` for all."""
-    n = cfg.strategy.members
-    if cfg.strategy.models:
-        return [cfg.strategy.models[i % len(cfg.strategy.models)] for i in range(n)]
-    return [cfg.model] * n
-
-
 def trajectory_members(cfg: Config) -> List[Dict[str, str]]:
     """Tags of the members one trajectory yields, in order."""
     s = cfg.strategy
@@ -183,15 +175,15 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
         MemberSpec(
             index=i,
             seed=cfg.trainer.seed + i,
-            model=asdict(m),
-            optimizer=asdict(cfg.optimizer),
-            epochs=cfg.trainer.epochs,
-            batch_size=cfg.trainer.batch_size,
+            model=dict(ms.model),
+            optimizer=dict(ms.optimizer),
+            epochs=ms.epochs,
+            batch_size=ms.batch_size,
             bagging=cfg.strategy.bagging,
             device=cfg.trainer.device,
             checkpoint_path=str(ckdir / f"member_{i:03d}.ckpt"),
         )
-        for i, m in enumerate(member_models(cfg))
+        for i, ms in enumerate(member_settings(cfg))
     ]
     tasks: List[Any] = list(members)
     if cfg.cluster.pack > 1:
@@ -204,12 +196,13 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
 
 
 def pack_members(members: List[MemberSpec], k: int, ckdir: Path) -> List[Any]:
-    """Group members with the same model config into PackedSpecs of at most k (a group of one
-    stays a plain MemberSpec). A task's id (its `index`) is its first member's index, so ids
+    """Group members with the same model, optimizer, epochs and batch size into PackedSpecs of at
+    most k (a group of one stays a plain MemberSpec). A task's id (its `index`) is its first member's index, so ids
     of packs and of single members never collide."""
     groups: Dict[str, List[MemberSpec]] = {}
     for m in members:
-        groups.setdefault(json.dumps(m.model, sort_keys=True), []).append(m)
+        shared = [m.model, m.optimizer, m.epochs, m.batch_size, m.device]
+        groups.setdefault(json.dumps(shared, sort_keys=True, default=str), []).append(m)
     tasks: List[Any] = []
     for group in groups.values():
         for start in range(0, len(group), k):
@@ -231,8 +224,8 @@ def _plan_trajectories(cfg: Config, eid: str, ckdir: Path) -> EnsemblePlan:
     for t in range(cfg.strategy.trajectories):
         indices = tuple(range(t * len(per), (t + 1) * len(per)))
         spec = TrajectorySpec(
-            index=t, strategy=cfg.strategy.name, seed=cfg.trainer.seed + t, model=asdict(cfg.model),
-            optimizer=asdict(cfg.optimizer), epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
+            index=t, strategy=cfg.strategy.name, seed=cfg.trainer.seed + t, model=dict(cfg.model),
+            optimizer=dict(cfg.optimizer), epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
             params=dict(params), member_indices=indices, device=cfg.trainer.device,
             checkpoint_path=str(ckdir / f"trajectory_{t:03d}.ckpt"),
         )

@@ -96,9 +96,10 @@ def unschedulable(cfg: Config, nodes: List[Dict[str, float]]) -> str:
 
 
 def model_label(cfg: Config) -> str:
-    if cfg.strategy.models:
-        return "+".join(sorted({m.name for m in cfg.strategy.models}))
-    return cfg.model.name
+    from ensemble_service.config import model_variants
+    from ensemble_service.models import architecture
+
+    return "+".join(sorted({architecture(ms.model) for ms in model_variants(cfg)}))
 
 
 def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:

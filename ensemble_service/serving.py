@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from ensemble_service import aggregation
-from ensemble_service.models import create_model, derive_seed
+from ensemble_service.models import architecture as model_architecture, build_model, derive_seed
 
 __all__ = [
     "FORMAT", "MANIFEST", "EVAL_BATCH", "ServingError", "Member", "Prediction", "Ensemble",
@@ -150,17 +150,14 @@ class Member:
 
     @property
     def architecture(self) -> str:
-        return str(self.record.get("architecture") or self.model_cfg.get("name", "?"))
+        return str(self.record.get("architecture") or model_architecture(self.model_cfg))
 
 
 def _build_module(ckpt: Mapping[str, Any]) -> nn.Module:
-    cfg = dict(ckpt["model"])
-    name = cfg.pop("name", None)
-    if name is None:
-        raise ServingError("member checkpoint's model config has no name")
-    opts = {k: v for k, v in cfg.items() if k not in ("input_shape", "num_classes")}
+    spec = dict(ckpt["model"])
+    name = model_architecture(spec) if ("_target_" in spec or "name" in spec) else "?"
     try:
-        module = create_model(name, tuple(int(s) for s in ckpt["input_shape"]), int(ckpt["num_classes"]), **opts)
+        module = build_model(spec, tuple(int(s) for s in ckpt["input_shape"]), int(ckpt["num_classes"]))
         module.load_state_dict(ckpt["state_dict"])
     except ServingError:
         raise
@@ -345,7 +342,7 @@ class Ensemble:
                 modules[key] = (_build_module(ckpt), ckpt)
             module, ckpt = modules[key]
             rec = dict(records[i]) if records is not None else member_record(i, model=ckpt["model"], blob_meta=ckpt)
-            rec.setdefault("architecture", str(ckpt["model"].get("name")))
+            rec.setdefault("architecture", model_architecture(ckpt["model"]))
             rec.setdefault("model", json.loads(json.dumps(dict(ckpt["model"]), default=str)))
             if rec.get("role") != "mc_sample":
                 # deterministic members never share a module: stacking needs one module per member
@@ -464,7 +461,7 @@ def write_ensemble_dir(path: Union[str, Path], blobs: Sequence[bytes], records: 
         shapes.add(tuple(int(s) for s in ckpt["input_shape"]))
         classes.add(int(ckpt["num_classes"]))
         entry = dict(rec)
-        entry.setdefault("architecture", str(ckpt["model"].get("name")))
+        entry.setdefault("architecture", model_architecture(ckpt["model"]))
         entry.setdefault("model", json.loads(json.dumps(dict(ckpt["model"]), default=str)))
         entry["file"] = f"members/{key[:16]}.pt"
         entry["sha256"] = key

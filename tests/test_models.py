@@ -42,7 +42,7 @@ def _one_thread():
 @pytest.fixture
 def scratch_registry(monkeypatch):
     """Registrations made in a test do not leak into the global registry."""
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(models.MODELS, "_entries", dict(models.MODELS._entries))
 
 
 def shapes_for(name: str) -> list[tuple[int, ...]]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ensemble_service import metrics
 from ensemble_service.data import DataBundle, bootstrap_indices
-from ensemble_service.models import create_model
+from ensemble_service import models, optimizers
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 1024
@@ -70,23 +70,20 @@ def resolve_device(preference: str, gpu_assigned: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def build_optimizer(params, cfg: Dict[str, Any], **impl: Any) -> torch.optim.Optimizer:
-    """The optimizer ``cfg`` names; ``impl`` (e.g. ``fused=True``) picks torch's implementation
-    only, never the update rule."""
-    name = cfg["name"]
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.0),
-            weight_decay=cfg.get("weight_decay", 0.0), nesterov=bool(cfg.get("nesterov", False)), **impl,
-        )
-    if name == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0), **impl)
-    raise MemberError(f"unknown optimizer '{name}'")
+def build_optimizer(params, spec: Dict[str, Any], **impl: Any) -> torch.optim.Optimizer:
+    """The optimizer ``spec`` names (a ``_target_`` spec); ``impl`` (e.g. ``fused=True``) picks torch's
+    implementation only, never the update rule."""
+    try:
+        return optimizers.build_optimizer(params, spec, **impl)
+    except optimizers.OptimizerError as exc:
+        raise MemberError(str(exc)) from None
 
 
-def build_model(model_cfg: Dict[str, Any], input_shape, num_classes: int) -> torch.nn.Module:
-    opts = {k: v for k, v in model_cfg.items() if k != "name"}
-    return create_model(model_cfg["name"], tuple(input_shape), num_classes, **opts)
+def build_model(model_spec: Dict[str, Any], input_shape, num_classes: int) -> torch.nn.Module:
+    try:
+        return models.build_model(model_spec, tuple(input_shape), num_classes)
+    except models.ModelError as exc:
+        raise MemberError(str(exc)) from None
 
 
 @torch.no_grad()
