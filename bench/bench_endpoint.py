@@ -36,10 +36,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from ensemble_service import tracking  # noqa: E402
+from ensemble_service import registry, tracking  # noqa: E402
 from ensemble_service.models import create_model  # noqa: E402
 from ensemble_service.serving import Ensemble  # noqa: E402
-from workers.member import weights_blob  # noqa: E402
+from ensemble_service.artifact import member_blob  # noqa: E402
 
 MEMBERS = 5
 SHAPE, CLASSES = (1, 8, 8), 10
@@ -74,13 +74,13 @@ def build(uri: str):
     for i in range(MEMBERS):
         torch.manual_seed(i)
         opts = {k: v for k, v in MODEL.items() if k != "name"}
-        blobs.append(weights_blob(MODEL, SHAPE, CLASSES, create_model("mlp", SHAPE, CLASSES, **opts)))
+        blobs.append(member_blob(MODEL, SHAPE, CLASSES, create_model("mlp", SHAPE, CLASSES, **opts)))
         info.append({"index": i, "architecture": "mlp", "model": MODEL, "metrics": {"val_acc": 0.9 + 0.01 * i}})
     tr = tracking.EnsembleTracker(uri, "bench")
     parent = tr.start_parent("bench", {"bench": True}, {"ensemble.strategy": "independent"})
     tr.end(parent, "FINISHED")
     t0 = time.perf_counter()
-    reg = tracking.register_ensemble(uri, parent, "bench", blobs, info, "independent")
+    reg = registry.register_ensemble(uri, parent, "bench", blobs, info, "independent")
     return blobs, info, reg, time.perf_counter() - t0
 
 
@@ -220,7 +220,7 @@ def main() -> None:
                                  f"requests on loopback", "b": "in-process Ensemble.predict, batch 1",
                             "clients": CLIENTS, **tp})
             results.append({"name": "registration", "seconds": reg_s, "members": MEMBERS,
-                            "what": "tracking.register_ensemble: save pyfunc model (explicit pip requirements), "
+                            "what": "registry.register_ensemble: save pyfunc model (explicit pip requirements), "
                                     "log artifacts, register version"})
         finally:
             proc.terminate()

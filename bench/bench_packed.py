@@ -34,7 +34,7 @@ K = 8
 def main() -> None:
     quick = "--quick" in sys.argv
     torch.set_num_threads(1)
-    data = load_dataset("digits", root=os.environ.get("ENSEMBLE_DATA", "./data"))
+    data = load_dataset("digits")
     epochs = 5 if quick else 20
     tmp = tempfile.mkdtemp()
     counter = iter(range(10**6))

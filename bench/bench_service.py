@@ -68,7 +68,7 @@ def main() -> None:
 
     # -- vs_torchensemble ----------------------------------------------------------------
     epochs = 10 if quick else 50
-    digits = load_dataset("digits", root=DATA_ROOT)
+    digits = load_dataset("digits")
 
     def service_digits(pack: int = 1):
         cfg = load_config([f"cluster.pack={pack}", "data=digits", "model=mlp", "model.depth=2", "model.width=128",

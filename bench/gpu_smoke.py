@@ -55,7 +55,7 @@ def main() -> None:
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "cpus": os.cpu_count()}
     print(json.dumps(report), flush=True)
-    data = load_dataset("synthetic", synthetic={"n_train": 4096, "n_val": 512, "n_test": 512, "num_classes": 10,
+    data = load_dataset("synthetic", **{"n_train": 4096, "n_val": 512, "n_test": 512, "num_classes": 10,
                                                 "input_shape": [3, 32, 32]})
     resources = scheduler.connect(ClusterConfig(num_cpus=8, num_gpus=None))
     report["ray_resources"] = {k: v for k, v in resources.items() if k in ("CPU", "GPU")}

@@ -12,7 +12,6 @@ Ray worker.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -33,27 +32,6 @@ def service_env_defaults() -> None:
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line naming the problem and the choices."""
-
-
-@dataclass
-class SyntheticConfig:
-    n_train: int = 96
-    n_val: int = 48
-    n_test: int = 48
-    num_classes: int = 3
-    input_shape: List[int] = field(default_factory=lambda: [1, 8, 8])
-
-
-@dataclass
-class DataConfig:
-    name: str = "digits"
-    root: str = "./data"
-    download: bool = False
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    # options of the `synthetic` data set only
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
@@ -118,7 +96,7 @@ class TrackingConfig:
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = None           # the data source's own schema (ensemble_service.data, conf/data/*.yaml)
     model: Any = None          # a `_target_` spec (conf/model/*.yaml), a plain dict once loaded
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     optimizer: Any = None      # a `_target_` + `_partial_: true` spec (conf/optimizer/*.yaml)
@@ -131,10 +109,17 @@ class Config:
 
 
 def register_schema() -> None:
-    """Store the schema as `base_config` (imported lazily: workers never need Hydra)."""
+    """Store the schema as `base_config` and each data source's schema as `data/<name>_schema`
+    (conf/data/<name>.yaml lists it in its defaults). Imported lazily: workers never need Hydra."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="base_config", node=Config)
+    from ensemble_service.data import SOURCES
+
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for name in SOURCES.names():
+        if name != "custom":  # the user's loader takes any arguments: an untyped node
+            store.store(group="data", name=f"{name}_schema", node=SOURCES.get(name).schema)
 
 GROUPS = ("data", "model", "strategy", "optimizer", "trainer", "cluster", "tracking", "experiment")
 
@@ -263,6 +248,13 @@ def to_plain(dcfg) -> Config:
     extra = _unknown_key(dcfg, obj)
     if extra:
         raise ConfigError(f"unknown config key '{extra}'")
+    if isinstance(obj.data, dict):  # data=custom: `_target_` and the loader's own arguments
+        from ensemble_service.data.custom import CustomData
+
+        d = dict(obj.data)
+        common = {k: d.pop(k) for k in ("val_fraction", "test_fraction", "split_seed", "standardize") if k in d}
+        d.pop("name", None)
+        obj.data = CustomData(target=d.pop("_target_", ""), args=d, **common)
     return obj
 
 
@@ -357,30 +349,31 @@ def _check_variant(ms: MemberSettings, input_shape, num_classes: int, built: Dic
     return built[key]
 
 
+def check_members(cfg: Config, input_shape, num_classes: int) -> None:
+    """Build every member's model once for the data set's input shape and class count (a forward
+    pass), its optimizer over a dummy parameter, and run the strategy's checks that need the model.
+    Runs in ``validate`` when the shape is known from the config, else after the data is loaded."""
+    built: Dict[str, Any] = {}
+    models = [_check_variant(ms, tuple(input_shape), int(num_classes), built) for ms in model_variants(cfg)]
+    _validate_strategy(cfg, models[0])
+
+
 def validate(cfg: Config, *, check_files: bool = True) -> None:
     """Raise ConfigError (one line) for anything that would fail later."""
     from ensemble_service import data as data_mod
 
-    # data
-    try:
-        info = data_mod.dataset_info(cfg.data.name)
-    except data_mod.DataError as exc:
-        raise ConfigError(str(exc)) from None
+    # data: the source's own checks (files present, options) when check_files; the shape of its
+    # inputs when known without reading the files (else models are checked once the data is loaded)
     for key in ("val_fraction", "test_fraction"):
         v = getattr(cfg.data, key)
         if not (0.0 < v < 0.5):
             raise ConfigError(f"data.{key} must be in (0, 0.5), got {v}")
-    input_shape, num_classes = info.input_shape, info.num_classes
-    if cfg.data.name == "synthetic":
-        syn = cfg.data.synthetic
-        if min(syn.n_train, syn.n_val, syn.n_test) < 1 or syn.num_classes < 2 or not syn.input_shape:
-            raise ConfigError("data.synthetic needs n_train, n_val, n_test >= 1, num_classes >= 2 and an input_shape")
-        input_shape, num_classes = tuple(syn.input_shape), syn.num_classes
-    if check_files:
-        try:
-            data_mod.check_available(cfg.data.name, cfg.data.root, cfg.data.download)
-        except data_mod.DataError as exc:
-            raise ConfigError(str(exc)) from None
+    try:
+        if check_files:
+            data_mod.check(cfg.data)
+        info = data_mod.info(cfg.data)
+    except data_mod.DataError as exc:
+        raise ConfigError(str(exc)) from None
 
     # strategy
     s = cfg.strategy
@@ -392,9 +385,10 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     # models and their training settings: each built once, here, on the driver
     if not isinstance(cfg.model, dict) or not isinstance(cfg.optimizer, dict):
         raise ConfigError("model and optimizer must be config groups (model=mlp, optimizer=adam, ...)")
-    built: Dict[str, Any] = {}
-    models = [_check_variant(ms, input_shape, num_classes, built) for ms in model_variants(cfg)]
-    _validate_strategy(cfg, models[0])
+    if info.input_shape is not None:
+        check_members(cfg, info.input_shape, info.num_classes)
+    else:
+        _validate_strategy(cfg, None)
 
     # trainer
     t = cfg.trainer
@@ -442,7 +436,8 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
 
 
 def _validate_strategy(cfg: Config, model) -> None:
-    """Strategy-specific checks; ``model`` is the (first) member's model, built once."""
+    """Strategy-specific checks; ``model`` is the (first) member's model, built once (None: not
+    built yet, the checks that need it wait for check_members)."""
     import torch
 
     from ensemble_service.models import feature_head_problem, is_builtin
@@ -492,14 +487,15 @@ def _validate_strategy(cfg: Config, model) -> None:
     elif s.name == "heads":
         if s.heads < 1:
             raise ConfigError(f"strategy.heads must be at least 1, got {s.heads}")
-        problem = feature_head_problem(model)
+        problem = feature_head_problem(model) if model is not None else ""
         if problem:
             raise ConfigError(f"strategy=heads trains K classifier heads on one shared backbone; the model has no "
                               f"such split: {problem}")
     elif s.name == "mc_dropout":
         if s.samples < 1:
             raise ConfigError(f"strategy.samples must be at least 1, got {s.samples}")
-        if not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.modules()):
+        if model is not None and not any(isinstance(m, torch.nn.modules.dropout._DropoutNd)
+                                         for m in model.modules()):
             hint = (f"set model.dropout > 0 (got {cfg.model.get('dropout')})" if is_builtin(cfg.model)
                     else "the model has no nn.Dropout module")
             raise ConfigError(f"strategy=mc_dropout needs a model with dropout: {hint}; its test-time passes "

@@ -1,8 +1,8 @@
 """The MLflow pyfunc model of a registered ensemble.
 
-``ensemble_service.tracking.register_ensemble`` logs this file as a "model from code"
+``ensemble_service.registry.register_ensemble`` logs this file as a "model from code"
 (MLflow executes it on load; no pickle) for each finished ensemble, with the artifact ``ensemble`` (the directory
-``ensemble_service.serving.write_ensemble_dir`` writes: ``manifest.json`` and the
+``ensemble_service.artifact.write_ensemble_dir`` writes: ``manifest.json`` and the
 members' checkpoints) and a copy of the ``ensemble_service`` package as its code, so in
 any Python process with torch, numpy and mlflow::
 

@@ -13,15 +13,15 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from ensemble_service import metrics, plots
 from ensemble_service.aggregation import mean
-from ensemble_service.config import Config, ConfigError
-from ensemble_service.data import DataBundle, DataError, load_dataset
+from ensemble_service.config import Config, ConfigError, check_members
+from ensemble_service.data import DataBundle, DataError, load
 from ensemble_service.planning import EnsemblePlan, plan as make_plan
 
 
@@ -56,14 +56,14 @@ class Observer:
 
 
 def load_data(cfg: Config) -> DataBundle:
+    """Load the data set and check every member's model against it (a forward pass on its input
+    shape): any problem is a ConfigError, before Ray starts or an MLflow run exists."""
     try:
-        return load_dataset(
-            cfg.data.name, root=cfg.data.root, download=cfg.data.download,
-            val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
-            split_seed=cfg.data.split_seed, synthetic=asdict(cfg.data.synthetic),
-        )
+        bundle = load(cfg.data)
     except DataError as exc:
         raise ConfigError(str(exc)) from None
+    check_members(cfg, bundle.input_shape, bundle.num_classes)
+    return bundle
 
 
 def parent_metrics(member_probs: torch.Tensor, targets: torch.Tensor, val_accs: List[float]) -> Dict[str, float]:
@@ -126,10 +126,10 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
     threading.Thread(target=plots.warm_up, daemon=True).start()
 
     tracker = EnsembleTracker(cfg.tracking.uri, cfg.tracking.experiment)
-    run_name = cfg.tracking.run_name or f"{cfg.strategy.name}-{cfg.data.name}-{plan.ensemble_id[:15]}"
+    run_name = cfg.tracking.run_name or f"{cfg.strategy.name}-{data.name}-{plan.ensemble_id[:15]}"
     try:
         parent = tracker.start_parent(run_name, cfg.to_dict(), {
-            "ensemble.strategy": cfg.strategy.name, "ensemble.data": cfg.data.name,
+            "ensemble.strategy": cfg.strategy.name, "ensemble.data": data.label,
             "ensemble.model": model_label(cfg), "ensemble.id": plan.ensemble_id,
             "ensemble.members": str(len(plan.slots)), "ensemble.tasks": str(len(plan.tasks)),
         })
@@ -242,14 +242,14 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         tracker.log_text(parent, json.dumps(table, indent=2), "members.json")
         tracker.log_array(parent, mean(member_probs).numpy(), "predictions/ensemble_mean_test_probs.npy")
         if cfg.tracking.register:  # before the parent ends: a failed registration fails the run
-            from ensemble_service.tracking import register_ensemble
+            from ensemble_service.registry import register_ensemble
 
             registered = register_ensemble(
                 tracker.uri, parent, cfg.tracking.model_name or cfg.tracking.experiment,
                 [r.weights for r in results],
                 [{"index": r.index, "architecture": r.architecture, "model": r.model,
                   "metrics": r.metrics, "extra": r.extra} for r in results],
-                strategy=cfg.strategy.name)
+                strategy=cfg.strategy.name, class_names=data.class_names, preprocessing=data.preprocessing)
             tracker.log_metrics(parent, {"registration_seconds": registered.seconds})
             model_version = f"{registered.name}/versions/{registered.version}"
         else:
@@ -275,7 +275,7 @@ def log_curves_and_plots(tracker, parent: str, member_probs: torch.Tensor, targe
     for k, acc, nll in zip(curve["k"], curve["acc"], curve["nll"]):
         tracker.queue_metrics(parent, {"ensemble_mean_test_acc_at_k": acc, "ensemble_mean_test_nll_at_k": nll}, step=k)
     tracker.flush(parent)
-    title = f"{cfg.strategy.name} on {cfg.data.name}"
+    title = f"{cfg.strategy.name} on {cfg.data.name}"  # noqa
     member_accs = [r.metrics["test_acc"] for r in results]
     tracker.log_bytes(parent, plots.accuracy_vs_size_png(curve, member_accs, title), "plots/accuracy_vs_size.png")
     best = max(range(len(results)), key=lambda i: member_accs[i])

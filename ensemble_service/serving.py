@@ -1,16 +1,21 @@
-"""Serve an ensemble: rebuild its members from their checkpoints, run them, combine.
+"""Serve an ensemble: inference only. Rebuild its members, preprocess raw inputs, run, combine.
 
-Pure torch (plus ``json``/``hashlib`` for the on-disk manifest): no MLflow, no Ray. The
-HTTP API (``ensemble_service.api``) and the MLflow pyfunc model
-(``ensemble_service.pyfunc_model``) both load ensembles through this module, so the
-endpoint and ``mlflow.pyfunc.load_model(...).predict`` run the same code.
+Pure torch and NumPy: no MLflow, no Ray. The HTTP API (``ensemble_service.api``) and the MLflow
+pyfunc model (``ensemble_service.pyfunc_model``) both load ensembles through this module, so the
+endpoint and ``mlflow.pyfunc.load_model(...).predict`` run the same code. The formats (member
+checkpoint, ensemble directory) belong to ``ensemble_service.artifact``.
 
 Members
 -------
-A member is the blob ``workers.member.weights_blob`` writes: a ``torch.save`` of
-``{"model": model-config dict, "input_shape": [...], "num_classes": int,
-"state_dict": {...}}`` (extra keys allowed), read with ``torch.load(weights_only=True)``.
-It is rebuilt with ``ensemble_service.models.create_model`` and put in eval mode.
+Each member is rebuilt from its checkpoint (its model spec through
+``ensemble_service.models.build_model``, then its ``state_dict``) and put in eval mode.
+
+Inputs
+------
+An ensemble trained on a data set with preprocessing (its manifest's ``preprocessing``, see
+``ensemble_service.data.preprocess``) takes *raw* inputs in the training data's format and applies
+that pipeline itself; its ``class_names`` name the labels. Without one (ensembles assembled from
+checkpoints by hand) inputs are model inputs, ``[B, *input_shape]`` or flattened.
 
 Forward
 -------
@@ -33,19 +38,11 @@ Member outputs (logits ``[M, B, C]``, member order) are combined with
 ``ensemble_service.aggregation.aggregate(kind="logits")``: ``mean`` (softmax, then
 average), ``vote``, ``weighted`` (weights from the members' validation accuracy unless
 given) and ``logit_mean``.
-
-On disk
--------
-:func:`write_ensemble_dir` lays out ``manifest.json`` (format, input shape, class
-count, strategy, member table) and ``members/<sha256[:16]>.pt`` (one file per distinct
-blob: the MC-dropout samples of one model share one file). :func:`load_ensemble_dir`
-reads it back.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
 import threading
@@ -56,16 +53,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ensemble_service import aggregation
-from ensemble_service.models import architecture as model_architecture, build_model, derive_seed
+from ensemble_service import aggregation, artifact
+from ensemble_service.data.preprocess import Pipeline, PreprocessError
+from ensemble_service.models import architecture as model_architecture, build_model
 
-__all__ = [
-    "FORMAT", "MANIFEST", "EVAL_BATCH", "ServingError", "Member", "Prediction", "Ensemble",
-    "read_blob", "member_record", "write_ensemble_dir", "load_ensemble_dir", "as_input_tensor",
-]
+__all__ = ["EVAL_BATCH", "ServingError", "Member", "Prediction", "Ensemble", "load_ensemble_dir", "as_input_tensor"]
 
-FORMAT = 1
-MANIFEST = "manifest.json"
 EVAL_BATCH = 1024
 _RNG_LOCK = threading.Lock()
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -80,53 +73,6 @@ class ServingError(ValueError):
 
 
 # --------------------------------------------------------------------------- members
-
-
-def read_blob(blob: bytes) -> Dict[str, Any]:
-    """A member checkpoint from its bytes (``torch.load(weights_only=True)``, on the CPU)."""
-    try:
-        ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ServingError(f"cannot read member checkpoint: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
-    missing = [k for k in ("model", "input_shape", "num_classes", "state_dict") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ServingError(f"member checkpoint lacks {', '.join(missing)}")
-    return ckpt
-
-
-def member_record(index: int, architecture: Optional[str] = None, model: Optional[Mapping[str, Any]] = None,
-                  metrics: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None,
-                  *, blob_meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """The manifest entry of one member (JSON-safe), from what the runner has about it.
-
-    ``extra`` is ``MemberResult.extra``: ``{"role": "mc_sample", "sample": s, ...}`` marks MC-dropout
-    pass ``s``. Its seed is ``sample_seed`` (the pass's own seed, as workers.trajectory reports it);
-    else it is derived like the trajectory worker does, ``derive_seed(base, "mc_dropout", s)``, from
-    the base seed ``mc_seed`` or the checkpoint's ``mc_dropout.seed``.
-    """
-    extra = dict(extra or {})
-    role = str(extra.get("role") or "member")
-    rec: Dict[str, Any] = {"index": int(index), "role": role}
-    if architecture is not None:
-        rec["architecture"] = str(architecture)
-    if model is not None:
-        rec["model"] = json.loads(json.dumps(dict(model), default=str))
-    rec["metrics"] = {k: float(v) for k, v in (metrics or {}).items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
-    for key in ("sample", "cycle", "epoch", "head", "trajectory", "n_averaged"):
-        if isinstance(extra.get(key), int) and not isinstance(extra.get(key), bool):
-            rec[key] = int(extra[key])
-    if role == "mc_sample":
-        seed = extra.get("sample_seed")
-        if seed is None:
-            base = extra.get("mc_seed", dict((blob_meta or {}).get("mc_dropout") or {}).get("seed"))
-            if base is not None and extra.get("sample") is not None:
-                seed = derive_seed(int(base), "mc_dropout", int(extra["sample"]))
-        if seed is None:
-            raise ServingError(f"member {index} is an MC-dropout sample without a seed "
-                               "(sample_seed, or mc_seed / the checkpoint's mc_dropout.seed with sample)")
-        rec["sample_seed"] = int(seed)
-    return rec
 
 
 @dataclass
@@ -303,6 +249,10 @@ class Ensemble:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self) -> None:
+        pre = self.meta.get("preprocessing")
+        self.pipeline: Optional[Pipeline] = Pipeline.from_dict(pre) if pre else None
+        names = self.meta.get("class_names")
+        self.class_names: Optional[List[str]] = [str(n) for n in names] if names else None
         self.groups: List[Union[_StackedGroup, _MCGroup]] = []
         stacked: Dict[str, List[int]] = {}
         mc: Dict[str, List[int]] = {}
@@ -338,10 +288,19 @@ class Ensemble:
         for i, blob in enumerate(blobs):
             key = hashlib.sha256(blob).hexdigest()
             if key not in modules:
-                ckpt = read_blob(blob)
+                try:
+                    ckpt = artifact.read_member(blob)
+                except artifact.ArtifactError as exc:
+                    raise ServingError(str(exc)) from None
                 modules[key] = (_build_module(ckpt), ckpt)
             module, ckpt = modules[key]
-            rec = dict(records[i]) if records is not None else member_record(i, model=ckpt["model"], blob_meta=ckpt)
+            if records is not None:
+                rec = dict(records[i])
+            else:
+                try:
+                    rec = artifact.member_record(i, model=ckpt["model"], blob_meta=ckpt)
+                except artifact.ArtifactError as exc:
+                    raise ServingError(str(exc)) from None
             rec.setdefault("architecture", model_architecture(ckpt["model"]))
             rec.setdefault("model", json.loads(json.dumps(dict(ckpt["model"]), default=str)))
             if rec.get("role") != "mc_sample":
@@ -380,7 +339,16 @@ class Ensemble:
 
     # -- inference ---------------------------------------------------------
     def prepare(self, x: Any, field: str = "inputs") -> torch.Tensor:
-        """Inputs as ``[B, *input_shape]`` float32; accepts ``[B, *input_shape]`` or flattened ``[B, D]``."""
+        """Model inputs ``[B, *input_shape]`` float32. With a preprocessing pipeline, ``x`` is raw
+        (see ``Pipeline.accept``: arrays, DataFrames, image files); without one it is
+        ``[B, *input_shape]`` or flattened ``[B, D]``."""
+        if self.pipeline is not None:
+            if isinstance(x, torch.Tensor):
+                x = x.detach().cpu().numpy()
+            try:
+                return torch.from_numpy(self.pipeline(x, field))
+            except PreprocessError as exc:
+                raise ServingError(str(exc), exc.field) from None
         t = as_input_tensor(x, field)
         shape, d = self.input_shape, math.prod(self.input_shape)
         if t.dim() == 0:
@@ -436,69 +404,10 @@ class Ensemble:
 # --------------------------------------------------------------------------- on disk
 
 
-def write_ensemble_dir(path: Union[str, Path], blobs: Sequence[bytes], records: Sequence[Mapping[str, Any]],
-                       meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """Write ``manifest.json`` and ``members/*.pt`` (one file per distinct blob) under ``path``.
-
-    Checks every blob loads (``weights_only=True``) and that members agree on input
-    shape and classes; returns the manifest.
-    """
-    if not blobs:
-        raise ServingError("an ensemble needs at least one member")
-    if len(records) != len(blobs):
-        raise ServingError(f"{len(blobs)} member blobs but {len(records)} member records")
-    root = Path(path)
-    (root / "members").mkdir(parents=True, exist_ok=True)
-    entries, shapes, classes = [], set(), set()
-    seen: Dict[str, Dict[str, Any]] = {}
-    for blob, rec in zip(blobs, records):
-        key = hashlib.sha256(blob).hexdigest()
-        if key not in seen:
-            ckpt = read_blob(blob)
-            seen[key] = ckpt
-            (root / "members" / f"{key[:16]}.pt").write_bytes(blob)
-        ckpt = seen[key]
-        shapes.add(tuple(int(s) for s in ckpt["input_shape"]))
-        classes.add(int(ckpt["num_classes"]))
-        entry = dict(rec)
-        entry.setdefault("architecture", model_architecture(ckpt["model"]))
-        entry.setdefault("model", json.loads(json.dumps(dict(ckpt["model"]), default=str)))
-        entry["file"] = f"members/{key[:16]}.pt"
-        entry["sha256"] = key
-        entries.append(entry)
-    if len(shapes) != 1 or len(classes) != 1:
-        raise ServingError(f"members disagree on input shape / classes: {sorted(shapes)} / {sorted(classes)}")
-    manifest = {"format": FORMAT, **dict(meta or {}), "input_shape": list(next(iter(shapes))),
-                "num_classes": next(iter(classes)), "num_members": len(entries), "members": entries}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    return manifest
-
-
-def read_manifest(path: Union[str, Path]) -> Dict[str, Any]:
-    p = Path(path) / MANIFEST
-    try:
-        manifest = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise ServingError(f"cannot read ensemble manifest {p}: {exc}") from None
-    if manifest.get("format") != FORMAT:
-        raise ServingError(f"ensemble manifest {p} has unknown format {manifest.get('format')!r}")
-    return manifest
-
-
 def load_ensemble_dir(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Ensemble:
-    """Load what :func:`write_ensemble_dir` wrote."""
-    root = Path(path)
-    manifest = read_manifest(root)
-    cache: Dict[str, bytes] = {}
-    blobs = []
-    for entry in manifest["members"]:
-        f = str(entry["file"])
-        if f not in cache:
-            target = (root / f).resolve()
-            if root.resolve() not in target.parents:
-                raise ServingError(f"ensemble manifest points outside its directory: {f}")
-            cache[f] = target.read_bytes()
-        blobs.append(cache[f])
-    records = [{k: v for k, v in e.items() if k not in ("file", "sha256")} for e in manifest["members"]]
-    meta = {k: v for k, v in manifest.items() if k != "members"}
+    """Load the ensemble directory ``ensemble_service.artifact.write_ensemble_dir`` wrote."""
+    try:
+        blobs, records, meta = artifact.read_ensemble_dir(path)
+    except artifact.ArtifactError as exc:
+        raise ServingError(str(exc)) from None
     return Ensemble.from_blobs(blobs, records, meta, device=device)

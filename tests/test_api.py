@@ -19,9 +19,10 @@ with warnings.catch_warnings():  # starlette's notice about httpx vs httpx2
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from ensemble_service import aggregation, tracking
+from ensemble_service import aggregation, registry, tracking
 from ensemble_service.api import Settings, create_app
-from ensemble_service.serving import Ensemble, member_record
+from ensemble_service.artifact import member_record
+from ensemble_service.serving import Ensemble
 from test_serving import blob_of, close, finished_parent, infos, loop_logits, synthetic_data, train_members
 
 MLP = {"name": "mlp", "width": 16, "depth": 1}
@@ -38,11 +39,11 @@ def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     uri = f"sqlite:///{tmp}/mlflow.db"
     results = train_members(tmp, [MLP, MLP, {"name": "lenet"}])
-    tracking.register_ensemble(uri, _parent(uri), "alpha", [r.weights for r in results], infos(results), "independent")
+    registry.register_ensemble(uri, _parent(uri), "alpha", [r.weights for r in results], infos(results), "independent")
     mc = blob_of("mlp", 0, dropout=0.5)
     mc_info = [{"index": s, "architecture": "mlp", "extra": {"role": "mc_sample", "sample": s, "sample_seed": 10 + s}}
                for s in range(3)]
-    tracking.register_ensemble(uri, _parent(uri), "mc", [mc] * 3, mc_info, "mc_dropout")
+    registry.register_ensemble(uri, _parent(uri), "mc", [mc] * 3, mc_info, "mc_dropout")
     x = synthetic_data().x_test[:6]
     return {"uri": uri, "tmp": tmp, "results": results, "x": x}
 
@@ -167,7 +168,7 @@ def test_name_forms_and_alias_moves(store):
     app = create_app(uri, Settings(alias_ttl_s=0.0))
     with TestClient(app) as c:
         inputs = _inputs(store["x"])
-        tracking.register_ensemble(uri, _parent(uri), "beta", [blob_of("mlp", s) for s in range(2)],
+        registry.register_ensemble(uri, _parent(uri), "beta", [blob_of("mlp", s) for s in range(2)],
                                    [{"index": i} for i in range(2)], "independent")
         assert c.post("/v1/ensembles/beta/predict", json={"inputs": inputs}).json()["model_version"] == "1"
         assert c.post("/v1/ensembles/beta@latest/predict", json={"inputs": inputs}).json()["model_version"] == "1"
@@ -175,7 +176,7 @@ def test_name_forms_and_alias_moves(store):
         for _ in range(3):  # cached: no reload
             c.post("/v1/ensembles/beta/predict", json={"inputs": inputs})
         assert app.state.store.loads == loads
-        tracking.register_ensemble(uri, _parent(uri), "beta", [blob_of("mlp", s) for s in range(5, 9)],
+        registry.register_ensemble(uri, _parent(uri), "beta", [blob_of("mlp", s) for s in range(5, 9)],
                                    [{"index": i} for i in range(4)], "independent")
         moved = c.post("/v1/ensembles/beta/predict", json={"inputs": inputs, "return_members": True}).json()
         assert moved["model_version"] == "2" and len(moved["members"]) == 4
@@ -193,8 +194,8 @@ def test_alias_resolution_is_cached_for_the_ttl(store, monkeypatch):
     with TestClient(app) as c:
         assert c.post("/v1/ensembles/alpha/predict", json={"inputs": _inputs(store["x"])}).status_code == 200
         calls = []
-        original = tracking.resolve_ensemble
-        monkeypatch.setattr(tracking, "resolve_ensemble", lambda *a: calls.append(a) or original(*a))
+        original = registry.resolve_ensemble
+        monkeypatch.setattr(registry, "resolve_ensemble", lambda *a: calls.append(a) or original(*a))
         assert c.post("/v1/ensembles/alpha/predict", json={"inputs": _inputs(store["x"])}).status_code == 200
         assert calls == []
         assert c.post("/v1/ensembles/alpha@latest/predict", json={"inputs": _inputs(store["x"])}).status_code == 200

@@ -41,7 +41,7 @@ def max_concurrent(plan_results):
 @pytest.mark.parametrize("gpus_per_member,expected_max", [(0.25, 4), (1.0, 1)])
 def test_fractional_gpus_pack_members_on_the_logical_gpu(ray_cluster, tmp_path, gpus_per_member, expected_max):
     assert ray_cluster.get("GPU") == 1
-    cfg = config(tmp_path, "strategy.members=8", "trainer.epochs=20", "data.synthetic.n_train=512",
+    cfg = config(tmp_path, "strategy.members=8", "trainer.epochs=20", "data.n_train=512",
                  "trainer.batch_size=16", "cluster.cpus_per_member=0.25", f"cluster.gpus_per_member={gpus_per_member}")
     import ensemble_service.scheduler as scheduler
 
@@ -81,8 +81,8 @@ class KillOnce(Observer):
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint_and_its_run_is_not_duplicated(ray_cluster, tmp_path):
-    cfg = config(tmp_path, "strategy.members=2", "trainer.epochs=8", "data.synthetic.n_train=4000",
-                 "data.synthetic.input_shape=[1,16,16]", "trainer.batch_size=8", "cluster.max_retries=2")
+    cfg = config(tmp_path, "strategy.members=2", "trainer.epochs=8", "data.n_train=4000",
+                 "data.input_shape=[1,16,16]", "trainer.batch_size=8", "cluster.max_retries=2")
     killer = KillOnce()
     result = submit(cfg, killer)
     assert killer.killed is not None
@@ -107,7 +107,7 @@ def test_min_members_lets_an_ensemble_finish_without_a_member_that_keeps_dying(r
             if e["task"] == 0 and e["type"] == "start":
                 os.kill(e["pid"], signal.SIGKILL)
 
-    base = ["strategy.members=3", "trainer.epochs=8", "data.synthetic.n_train=4000", "trainer.batch_size=8",
+    base = ["strategy.members=3", "trainer.epochs=8", "data.n_train=4000", "trainer.batch_size=8",
             "cluster.max_retries=1"]
     result = submit(config(tmp_path, *base, "cluster.min_members=2"), KillAlways())
     assert "finished with 2 of 3 members" in result.degraded

@@ -7,7 +7,7 @@ from ensemble_service.config import (Config, ConfigError, compose, conf_dir, gro
                                      member_settings, to_plain)
 
 GROUP_OPTIONS = {
-    "data": ["cifar10", "digits", "fashion_mnist", "mnist", "mnist1d", "synthetic"],
+    "data": ["arrays", "cifar10", "csv", "digits", "fashion_mnist", "image_folder", "mnist", "mnist1d", "synthetic"],
     "model": ["alexnet", "cnn1d", "lenet", "mlp", "resnet", "vgg"],
     "strategy": ["independent"],
     "optimizer": ["adam", "adamw", "sgd"],
@@ -125,7 +125,7 @@ def test_a_model_target_replaces_the_default_model_node(tmp_path, monkeypatch):
 
 
 BAD = [
-    (["data=imagenet"], "unknown data 'imagenet'; choose one of: cifar10, digits"),
+    (["data=imagenet"], "unknown data 'imagenet'; choose one of: arrays, cifar10, csv, custom, digits"),
     (["model=transformer"], "unknown model 'transformer'; choose one of: alexnet, cnn1d"),
     (["strategy=boosting"], "unknown strategy 'boosting'; choose one of:"),
     (["optimizer=rmsprop"], "unknown optimizer 'rmsprop'; choose one of: adam, adamw, sgd"),

@@ -138,7 +138,7 @@ def experiment_runs(client: MlflowClient, name: str):
     return parents, members
 
 
-TRAIN = ["data=synthetic", "data.synthetic.n_train=4000", "data.synthetic.input_shape=[1,16,16]", "model=mlp",
+TRAIN = ["data=synthetic", "data.n_train=4000", "data.input_shape=[1,16,16]", "model=mlp",
          "model.depth=1", "model.width=32", "trainer.batch_size=8", "cluster.cpus_per_member=1"]
 
 

@@ -28,7 +28,7 @@ def one_thread():
 
 
 def synthetic(n_train: int):
-    return load_dataset("synthetic", synthetic={"n_train": n_train, "n_val": 40, "n_test": 40, "num_classes": 3,
+    return load_dataset("synthetic", **{"n_train": n_train, "n_val": 40, "n_test": 40, "num_classes": 3,
                                                 "input_shape": [1, 8, 8]})
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble_service import tracking
-from ensemble_service.serving import Ensemble, member_record
+from ensemble_service import registry, tracking
+from ensemble_service.artifact import member_record
+from ensemble_service.serving import Ensemble
 from test_serving import blob_of, close, finished_parent, infos, synthetic_data, train_members
 
 MLP = {"name": "mlp", "width": 16, "depth": 1}
@@ -28,7 +29,7 @@ def registered(tmp_path_factory):
     uri = f"sqlite:///{tmp}/mlflow.db"
     results = train_members(tmp, [MLP, MLP, {"name": "lenet"}])
     parent = _parent(uri)
-    reg = tracking.register_ensemble(uri, parent, "ens", [r.weights for r in results], infos(results), "independent")
+    reg = registry.register_ensemble(uri, parent, "ens", [r.weights for r in results], infos(results), "independent")
     return {"uri": uri, "tmp": tmp, "results": results, "parent": parent, "reg": reg}
 
 
@@ -113,31 +114,31 @@ def test_pyfunc_loads_in_a_plain_python_process(registered, tmp_path):
 def test_second_registration_moves_latest_and_lists(registered):
     uri = registered["uri"]
     b1 = [blob_of("mlp", s) for s in range(2)]
-    r1 = tracking.register_ensemble(uri, _parent(uri), "demo", b1,
+    r1 = registry.register_ensemble(uri, _parent(uri), "demo", b1,
                                     [{"index": i, "architecture": "mlp"} for i in range(2)], "independent")
-    assert tracking.resolve_ensemble(uri, "demo")["version"] == "1"
+    assert registry.resolve_ensemble(uri, "demo")["version"] == "1"
     b2 = [blob_of("mlp", s) for s in range(2, 5)]
-    r2 = tracking.register_ensemble(uri, _parent(uri), "demo", b2,
+    r2 = registry.register_ensemble(uri, _parent(uri), "demo", b2,
                                     [{"index": i, "architecture": "mlp"} for i in range(3)], "independent",
                                     description="second")
     assert (r1.version, r2.version) == ("1", "2")
-    latest = tracking.resolve_ensemble(uri, "demo@latest")
+    latest = registry.resolve_ensemble(uri, "demo@latest")
     assert latest["version"] == "2" and "latest" in latest["aliases"]
-    assert tracking.resolve_ensemble(uri, "demo")["version"] == "2"
-    v1 = tracking.resolve_ensemble(uri, "demo/versions/1")
+    assert registry.resolve_ensemble(uri, "demo")["version"] == "2"
+    v1 = registry.resolve_ensemble(uri, "demo/versions/1")
     assert v1["version"] == "1" and v1["aliases"] == []
     tracking.client_for(uri).set_registered_model_alias("demo", "champion", "1")
-    assert tracking.resolve_ensemble(uri, "demo@champion")["version"] == "1"
-    listed = [e for e in tracking.list_registered_ensembles(uri) if e["name"] == "demo"]
+    assert registry.resolve_ensemble(uri, "demo@champion")["version"] == "1"
+    listed = [e for e in registry.list_registered_ensembles(uri) if e["name"] == "demo"]
     assert listed[0]["aliases"] == {"champion": "1", "latest": "2"}
     assert [v["version"] for v in listed[0]["versions"]] == ["1", "2"]
     assert listed[0]["versions"][0]["aliases"] == ["champion"]
     # a custom alias set by register_ensemble is moved like any alias
-    r3 = tracking.register_ensemble(uri, _parent(uri), "demo", b1, [{"index": i} for i in range(2)], "independent",
+    r3 = registry.register_ensemble(uri, _parent(uri), "demo", b1, [{"index": i} for i in range(2)], "independent",
                                     alias="champion")
-    assert tracking.resolve_ensemble(uri, "demo@champion")["version"] == r3.version == "3"
+    assert registry.resolve_ensemble(uri, "demo@champion")["version"] == r3.version == "3"
     with tempfile_dir() as d:
-        local = tracking.download_ensemble(uri, tracking.resolve_ensemble(uri, "demo/versions/2"), d)
+        local = registry.download_ensemble(uri, registry.resolve_ensemble(uri, "demo/versions/2"), d)
         assert json.loads((local / "manifest.json").read_text())["num_members"] == 3
 
 
@@ -150,22 +151,22 @@ def tempfile_dir():
 @pytest.mark.parametrize("ref", ["nope", "ens@nope", "ens/versions/99", "ens/versions/0", "ens/versions/x",
                                  "ens@bad alias", "", "a/b", "@x"])
 def test_unknown_refs_raise_not_found(registered, ref):
-    with pytest.raises(tracking.EnsembleNotFound):
-        tracking.resolve_ensemble(registered["uri"], ref)
+    with pytest.raises(registry.EnsembleNotFound):
+        registry.resolve_ensemble(registered["uri"], ref)
 
 
 def test_models_without_the_ensemble_tag_are_not_ensembles(registered):
     client = tracking.client_for(registered["uri"])
     client.create_registered_model("someone-elses-model")
-    assert "someone-elses-model" not in [e["name"] for e in tracking.list_registered_ensembles(registered["uri"])]
-    with pytest.raises(tracking.EnsembleNotFound):
-        tracking.resolve_ensemble(registered["uri"], "someone-elses-model")
+    assert "someone-elses-model" not in [e["name"] for e in registry.list_registered_ensembles(registered["uri"])]
+    with pytest.raises(registry.EnsembleNotFound):
+        registry.resolve_ensemble(registered["uri"], "someone-elses-model")
 
 
 def test_parse_ensemble_ref():
-    assert tracking.parse_ensemble_ref("a") == ("a", "latest", None)
-    assert tracking.parse_ensemble_ref("a@prod") == ("a", "prod", None)
-    assert tracking.parse_ensemble_ref("a/versions/3") == ("a", None, "3")
+    assert registry.parse_ensemble_ref("a") == ("a", "latest", None)
+    assert registry.parse_ensemble_ref("a@prod") == ("a", "prod", None)
+    assert registry.parse_ensemble_ref("a/versions/3") == ("a", None, "3")
 
 
 def test_mc_dropout_members_register_and_predict(registered):
@@ -173,7 +174,7 @@ def test_mc_dropout_members_register_and_predict(registered):
     blob = blob_of("mlp", 0, dropout=0.5)
     info = [{"index": s, "architecture": "mlp", "model": {"name": "mlp"}, "metrics": {"val_acc": 0.5},
              "extra": {"role": "mc_sample", "sample": s, "mc_seed": 100}} for s in range(3)]
-    reg = tracking.register_ensemble(uri, _parent(uri), "mc", [blob] * 3, info, "mc_dropout")
+    reg = registry.register_ensemble(uri, _parent(uri), "mc", [blob] * 3, info, "mc_dropout")
     root = Path(reg.source[len("file://"):]) / "artifacts" / "ensemble"
     assert len(list((root / "members").iterdir())) == 1
     import mlflow.pyfunc
@@ -194,9 +195,9 @@ def test_register_rejects_bad_input(registered):
     uri = registered["uri"]
     parent = _parent(uri)
     with pytest.raises(tracking.TrackingError):
-        tracking.register_ensemble(uri, parent, "bad", [blob_of("mlp", 0)], [], "independent")
+        registry.register_ensemble(uri, parent, "bad", [blob_of("mlp", 0)], [], "independent")
     with pytest.raises(tracking.TrackingError):
-        tracking.register_ensemble(uri, parent, " ", [blob_of("mlp", 0)], [{}], "independent")
+        registry.register_ensemble(uri, parent, " ", [blob_of("mlp", 0)], [{}], "independent")
     with pytest.raises(ValueError):
-        tracking.register_ensemble(uri, parent, "bad", [b"junk"], [{}], "independent")
-    assert "bad" not in [e["name"] for e in tracking.list_registered_ensembles(uri)]
+        registry.register_ensemble(uri, parent, "bad", [b"junk"], [{}], "independent")
+    assert "bad" not in [e["name"] for e in registry.list_registered_ensembles(uri)]

@@ -15,13 +15,11 @@ import pytest
 import torch
 
 from ensemble_service import aggregation
-from ensemble_service.config import SyntheticConfig
+from ensemble_service.artifact import ArtifactError, member_blob, member_record, read_member, write_ensemble_dir
 from ensemble_service.data import load_dataset
 from ensemble_service.models import create_model
-from ensemble_service.serving import (
-    Ensemble, ServingError, as_input_tensor, load_ensemble_dir, member_record, read_blob, write_ensemble_dir,
-)
-from workers.member import train_member, weights_blob
+from ensemble_service.serving import Ensemble, ServingError, as_input_tensor, load_ensemble_dir
+from workers.member import train_member
 
 SHAPES = {"mlp": (1, 8, 8), "lenet": (1, 8, 8), "alexnet": (1, 8, 8), "vgg": (1, 8, 8), "resnet": (1, 8, 8),
           "cnn1d": (1, 40)}
@@ -52,9 +50,8 @@ class Spec:
 
 
 def synthetic_data(num_classes: int = 3, input_shape=(1, 8, 8)):
-    syn = asdict(SyntheticConfig())
-    syn.update(num_classes=num_classes, input_shape=list(input_shape), n_train=64, n_val=32, n_test=32)
-    return load_dataset("synthetic", synthetic=syn)
+    return load_dataset("synthetic", num_classes=num_classes, input_shape=list(input_shape), n_train=64, n_val=32,
+                        n_test=32)
 
 
 def train_members(tmp: Path, models, data=None, seed0: int = 0):
@@ -82,7 +79,7 @@ def blob_of(name: str, seed: int, *, num_classes: int = 3, randomize_bn: bool = 
             if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 2.0)
-    return weights_blob(cfg, SHAPES[name], num_classes, model)
+    return member_blob(cfg, SHAPES[name], num_classes, model)
 
 
 def close(got, expected) -> None:
@@ -254,7 +251,7 @@ def test_mc_dropout_members_are_seeded_stochastic_passes():
     torch.testing.assert_close(z1, z2)  # same seeds, same answer
     assert not torch.allclose(z1[0], z1[1])  # different samples differ
     # pass s == a manual pass with dropout on after torch.manual_seed(seed_s)
-    ckpt = read_blob(blob)
+    ckpt = read_member(blob)
     m = create_model("mlp", (1, 8, 8), 3, **{k: v for k, v in ckpt["model"].items() if k != "name"})
     m.load_state_dict(ckpt["state_dict"])
     m.train()
@@ -271,7 +268,7 @@ def test_mc_dropout_matches_the_trajectory_worker():
     blob = blob_of("mlp", 0, dropout=0.3, batchnorm=True)
     seeds = [trajectory.derive_seed(7, "mc_dropout", s) for s in range(3)]
     ens = Ensemble.from_blobs([blob] * 3, _mc_records(3, seeds))
-    ckpt = read_blob(blob)
+    ckpt = read_member(blob)
     m = create_model("mlp", (1, 8, 8), 3, **{k: v for k, v in ckpt["model"].items() if k != "name"})
     m.load_state_dict(ckpt["state_dict"])
     x = torch.randn(5, 1, 8, 8)
@@ -301,9 +298,9 @@ def test_member_record_mc_seed_sources():
     if hasattr(trajectory, "derive_seed"):
         assert derived["sample_seed"] == trajectory.derive_seed(3, "mc_dropout", 2)
         assert from_base[1] == trajectory.derive_seed(5, "mc_dropout", 1)
-    with pytest.raises(ServingError):
+    with pytest.raises(ArtifactError):
         member_record(0, extra={"role": "mc_sample", "sample": 2})
-    with pytest.raises(ServingError):
+    with pytest.raises(ArtifactError):
         member_record(0, extra={"role": "mc_sample", "mc_seed": 4})
     rec = member_record(4, "mlp", {"name": "mlp"}, {"val_acc": 0.5, "bad": float("nan"), "flag": True})
     assert rec == {"index": 4, "role": "member", "architecture": "mlp", "model": {"name": "mlp"},
@@ -349,14 +346,14 @@ class _Evil:
 def test_blobs_are_never_unpickled():
     buf = io.BytesIO()
     torch.save({"model": {"name": "mlp"}, "input_shape": [1], "num_classes": 2, "state_dict": {}, "x": _Evil()}, buf)
-    with pytest.raises(ServingError, match="cannot read member checkpoint"):
-        read_blob(buf.getvalue())
-    with pytest.raises(ServingError):
-        read_blob(b"not a checkpoint")
-    with pytest.raises(ServingError, match="lacks"):
+    with pytest.raises(ArtifactError, match="cannot read member checkpoint"):
+        read_member(buf.getvalue())
+    with pytest.raises(ArtifactError):
+        read_member(b"not a checkpoint")
+    with pytest.raises(ArtifactError, match="lacks"):
         buf = io.BytesIO()
         torch.save({"model": {"name": "mlp"}}, buf)
-        read_blob(buf.getvalue())
+        read_member(buf.getvalue())
 
 
 def test_members_must_agree_on_shape_and_classes():

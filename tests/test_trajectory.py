@@ -29,7 +29,7 @@ SGD = {"name": "sgd", "lr": LR, "momentum": 0.9, "weight_decay": 0.0, "nesterov"
 
 @pytest.fixture(scope="module")
 def data():
-    return load_dataset("synthetic", synthetic={"n_train": N_TRAIN, "n_val": 48, "n_test": 48, "num_classes": 3,
+    return load_dataset("synthetic", **{"n_train": N_TRAIN, "n_val": 48, "n_test": 48, "num_classes": 3,
                                                 "input_shape": [1, 8, 8]})
 
 

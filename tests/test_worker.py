@@ -13,7 +13,7 @@ from workers.member import MemberError, load_checkpoint, train_member
 
 @pytest.fixture(scope="module")
 def data():
-    return load_dataset("synthetic", synthetic={"n_train": 96, "n_val": 48, "n_test": 48, "num_classes": 3,
+    return load_dataset("synthetic", **{"n_train": 96, "n_val": 48, "n_test": 48, "num_classes": 3,
                                                 "input_shape": [1, 8, 8]})
 
 

@@ -15,7 +15,6 @@ an uninterrupted run (same seed, same batches).
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import socket
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from ensemble_service import metrics
 from ensemble_service.data import DataBundle, bootstrap_indices
 from ensemble_service import models, optimizers
+from ensemble_service.artifact import member_blob
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 1024
@@ -115,16 +115,6 @@ def load_checkpoint(path: str) -> Optional[Dict[str, Any]]:
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise MemberError(f"checkpoint {path} has an unknown format")
     return ckpt
-
-
-def weights_blob(model_cfg, input_shape, num_classes, model: torch.nn.Module,
-                 extra: Optional[Dict[str, Any]] = None) -> bytes:
-    """torch.save of {"model", "input_shape", "num_classes", "state_dict"} (plus ``extra``'s keys)."""
-    buf = io.BytesIO()
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({**(extra or {}), "model": dict(model_cfg), "input_shape": list(input_shape),
-                "num_classes": int(num_classes), "state_dict": state}, buf)
-    return buf.getvalue()
 
 
 def diverged(spec, epoch: int, value: float) -> MemberError:
@@ -253,6 +243,6 @@ def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
         index=spec.index, seed=spec.seed, architecture=spec.architecture, model=dict(spec.model),
         history=history, metrics=result_metrics(val_probs, y_val, test_probs, data.y_test),
         val_probs=val_probs, test_probs=test_probs,
-        test_logits=test_logits, weights=weights_blob(spec.model, data.input_shape, data.num_classes, model.cpu()),
+        test_logits=test_logits, weights=member_blob(spec.model, data.input_shape, data.num_classes, model.cpu()),
         resumed_from=resumed_from, restarts=restarts, train_seconds=seconds, device=str(device),
     )

@@ -52,7 +52,7 @@ start is resumed at the next epoch and gives the same members as an uninterrupte
 for other members (indices or seeds) is refused.
 
 Results: one ``MemberResult`` per member in ``spec.members`` order, each as ``train_member``
-returns it: ``weights`` is ``weights_blob`` of that member alone (it loads into a plain
+returns it: ``weights`` is ``artifact.member_blob`` of that member alone (it loads into a plain
 ``create_model`` instance), ``val_probs`` / ``test_probs`` / ``test_logits`` come from
 ``predict_logits`` of that member's own model. ``train_seconds`` is the *pack's* training time
 (summed over epochs like ``train_member``'s, for all K members together: they cannot be told
@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
+from ensemble_service.artifact import member_blob
 from ensemble_service.data import DataBundle, bootstrap_indices
 from workers.member import (
     CHECKPOINT_FORMAT,
@@ -92,7 +93,6 @@ from workers.member import (
     result_metrics,
     save_checkpoint,
     val_metrics,
-    weights_blob,
 )
 
 #: What every member of a pack must share (they are one stacked model with one optimizer).
@@ -265,7 +265,7 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
             index=m.index, seed=m.seed, architecture=m.architecture, model=dict(m.model),
             history=histories[k], metrics=result_metrics(val_probs, y_val, test_probs, data.y_test),
             val_probs=val_probs, test_probs=test_probs, test_logits=test_logits,
-            weights=weights_blob(m.model, data.input_shape, data.num_classes, model.cpu()),
+            weights=member_blob(m.model, data.input_shape, data.num_classes, model.cpu()),
             resumed_from=resumed_from, restarts=restarts, train_seconds=seconds, device=str(device),
             extra={"packed": K, "pack_task": spec.index},
         ))

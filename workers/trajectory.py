@@ -74,12 +74,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
+from ensemble_service.artifact import member_blob
 from ensemble_service.data import DataBundle
 from ensemble_service.models import derive_seed, init_weights
 from workers.member import (
     CHECKPOINT_FORMAT, MemberError, MemberResult, Report, build_model, build_optimizer, forward_batches,
     load_checkpoint, predict_logits, resolve_device, result_metrics, run_epoch, save_checkpoint,
-    steps_per_epoch, val_metrics, weights_blob,
+    steps_per_epoch, val_metrics,
 )
 
 STRATEGIES = ("snapshot", "swa", "fge", "heads", "mc_dropout")
@@ -392,7 +393,7 @@ def train_trajectory(spec, data: DataBundle, *, num_threads: int = 1, gpu_assign
 
     common = dict(seed=spec.seed, architecture=spec.architecture, model=dict(spec.model),
                   resumed_from=resumed_from, restarts=restarts, train_seconds=seconds, device=str(device))
-    blob = lambda m, extra=None: weights_blob(spec.model, data.input_shape, data.num_classes, m, extra)  # noqa: E731
+    blob = lambda m, extra=None: member_blob(spec.model, data.input_shape, data.num_classes, m, extra)  # noqa: E731
 
     def result(pos: int, val_logits, test_logits, weights: bytes, epoch: int, **extra) -> MemberResult:
         val_probs, test_probs = val_logits.softmax(-1), test_logits.softmax(-1)

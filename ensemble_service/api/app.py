@@ -101,7 +101,7 @@ class LoadedEnsemble:
 
     name: str
     version: str
-    info: Dict[str, Any]            # tracking.resolve_ensemble's dict (aliases at load time)
+    info: Dict[str, Any]            # registry.resolve_ensemble's dict (aliases at load time)
     ensemble: Ensemble
     metrics: Dict[str, float]       # the parent run's ensemble metrics
     executor: ThreadPoolExecutor
@@ -120,8 +120,9 @@ class EnsembleStore:
     """Registered ensembles loaded from MLflow once, kept (LRU) and re-resolved when aliases move."""
 
     def __init__(self, tracking_uri: Optional[str], settings: Settings):
-        from ensemble_service import tracking
+        from ensemble_service import registry, tracking
 
+        self.registry = registry
         self.tracking = tracking
         self.uri = tracking.resolve_uri(tracking_uri)
         self.settings = settings
@@ -137,7 +138,7 @@ class EnsembleStore:
     def _call(self, fn, *args):
         try:
             return fn(*args)
-        except self.tracking.EnsembleNotFound as exc:
+        except self.registry.EnsembleNotFound as exc:
             raise ApiError(404, str(exc), "name") from None
         except self.tracking.TrackingError as exc:
             raise ApiError(503, f"tracking store unavailable: {exc}") from None
@@ -146,7 +147,7 @@ class EnsembleStore:
             raise ApiError(503, f"tracking store unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
     def list(self) -> List[Dict[str, Any]]:
-        return self._call(self.tracking.list_registered_ensembles, self.uri)
+        return self._call(self.registry.list_registered_ensembles, self.uri)
 
     def resolve(self, ref: str) -> Dict[str, Any]:
         now = time.monotonic()
@@ -154,7 +155,7 @@ class EnsembleStore:
             hit = self._refs.get(ref)
         if hit is not None and now - hit[0] < self.settings.alias_ttl_s:
             return hit[1]
-        info = self._call(self.tracking.resolve_ensemble, self.uri, ref)
+        info = self._call(self.registry.resolve_ensemble, self.uri, ref)
         with self._lock:
             self._refs[ref] = (now, info)
             if len(self._refs) > 1024:
@@ -197,7 +198,7 @@ class EnsembleStore:
     def _load(self, info: Dict[str, Any]) -> LoadedEnsemble:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="ensemble-serve-") as tmp:
-            local = self._call(self.tracking.download_ensemble, self.uri, info, tmp)
+            local = self._call(self.registry.download_ensemble, self.uri, info, tmp)
             try:
                 ensemble = load_ensemble_dir(local, device=self.settings.torch_device())
             except Exception as exc:  # a broken artifact, no CUDA for --device cuda, ...: the server's problem
@@ -206,7 +207,7 @@ class EnsembleStore:
                                     f"cannot be loaded: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         metrics = {}
         if info.get("run_id"):
-            raw = self.tracking.run_metrics(self.uri, info["run_id"])
+            raw = self.registry.run_metrics(self.uri, info["run_id"])
             metrics = {k: float(v) for k, v in raw.items()
                        if (k in self.tracking.PARENT_METRICS or k.startswith("ensemble_")) and _finite(v)}
         self.loads += 1

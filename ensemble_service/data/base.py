@@ -1,0 +1,132 @@
+"""What every data source shares: the error type, the config schema, the raw arrays a source
+returns, the loaded bundle, and the source registry.
+
+A *source* (one module each: bundled, mnist1d, torchvision, arrays, csv, image_folder, custom) reads
+its files into a :class:`Raw`: inputs in the format a client will later send (pixel values, CSV
+columns, ...), integer labels, optional ready-made splits, class names and the
+:class:`~ensemble_service.data.preprocess.Pipeline` that turns raw inputs into model inputs.
+``ensemble_service.data.load`` then splits, fits the pipeline on the training split and returns a
+:class:`DataBundle` of float32 tensors; the pipeline travels with the registered ensemble.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+
+import numpy as np
+import torch
+
+from ensemble_service.catalog import Catalog
+from ensemble_service.data.preprocess import Pipeline
+
+
+class DataError(ValueError):
+    """A data set cannot be provided; the message (one line) names the problem and what to do."""
+
+
+@dataclass
+class DataConfig:
+    """Keys every data source has (its own schema adds the rest; see conf/data/*.yaml)."""
+    name: str = "digits"
+    val_fraction: float = 0.2     # of the whole set (or of the official training split, when there is a test split)
+    test_fraction: float = 0.2    # of the whole set, where there is no official test split
+    split_seed: int = 0           # same seed, same splits
+
+
+@dataclass
+class Raw:
+    """A source's data before splitting and preprocessing (NumPy arrays, raw format)."""
+    x_train: np.ndarray
+    y_train: np.ndarray
+    pipeline: Pipeline
+    x_val: Optional[np.ndarray] = None
+    y_val: Optional[np.ndarray] = None
+    x_test: Optional[np.ndarray] = None
+    y_test: Optional[np.ndarray] = None
+    num_classes: Optional[int] = None          # None: 1 + the largest label
+    class_names: Optional[List[str]] = None
+    label: str = ""                            # what the parent run's ensemble.data tag says
+
+
+@dataclass
+class DataBundle:
+    """A loaded, split data set: float32 model inputs ``(N, *input_shape)``, int64 targets.
+
+    ``preprocessing`` is the fitted pipeline as a plain dict (raw inputs -> model inputs); it is
+    stored with the registered ensemble, which applies it to what clients send."""
+
+    name: str
+    input_shape: Tuple[int, ...]
+    num_classes: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    class_names: Optional[List[str]] = None
+    preprocessing: Optional[Dict[str, Any]] = None
+    label: str = ""
+
+    def sizes(self) -> Dict[str, int]:
+        """Number of samples per split: ``{"train": ..., "val": ..., "test": ...}``."""
+        return {"train": int(self.y_train.shape[0]), "val": int(self.y_val.shape[0]),
+                "test": int(self.y_test.shape[0])}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Facts about a data source known without loading it (None where only the files tell)."""
+    name: str
+    input_shape: Optional[Tuple[int, ...]]
+    num_classes: Optional[int]
+    has_test_split: bool
+    description: str
+
+
+class Source:
+    """One kind of data. Subclasses set ``name``, ``schema`` and ``description`` and implement
+    :meth:`load`; :meth:`check` is the cheap pre-flight (files present) run before Ray starts."""
+
+    name: ClassVar[str]
+    schema: ClassVar[Type[DataConfig]] = DataConfig
+    description: ClassVar[str] = ""
+    has_test_split: ClassVar[bool] = False
+
+    def info(self, cfg: Optional[DataConfig] = None) -> DatasetInfo:
+        shape, classes = self.static_shape(cfg)
+        return DatasetInfo(self.name, shape, classes, self.has_test_split, self.description)
+
+    def static_shape(self, cfg: Optional[DataConfig]) -> Tuple[Optional[Tuple[int, ...]], Optional[int]]:
+        """(input_shape, num_classes) when known without reading files, else (None, None)."""
+        return None, None
+
+    def check(self, cfg: DataConfig) -> None:
+        """Raise DataError when the source cannot be read (missing files, bad options)."""
+
+    def load(self, cfg: DataConfig) -> Raw:
+        raise NotImplementedError
+
+
+SOURCES: Catalog[Source] = Catalog("data set", DataError)
+
+
+def register_source(cls: Type[Source]) -> Type[Source]:
+    """Class decorator: register one instance of ``cls`` under ``cls.name``."""
+    SOURCES.add(cls.name, cls())
+    return cls
+
+
+def as_config(cfg: Any) -> DataConfig:
+    """A data config object for ``cfg``: a schema instance, or a mapping (``name`` picks the source)."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        source = SOURCES.get(cfg.get("name", "digits"))
+        known = set(source.schema.__dataclass_fields__)
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise DataError(f"unknown option(s) {', '.join(unknown)} for data={source.name}; "
+                            f"it takes: {', '.join(sorted(known - {'name'}))}")
+        return source.schema(**cfg)
+    raise DataError(f"a data config must be a mapping, got {type(cfg).__name__}")

@@ -1,0 +1,271 @@
+"""The MLflow Model Registry side: register a finished ensemble, find and download registered ones.
+
+A finished ensemble becomes one version of a registered model (name: ``tracking.model_name``,
+default the experiment name): a pyfunc model (``ensemble_service.pyfunc_model``) logged under the
+parent run's artifact path ``ensemble_model``, holding the ensemble directory
+(``ensemble_service.artifact``: manifest with class names and preprocessing, member checkpoints,
+the user's model code) as its artifact ``ensemble`` and a copy of the ``ensemble_service``
+package as code, with explicit pip requirements (nothing inferred). ``models:/<name>@latest``
+resolves to the newest version: MLflow 3 reserves the alias ``latest`` for exactly that (it cannot
+be set by hand there); on a registry that does not, it is set explicitly. Any other alias is set
+with ``MlflowClient.set_registered_model_alias``.
+
+MLflow is imported here, in ``tracking.py`` and in the pyfunc model only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+from mlflow.entities import RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from ensemble_service.tracking import TrackingError, _now_ms, client_for, resolve_uri  # noqa: E402
+
+ENSEMBLE_MODEL_ARTIFACT = "ensemble_model"
+ENSEMBLE_MODEL_TAG = "ensemble.kind"      # registered-model tag marking our ensembles ("ensemble")
+_REF_ALIAS = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class EnsembleNotFound(TrackingError, LookupError):
+    """No registered ensemble (or version, or alias) of that name."""
+
+
+class RegisteredEnsemble:
+    """What ``register_ensemble`` made: ``name``, ``version`` (str), ``source``, ``run_id``, ``seconds``."""
+
+    def __init__(self, name: str, version: str, source: str, run_id: str, seconds: float):
+        self.name, self.version, self.source, self.run_id, self.seconds = name, version, source, run_id, seconds
+
+    def __repr__(self) -> str:
+        return f"RegisteredEnsemble({self.name!r}, version={self.version!r}, seconds={self.seconds:.2f})"
+
+
+def _pip_requirements(preprocessing: Optional[Mapping[str, Any]] = None) -> List[str]:
+    import torch
+
+    reqs = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+    if (preprocessing or {}).get("kind") == "image":  # image files are decoded with Pillow
+        import PIL
+
+        reqs.append(f"pillow=={PIL.__version__}")
+    return reqs
+
+
+def _stage_code(dest: Path) -> Path:
+    """A copy of the ensemble_service package (sources only) for the model's code_paths."""
+    import shutil
+
+    src = Path(__file__).resolve().parent
+    target = dest / "ensemble_service"
+    shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
+    return target
+
+
+def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, member_blobs: List[bytes],
+                      member_info: List[Dict[str, Any]], strategy: str, *, alias: str = "latest",
+                      description: Optional[str] = None, class_names: Optional[List[str]] = None,
+                      preprocessing: Optional[Mapping[str, Any]] = None) -> RegisteredEnsemble:
+    """Log the ensemble as a pyfunc model under the parent run and register a new version.
+
+    ``member_info[i]`` describes ``member_blobs[i]``: ``index``, ``architecture``, ``model``
+    (its spec), ``metrics`` (``val_acc`` ... ; ``val_acc`` gives the weights of method
+    ``weighted``) and ``extra`` (the worker result's ``extra``: MC-dropout samples carry ``role``,
+    ``sample`` and their seed). ``class_names`` and ``preprocessing`` (the data set's fitted
+    pipeline) go into the manifest; the user code the member models need is shipped with it.
+    Sets ``alias`` on the new version (see above for `latest`) and tags the parent run with
+    ``ensemble.registered_model`` / ``ensemble.model_version``.
+    """
+    import shutil
+    import warnings
+
+    from mlflow.exceptions import MlflowException
+
+    from ensemble_service import artifact, pyfunc_model
+    from ensemble_service.pyfunc_model import ARTIFACT
+
+    t0 = time.perf_counter()
+    if not model_name or not str(model_name).strip():
+        raise TrackingError("model name must not be empty")
+    if len(member_blobs) != len(member_info):
+        raise TrackingError(f"{len(member_blobs)} member blobs but {len(member_info)} member descriptions")
+    uri = resolve_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(parent_run_id)
+    records = []
+    for k, (blob, info) in enumerate(zip(member_blobs, member_info)):
+        extra = dict(info.get("extra") or {})
+        needs_meta = extra.get("role") == "mc_sample" and "sample_seed" not in extra and "mc_seed" not in extra
+        records.append(artifact.member_record(
+            int(info.get("index", k)), info.get("architecture"), info.get("model"), info.get("metrics"), extra,
+            blob_meta=artifact.read_member(blob) if needs_meta else None))
+    meta: Dict[str, Any] = {"name": model_name, "strategy": strategy, "parent_run_id": parent_run_id,
+                            "experiment_id": run.info.experiment_id,
+                            "data": run.data.tags.get("ensemble.data", ""), "created": _now_ms()}
+    if class_names is not None:
+        meta["class_names"] = [str(c) for c in class_names]
+    if preprocessing is not None:
+        meta["preprocessing"] = dict(preprocessing)
+    user_code = artifact.user_code(info.get("model") or {} for info in member_info)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        manifest = artifact.write_ensemble_dir(tmp_path / ARTIFACT, member_blobs, records, meta, code=user_code)
+        code = _stage_code(tmp_path / "code")
+        model_dir = tmp_path / ENSEMBLE_MODEL_ARTIFACT
+        with warnings.catch_warnings():  # "no input example": inputs are checked by serving.Ensemble
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(model_dir), python_model=str(Path(pyfunc_model.__file__).resolve()),
+                artifacts={ARTIFACT: str(tmp_path / ARTIFACT)}, code_paths=[str(code)],
+                pip_requirements=_pip_requirements(preprocessing), signature=pyfunc_model.signature(),
+                metadata={"ensemble_members": len(member_blobs), "ensemble_strategy": strategy,
+                          "ensemble_parent_run_id": parent_run_id})
+        client.log_artifacts(parent_run_id, str(model_dir), ENSEMBLE_MODEL_ARTIFACT)
+        shutil.rmtree(model_dir, ignore_errors=True)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{ENSEMBLE_MODEL_ARTIFACT}"
+    try:
+        client.create_registered_model(model_name, tags={ENSEMBLE_MODEL_TAG: "ensemble"},
+                                       description="Ensemble registered by ensemble-service")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    archs: Dict[str, int] = {}
+    for r in manifest["members"]:
+        archs[r["architecture"]] = archs.get(r["architecture"], 0) + 1
+    mv = client.create_model_version(
+        model_name, source, run_id=parent_run_id, description=description,
+        tags={"ensemble.strategy": strategy, "ensemble.members": str(len(member_blobs)),
+              "ensemble.architectures": json.dumps(archs), "ensemble.parent_run_id": parent_run_id,
+              "ensemble.num_classes": str(manifest["num_classes"]),
+              "ensemble.input_shape": json.dumps(manifest["input_shape"])})
+    if alias:
+        try:
+            client.set_registered_model_alias(model_name, alias, mv.version)
+        except MlflowException:
+            if alias.lower() != "latest":  # MLflow 3 reserves `latest`: it always means the newest version
+                raise
+    client.log_batch(parent_run_id, tags=[RunTag("ensemble.registered_model", model_name),
+                                          RunTag("ensemble.model_version", str(mv.version))])
+    return RegisteredEnsemble(model_name, str(mv.version), source, parent_run_id, time.perf_counter() - t0)
+
+
+def parse_ensemble_ref(ref: str):
+    """``name`` | ``name@alias`` | ``name/versions/N`` -> (name, alias, version); bare name = @latest.
+
+    Raises EnsembleNotFound for anything else (so the API answers 404)."""
+    ref = (ref or "").strip()
+    name, alias, version = ref, None, None
+    if "/versions/" in ref:
+        name, _, v = ref.rpartition("/versions/")
+        if not v.isdigit() or int(v) < 1:
+            raise EnsembleNotFound(f"no ensemble version {ref!r} (versions are positive integers)")
+        version = str(int(v))
+    elif "@" in ref:
+        name, _, alias = ref.rpartition("@")
+        if not _REF_ALIAS.match(alias):
+            raise EnsembleNotFound(f"no ensemble alias {ref!r}")
+    if not name or "/" in name or "@" in name:
+        raise EnsembleNotFound(f"no ensemble named {ref!r}")
+    return name, alias or (None if version else "latest"), version
+
+
+def _not_found(exc: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and (
+        exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+        or (exc.error_code == "INVALID_PARAMETER_VALUE" and ("not found" in str(exc) or "Invalid" in str(exc)
+                                                             or "must" in str(exc) or "cannot" in str(exc))))
+
+
+def _version_dict(mv, aliases: Optional[List[str]] = None) -> Dict[str, Any]:
+    return {"name": mv.name, "version": str(mv.version), "aliases": sorted(aliases if aliases is not None else (mv.aliases or [])),
+            "run_id": mv.run_id, "source": mv.source, "status": mv.status, "tags": dict(mv.tags or {}),
+            "created": int(mv.creation_timestamp or 0)}
+
+
+def _ensemble_versions(client: MlflowClient, name: str) -> List[Any]:
+    escaped = name.replace("'", "\\'")
+    versions = client.search_model_versions(f"name = '{escaped}'", max_results=10000)
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def list_registered_ensembles(uri: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Registered ensembles (models tagged ensemble.kind=ensemble): name, versions, aliases.
+
+    ``latest`` is listed as an alias of each model's newest version."""
+    client = client_for(uri)
+    out = []
+    for rm in client.search_registered_models(max_results=1000):
+        if (rm.tags or {}).get(ENSEMBLE_MODEL_TAG) != "ensemble":
+            continue
+        versions = _ensemble_versions(client, rm.name)
+        aliases: Dict[str, str] = {str(a): str(v) for a, v in (rm.aliases or {}).items()}
+        for mv in versions:
+            for a in mv.aliases or []:
+                aliases.setdefault(a, str(mv.version))
+        if versions:
+            aliases.setdefault("latest", str(versions[-1].version))
+        out.append({"name": rm.name, "description": rm.description or "",
+                    "latest_version": str(versions[-1].version) if versions else None, "aliases": aliases,
+                    "versions": [_version_dict(mv, [a for a, v in aliases.items() if v == str(mv.version)])
+                                 for mv in versions]})
+    return sorted(out, key=lambda e: e["name"])
+
+
+def resolve_ensemble(uri: Optional[str], ref: str) -> Dict[str, Any]:
+    """The registered version ``ref`` names (see parse_ensemble_ref), as a dict with ``name``,
+    ``version``, ``aliases``, ``run_id``, ``source``, ``tags``, ``created``.
+
+    EnsembleNotFound when the model, version or alias does not exist; TrackingError when the
+    store cannot be read."""
+    name, alias, version = parse_ensemble_ref(ref)
+    client = client_for(uri)
+    try:
+        rm = client.get_registered_model(name)
+        if (rm.tags or {}).get(ENSEMBLE_MODEL_TAG) != "ensemble":
+            raise EnsembleNotFound(f"no registered ensemble named {name!r}")
+        if version is not None:
+            mv = client.get_model_version(name, version)
+        else:
+            mv = client.get_model_version_by_alias(name, alias)
+        latest = _ensemble_versions(client, name)
+    except EnsembleNotFound:
+        raise
+    except Exception as exc:
+        if _not_found(exc):
+            what = f"version {version}" if version else f"alias {alias!r}"
+            raise EnsembleNotFound(f"no registered ensemble {name!r} with {what}") from None
+        raise TrackingError(f"cannot read the model registry: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    aliases = list(mv.aliases or [])
+    if latest and str(latest[-1].version) == str(mv.version) and "latest" not in aliases:
+        aliases.append("latest")
+    return _version_dict(mv, aliases)
+
+
+def download_ensemble(uri: Optional[str], resolved: Dict[str, Any], dest: str) -> Path:
+    """Download a resolved version's ``ensemble`` artifact directory under ``dest``; its local path."""
+    from mlflow.artifacts import download_artifacts
+
+    from ensemble_service.pyfunc_model import ARTIFACT
+
+    local = download_artifacts(artifact_uri=f"{resolved['source'].rstrip('/')}/artifacts/{ARTIFACT}",
+                               dst_path=dest, tracking_uri=resolve_uri(uri))
+    return Path(local)
+
+
+def run_metrics(uri: Optional[str], run_id: str) -> Dict[str, float]:
+    """A run's latest metric values (for a parent run: the ensemble metrics)."""
+    try:
+        return dict(client_for(uri).get_run(run_id).data.metrics)
+    except Exception:
+        return {}
