@@ -85,12 +85,12 @@ def load(cfg: Union[DataConfig, dict]) -> DataBundle:
         raise DataError(f"'{name}' has {len(x_train)} inputs but {len(y_train)} targets; the files are inconsistent")
     if raw.x_test is None:
         n = len(y_train)
-        n_test, n_val = count(test_fraction, n), count(val_fraction, n)
+        n_test = count(test_fraction, n)
+        n_val = count(val_fraction, n) if raw.x_val is None else 0  # a given validation split is kept
         if n - n_test - n_val < 1:
-            raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training data "
-                            f"out of {n} samples of '{name}'; lower them")
-        if raw.x_val is not None:
-            n_val = 0
+            fractions = (f"val_fraction={val_fraction} and test_fraction={test_fraction} leave" if raw.x_val is None
+                         else f"test_fraction={test_fraction} leaves")
+            raise DataError(f"{fractions} no training data out of {n} samples of '{name}'; lower them")
         rest, test = split(y_train, n_test, split_seed)
         keep, val = split(y_train[rest], n_val, split_seed)
         train, val = rest[keep], rest[val]
