@@ -127,6 +127,9 @@ def load(cfg: Union[DataConfig, dict]) -> DataBundle:
     num_classes = int(raw.num_classes) if raw.num_classes is not None else seen
     if num_classes < 2:
         raise DataError(f"'{name}' has {num_classes} class; a classifier needs at least 2")
+    present = np.unique(np.concatenate([np.asarray(y).ravel() for _, y in splits.values()]))
+    if len(present) < 2:  # e.g. every label is 1: two classes by count, one in the data
+        raise DataError(f"'{name}' has samples of only 1 class (label {present[0]}); a classifier needs at least 2")
     if raw.class_names is not None and len(raw.class_names) != num_classes:
         if raw.num_classes is None and len(raw.class_names) > num_classes:
             num_classes = len(raw.class_names)  # classes without samples still have names
