@@ -58,6 +58,8 @@ class Csv(Source):
             raise DataError(f"{where}: cannot read it as CSV ({' '.join(str(exc).split())[:200]})") from None
         columns = [str(c) for c in frame.columns]
         frame.columns = columns
+        if frame.empty:
+            raise DataError(f"{path.name} has a header but no data rows")
         if cfg.target not in columns:
             raise DataError(f"data.target={cfg.target!r} is not a column of {path.name} (columns: {', '.join(columns)})")
         features = list(cfg.features) if cfg.features else [c for c in columns if c != cfg.target]
