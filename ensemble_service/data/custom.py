@@ -49,9 +49,13 @@ def _from_dataset(ds: Any, where: str):
         raise DataError(f"{where}: the Dataset is empty")
     if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
         raise DataError(f"{where}: Dataset items must be (input, label) pairs")
-    x = np.stack([np.asarray(_numpy(a)) for a, _ in items])
-    y = np.asarray([int(_numpy(b)) for _, b in items])
-    return x, y
+    xs = [np.asarray(_numpy(a)) for a, _ in items]
+    shapes = sorted({x.shape for x in xs})
+    if len(shapes) > 1:
+        raise DataError(f"{where}: the Dataset's items have inputs of different shapes "
+                        f"({', '.join(str(list(s)) for s in shapes[:3])}); make them one shape")
+    # labels as they are (0-d arrays stack to a 1-D array of their dtype): `labels` checks them
+    return np.stack(xs), np.asarray([np.asarray(_numpy(b)) for _, b in items])
 
 
 def _is_dataset(value: Any) -> bool:
