@@ -118,6 +118,9 @@ def load(cfg: Union[DataConfig, dict]) -> DataBundle:
         if len(x) != len(y):
             raise DataError(f"'{name}' {split_name} split has {len(x)} inputs but {len(y)} targets; "
                             "the files are inconsistent")
+        if x.shape[1:] != x_train.shape[1:]:
+            raise DataError(f"'{name}' {split_name} split has inputs of shape {list(x.shape[1:])} but the training "
+                            f"inputs are {list(x_train.shape[1:])}; every split needs the same shape")
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             bad = int((~np.isfinite(x)).sum())
             raise DataError(f"'{name}' {split_name} split has {bad} NaN or infinite input value(s); clean or drop them")
