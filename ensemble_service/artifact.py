@@ -172,12 +172,34 @@ def stage_code(dest: Union[str, Path], modules: Mapping[str, Path]) -> List[str]
     return sorted(modules)
 
 
-def use_code(path: Union[str, Path]) -> None:
-    """Make the user code shipped in an ensemble directory importable (its ``code/`` on sys.path).
-    Code already imported under the same module name in this process is not replaced."""
+_CODE_CACHE: Dict[str, Path] = {}
+
+
+def use_code(path: Union[str, Path]) -> Optional[Path]:
+    """Make the user code shipped in an ensemble directory importable: its ``code/`` is copied to a
+    folder that lives as long as this process (the directory itself may be a temporary download)
+    and put on ``sys.path`` (after everything else, so it never shadows installed packages). A
+    module of the same name that this process imported already is not replaced."""
     code = Path(path) / CODE_DIR
-    if code.is_dir() and str(code) not in sys.path:
-        sys.path.append(str(code))
+    if not code.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for f in sorted(p for p in code.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(code)).encode())
+        digest.update(f.read_bytes())
+    key = digest.hexdigest()[:16]
+    dest = _CODE_CACHE.get(key)
+    if dest is None:
+        import atexit
+        import tempfile
+
+        dest = Path(tempfile.mkdtemp(prefix=f"ensemble-code-{key}-"))
+        shutil.copytree(code, dest, dirs_exist_ok=True)
+        atexit.register(shutil.rmtree, dest, True)
+        _CODE_CACHE[key] = dest
+    if str(dest) not in sys.path:
+        sys.path.append(str(dest))
+    return dest
 
 
 # --------------------------------------------------------------------------- ensemble directory

@@ -370,6 +370,10 @@ _register_serving(app)
 
 
 def main() -> None:
+    # the user's own modules (model._target_=mymod.Net, data._target_=mymod.load) are importable from
+    # the directory the command runs in, as with `python -m`
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     app()
 
 

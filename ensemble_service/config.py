@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-STRATEGIES = ("independent", "snapshot", "swa", "fge", "heads", "mc_dropout")
+from ensemble_service.strategies import MAX_MEMBERS, STRATEGIES, StrategyConfig, StrategyError
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -32,36 +33,6 @@ def service_env_defaults() -> None:
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line naming the problem and the choices."""
-
-
-@dataclass
-class StrategyConfig:
-    """Keys of every strategy; each strategy reads its own (see conf/strategy/*.yaml)."""
-    name: str = "independent"
-    members: int = 5
-    # independent
-    bagging: bool = False
-    # mixed members: member i uses models[i % len(models)]; empty = `model` for every member.
-    # An entry is a model (`{name: lenet, batchnorm: true}` for a built-in, `{_target_: mypkg.Net, ...}`
-    # for the user's) and may carry its own `optimizer` (a conf/optimizer name, a full `_target_`
-    # spec, or keys merged over the top-level optimizer) and `trainer: {epochs, batch_size}`.
-    models: List[Any] = field(default_factory=list)
-    # trajectory strategies: T independent trajectories, one Ray task each
-    trajectories: int = 1
-    # snapshot (M cycles of a cyclic cosine lr, a snapshot at each cycle's end) and fge
-    cycles: int = 5
-    use_last: Optional[int] = None
-    # swa
-    swa_start: Optional[int] = None   # completed epochs before averaging starts (null: 75% of trainer.epochs)
-    swa_lr: float = 0.01
-    # fge: pre-training for trainer.epochs - cycles * cycle_epochs epochs, then cycles between lr1 and lr2
-    cycle_epochs: int = 2
-    lr1: float = 0.05
-    lr2: float = 0.0005
-    # heads: one shared backbone, K classifier heads
-    heads: int = 5
-    # mc_dropout: S stochastic forward passes at test time
-    samples: int = 10
 
 
 @dataclass
@@ -98,7 +69,7 @@ class TrackingConfig:
 class Config:
     data: Any = None           # the data source's own schema (ensemble_service.data, conf/data/*.yaml)
     model: Any = None          # a `_target_` spec (conf/model/*.yaml), a plain dict once loaded
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)   # the strategy's own schema (strategies.py)
     optimizer: Any = None      # a `_target_` + `_partial_: true` spec (conf/optimizer/*.yaml)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -117,6 +88,8 @@ def register_schema() -> None:
 
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
+    for name in STRATEGIES.names():
+        store.store(group="strategy", name=f"{name}_schema", node=STRATEGIES.get(name).Config)
     for name in SOURCES.names():
         if name != "custom":  # the user's loader takes any arguments: an untyped node
             store.store(group="data", name=f"{name}_schema", node=SOURCES.get(name).schema)
@@ -167,7 +140,7 @@ def _explain_compose_error(exc: BaseException) -> str:
     key = _full_key(text)
     first = text.strip().split("\n")[0]
     if "not in" in first and key:
-        return f"unknown config key '{key}'"
+        return f"unknown config key '{key}'{_schema_hint(key, text)}"
     if key:
         return f"bad value for {key}: {_one_line(first)}"
     return _one_line(msg.strip().split("\n")[0]) or type(exc).__name__
@@ -187,6 +160,30 @@ def _select_custom_groups(overrides: List[str]) -> List[str]:
         if f"{group}._target_" in keys and group not in keys and (conf_dir() / group / "custom.yaml").is_file():
             extra.append(f"{group}=custom")
     return extra + list(overrides)
+
+
+def _schema_hint(key: str, text: str) -> str:
+    """For a key the chosen strategy or data source does not have: which one it is, and its keys."""
+    import re
+    from dataclasses import fields as dc_fields
+
+    found = re.search(r"object_type=(\w+)", text)
+    group = key.split(".", 1)[0]
+    if not found or group not in ("strategy", "data"):
+        return ""
+    if group == "strategy":
+        catalog = [(n, STRATEGIES.get(n).Config) for n in STRATEGIES.names()]
+    else:
+        from ensemble_service.data import SOURCES
+
+        catalog = [(n, SOURCES.get(n).schema) for n in SOURCES.names()]
+    for name, schema in catalog:
+        if schema.__name__ == found.group(1):
+            keys = [f.name for f in dc_fields(schema) if f.name != "name"]
+            owners = [n for n, sch in catalog if key.split(".", 1)[1] in {f.name for f in dc_fields(sch)}]
+            where = f" (a key of {group}={'/'.join(sorted(set(owners)))})" if owners else ""
+            return f" for {group}={name}{where}; its keys: {', '.join(keys)}"
+    return ""
 
 
 def compose(overrides: List[str] | None = None):
@@ -313,8 +310,9 @@ def _entry_settings(cfg: Config, entry: Any, i: int) -> MemberSettings:
 
 def model_variants(cfg: Config) -> List[MemberSettings]:
     """The distinct member settings: one per strategy.models entry, or the top-level model."""
-    if cfg.strategy.models:
-        return [_entry_settings(cfg, e, i) for i, e in enumerate(cfg.strategy.models)]
+    entries = getattr(cfg.strategy, "models", None)
+    if entries:
+        return [_entry_settings(cfg, e, i) for i, e in enumerate(entries)]
     return [MemberSettings(model=dict(cfg.model), optimizer=dict(cfg.optimizer), epochs=cfg.trainer.epochs,
                            batch_size=cfg.trainer.batch_size, where="model")]
 
@@ -377,10 +375,17 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
 
     # strategy
     s = cfg.strategy
-    if s.name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy '{s.name}'; choose one of: {', '.join(STRATEGIES)}")
-    if s.members < 1:
-        raise ConfigError(f"strategy.members must be at least 1, got {s.members}")
+    try:
+        strategy = STRATEGIES.get(s.name)
+    except StrategyError as exc:
+        raise ConfigError(str(exc)) from None
+    key = strategy.alias or "members"
+    if getattr(s, key) < 1:
+        raise ConfigError(f"strategy.{key} must be at least 1, got {getattr(s, key)}")
+    total = strategy.total(s)
+    if total > MAX_MEMBERS:
+        raise ConfigError(f"strategy={s.name} would train {total} members; the most an ensemble may have is "
+                          f"{MAX_MEMBERS} (each is a Ray task's output, an MLflow run and a served member)")
 
     # models and their training settings: each built once, here, on the driver
     if not isinstance(cfg.model, dict) or not isinstance(cfg.optimizer, dict):
@@ -410,7 +415,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         raise ConfigError(f"cluster.max_retries must be >= 0, got {c.max_retries}")
     if c.pack < 1:
         raise ConfigError(f"cluster.pack must be at least 1, got {c.pack}")
-    if c.pack > 1 and cfg.strategy.name != "independent":
+    if c.pack > 1 and STRATEGIES.get(cfg.strategy.name).trajectory:
         raise ConfigError(f"cluster.pack packs independent members; strategy={cfg.strategy.name} trains "
                           "trajectories (set cluster.pack=1)")
     if c.pack > 1:
@@ -436,79 +441,37 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
 
 
 def _validate_strategy(cfg: Config, model) -> None:
-    """Strategy-specific checks; ``model`` is the (first) member's model, built once (None: not
-    built yet, the checks that need it wait for check_members)."""
-    import torch
+    """The strategy's own checks (``model`` is the first member's model, or None before the data
+    set's input shape is known), then the checks that need the member count."""
+    strategy = STRATEGIES.get(cfg.strategy.name)
+    try:
+        strategy.validate(cfg.strategy, cfg.trainer.epochs, cfg.optimizer, model, cfg.model)
+    except StrategyError as exc:
+        raise ConfigError(str(exc)) from None
+    total, need = strategy.total(cfg.strategy), cfg.cluster.min_members
+    if need is not None and need > total:
+        raise ConfigError(f"cluster.min_members={need} exceeds the {total} members strategy={cfg.strategy.name} "
+                          "trains; lower it (or leave it null: every member must finish)")
 
-    from ensemble_service.models import feature_head_problem, is_builtin
-    from ensemble_service.optimizers import learning_rate
 
-    s, epochs = cfg.strategy, cfg.trainer.epochs
-    if s.name == "independent":
+def _resolve_alias(cfg: Config, overrides: List[str]) -> None:
+    """``strategy.members`` is an alias of the strategy's own count (snapshot/fge ``cycles``, heads
+    ``heads``, mc_dropout ``samples``): both given with different values is an error; afterwards
+    ``members`` equals the count."""
+    alias = STRATEGIES.get(cfg.strategy.name).alias if cfg.strategy.name in STRATEGIES else None
+    if not alias:
         return
-    if s.models:
-        raise ConfigError(f"strategy.models (mixed architectures) needs strategy=independent, not {s.name}")
-    if s.bagging:
-        raise ConfigError(f"strategy.bagging needs strategy=independent, not {s.name}")
-    if s.trajectories < 1:
-        raise ConfigError(f"strategy.trajectories must be at least 1, got {s.trajectories}")
-    if s.name == "snapshot":
-        if s.cycles < 1:
-            raise ConfigError(f"strategy.cycles must be at least 1, got {s.cycles}")
-        if epochs % s.cycles:
-            raise ConfigError(f"strategy=snapshot needs trainer.epochs ({epochs}) to be a multiple of "
-                              f"strategy.cycles ({s.cycles}), so that every cycle ends with an epoch")
-        if s.use_last is not None and not (1 <= s.use_last <= s.cycles):
-            raise ConfigError(f"strategy.use_last must be between 1 and strategy.cycles ({s.cycles}), got {s.use_last}")
-        if learning_rate(cfg.optimizer) is None:
-            raise ConfigError("strategy=snapshot needs optimizer.lr: every cosine cycle starts from it")
-    elif s.name == "swa":
-        if s.trajectories != 1:
-            raise ConfigError(
-                f"strategy=swa averages parameters over one trajectory only; strategy.trajectories={s.trajectories} "
-                "would average across independent runs, which does not work (their weights are not in one basin); "
-                "use strategy=independent to combine independent runs by their predictions")
-        start = swa_start(cfg)
-        if not (0 <= start < epochs):
-            raise ConfigError(f"strategy.swa_start must be in [0, trainer.epochs={epochs}), got {start}")
-        if not s.swa_lr > 0:
-            raise ConfigError(f"strategy.swa_lr must be > 0, got {s.swa_lr}")
-    elif s.name == "fge":
-        if s.cycles < 1:
-            raise ConfigError(f"strategy.cycles must be at least 1, got {s.cycles}")
-        if s.cycle_epochs < 2 or s.cycle_epochs % 2:
-            raise ConfigError(f"strategy.cycle_epochs must be an even number >= 2 (a member is collected at "
-                              f"mid-cycle), got {s.cycle_epochs}")
-        if epochs <= s.cycles * s.cycle_epochs:
-            raise ConfigError(f"strategy=fge needs trainer.epochs ({epochs}) > strategy.cycles * strategy.cycle_epochs "
-                              f"({s.cycles * s.cycle_epochs}) to leave epochs for pre-training")
-        if not (s.lr1 > s.lr2 > 0):
-            raise ConfigError(f"strategy=fge needs strategy.lr1 > strategy.lr2 > 0, got lr1={s.lr1}, lr2={s.lr2}")
-    elif s.name == "heads":
-        if s.heads < 1:
-            raise ConfigError(f"strategy.heads must be at least 1, got {s.heads}")
-        problem = feature_head_problem(model) if model is not None else ""
-        if problem:
-            raise ConfigError(f"strategy=heads trains K classifier heads on one shared backbone; the model has no "
-                              f"such split: {problem}")
-    elif s.name == "mc_dropout":
-        if s.samples < 1:
-            raise ConfigError(f"strategy.samples must be at least 1, got {s.samples}")
-        if model is not None and not any(isinstance(m, torch.nn.modules.dropout._DropoutNd)
-                                         for m in model.modules()):
-            hint = (f"set model.dropout > 0 (got {cfg.model.get('dropout')})" if is_builtin(cfg.model)
-                    else "the model has no nn.Dropout module")
-            raise ConfigError(f"strategy=mc_dropout needs a model with dropout: {hint}; its test-time passes "
-                              "are the members")
-
-
-def swa_start(cfg: Config) -> int:
-    s = cfg.strategy.swa_start
-    return int(0.75 * cfg.trainer.epochs) if s is None else s
+    keys = {_override_key(o) for o in overrides}
+    value = getattr(cfg.strategy, alias)
+    if {"strategy.members", f"strategy.{alias}"} <= keys and cfg.strategy.members != value:
+        raise ConfigError(f"strategy.members={cfg.strategy.members} and strategy.{alias}={value} disagree; for "
+                          f"strategy={cfg.strategy.name} they are one setting: give one of them")
+    cfg.strategy.members = value
 
 
 def load_config(overrides: List[str] | None = None, *, check_files: bool = True) -> Config:
     """Compose, convert to the plain dataclass and validate. Raises ConfigError."""
     cfg = to_plain(compose(overrides))
+    _resolve_alias(cfg, list(overrides or []))
     validate(cfg, check_files=check_files)
     return cfg

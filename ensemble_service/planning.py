@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ensemble_service.config import Config, member_settings, swa_start
+from ensemble_service.config import Config, member_settings
 from ensemble_service.models import architecture as model_architecture
+from ensemble_service.strategies import STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -133,43 +134,10 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(root).expanduser().resolve()
 
 
-def trajectory_members(cfg: Config) -> List[Dict[str, str]]:
-    """Tags of the members one trajectory yields, in order."""
-    s = cfg.strategy
-    if s.name == "snapshot":
-        first = s.cycles - (s.use_last or s.cycles) + 1
-        return [{"ensemble.cycle": str(c), "ensemble.role": "snapshot"} for c in range(first, s.cycles + 1)]
-    if s.name == "swa":
-        return [{"ensemble.role": "swa"}, {"ensemble.role": "last"}]
-    if s.name == "fge":
-        return [{"ensemble.cycle": str(c), "ensemble.role": "fge"} for c in range(1, s.cycles + 1)]
-    if s.name == "heads":
-        return [{"ensemble.head": str(k), "ensemble.role": "head"} for k in range(s.heads)]
-    if s.name == "mc_dropout":
-        return [{"ensemble.sample": str(k), "ensemble.role": "mc_sample"} for k in range(s.samples)]
-    raise ValueError(f"not a trajectory strategy: {s.name}")
-
-
-def strategy_params(cfg: Config) -> Dict[str, Any]:
-    s = cfg.strategy
-    if s.name == "snapshot":
-        return {"cycles": s.cycles, "use_last": s.use_last}
-    if s.name == "swa":
-        return {"swa_start": swa_start(cfg), "swa_lr": s.swa_lr}
-    if s.name == "fge":
-        return {"pretrain_epochs": cfg.trainer.epochs - s.cycles * s.cycle_epochs, "cycles": s.cycles,
-                "cycle_epochs": s.cycle_epochs, "lr1": s.lr1, "lr2": s.lr2}
-    if s.name == "heads":
-        return {"heads": s.heads}
-    if s.name == "mc_dropout":
-        return {"samples": s.samples}
-    return {}
-
-
 def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
     eid = ensemble or ensemble_id(cfg)
     ckdir = checkpoint_root(cfg) / eid
-    if cfg.strategy.name != "independent":
+    if STRATEGIES.get(cfg.strategy.name).trajectory:
         return _plan_trajectories(cfg, eid, ckdir)
     members = [
         MemberSpec(
@@ -217,11 +185,12 @@ def pack_members(members: List[MemberSpec], k: int, ckdir: Path) -> List[Any]:
 
 
 def _plan_trajectories(cfg: Config, eid: str, ckdir: Path) -> EnsemblePlan:
-    per = trajectory_members(cfg)
-    params = strategy_params(cfg)
+    strategy = STRATEGIES.get(cfg.strategy.name)
+    per = strategy.member_tags(cfg.strategy)
+    params = strategy.params(cfg.strategy, cfg.trainer.epochs)
     tasks: List[TrajectorySpec] = []
     slots: List[MemberSlot] = []
-    for t in range(cfg.strategy.trajectories):
+    for t in range(getattr(cfg.strategy, "trajectories", 1)):
         indices = tuple(range(t * len(per), (t + 1) * len(per)))
         spec = TrajectorySpec(
             index=t, strategy=cfg.strategy.name, seed=cfg.trainer.seed + t, model=dict(cfg.model),

@@ -10,7 +10,8 @@ import torch
 from ensemble_service.data import load_dataset
 from ensemble_service.models import create_model
 from ensemble_service.planning import MemberSpec, PackedSpec
-from workers.member import MemberError, load_checkpoint, train_member
+from workers.member import train_member
+from workers.state import MemberError, load_checkpoint
 from workers.packed import train_packed
 
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "nesterov": True}
@@ -133,7 +134,8 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, data):
     with pytest.raises(Stop):
         train_packed(spec, data, report=die_after_1)
     ckpt = load_checkpoint(spec.checkpoint_path)
-    assert ckpt["epoch"] == 1 and ckpt["kind"] == "packed" and ckpt["member_indices"] == [10, 11, 12]
+    assert ckpt["epoch"] == 1 and ckpt["identity"]["kind"] == "packed"
+    assert ckpt["identity"]["member_indices"] == [10, 11, 12]
 
     events = []
     resumed = train_packed(spec, data, report=events.append)
@@ -197,7 +199,7 @@ def test_empty_pack_and_foreign_checkpoint_are_refused(tmp_path, data):
     ms = members(tmp_path, k=2, epochs=1)
     train_packed(pack(tmp_path, ms), data)
     other = (ms[0], dataclasses.replace(ms[1], seed=99))
-    with pytest.raises(MemberError, match="not written by packed task"):
+    with pytest.raises(MemberError, match="belongs to another task"):
         train_packed(pack(tmp_path, other), data)
 
 

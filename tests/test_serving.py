@@ -262,17 +262,18 @@ def test_mc_dropout_members_are_seeded_stochastic_passes():
 
 
 def test_mc_dropout_matches_the_trajectory_worker():
-    trajectory = pytest.importorskip("workers.trajectory")
-    if not hasattr(trajectory, "mc_dropout_logits"):
-        pytest.skip("workers.trajectory has no mc_dropout_logits")
+    from ensemble_service.models import derive_seed
+    from ensemble_service.strategies import mc_dropout_logits
+    from workers.state import forward_batches
+
     blob = blob_of("mlp", 0, dropout=0.3, batchnorm=True)
-    seeds = [trajectory.derive_seed(7, "mc_dropout", s) for s in range(3)]
+    seeds = [derive_seed(7, "mc_dropout", s) for s in range(3)]
     ens = Ensemble.from_blobs([blob] * 3, _mc_records(3, seeds))
     ckpt = read_member(blob)
     m = create_model("mlp", (1, 8, 8), 3, **{k: v for k, v in ckpt["model"].items() if k != "name"})
     m.load_state_dict(ckpt["state_dict"])
     x = torch.randn(5, 1, 8, 8)
-    ref = trajectory.mc_dropout_logits(m, x, 3, 7, torch.device("cpu"))
+    ref = mc_dropout_logits(m, x, 3, 7, lambda mod, inputs: forward_batches(mod, inputs, torch.device("cpu")))
     torch.testing.assert_close(ens.logits(x), ref)
 
 
@@ -294,10 +295,10 @@ def test_member_record_mc_seed_sources():
     from_base = [member_record(s, extra={"role": "mc_sample", "sample": s, "mc_seed": 5})["sample_seed"] for s in range(3)]
     assert len(set(from_base)) == 3  # one seed per pass, never shared
     derived = member_record(0, extra={"role": "mc_sample", "sample": 2}, blob_meta={"mc_dropout": {"seed": 3}})
-    trajectory = pytest.importorskip("workers.trajectory")
-    if hasattr(trajectory, "derive_seed"):
-        assert derived["sample_seed"] == trajectory.derive_seed(3, "mc_dropout", 2)
-        assert from_base[1] == trajectory.derive_seed(5, "mc_dropout", 1)
+    from ensemble_service.models import derive_seed
+
+    assert derived["sample_seed"] == derive_seed(3, "mc_dropout", 2)
+    assert from_base[1] == derive_seed(5, "mc_dropout", 1)
     with pytest.raises(ArtifactError):
         member_record(0, extra={"role": "mc_sample", "sample": 2})
     with pytest.raises(ArtifactError):

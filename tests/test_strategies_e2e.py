@@ -94,7 +94,11 @@ def test_each_trajectory_strategy_runs_and_is_tracked(ray_cluster, tmp_path, ove
 BAD = [
     (["strategy=snapshot", "strategy.cycles=3", "trainer.epochs=10"], "multiple of strategy.cycles"),
     (["strategy=snapshot", "strategy.use_last=9"], "strategy.use_last must be between 1"),
-    (["strategy=snapshot", "strategy.bagging=true", "trainer.epochs=5"], "strategy.bagging needs strategy=independent"),
+    (["strategy=snapshot", "strategy.bagging=true", "trainer.epochs=5"],
+     "unknown config key 'strategy.bagging' for strategy=snapshot (a key of strategy=independent)"),
+    (["strategy=snapshot", "strategy.heads=3"], "unknown config key 'strategy.heads' for strategy=snapshot"),
+    (["strategy=snapshot", "strategy.members=3", "strategy.cycles=2"], "strategy.members=3 and strategy.cycles=2 disagree"),
+    (["strategy=swa", "trainer.epochs=4"], "averages 1 iterate"),
     (["strategy=swa", "strategy.trajectories=3"], "averages parameters over one trajectory only"),
     (["strategy=swa", "trainer.epochs=5", "strategy.swa_start=5"], "strategy.swa_start must be in [0"),
     (["strategy=swa", "strategy.swa_lr=0"], "strategy.swa_lr must be > 0"),
@@ -104,7 +108,9 @@ BAD = [
     (["strategy=heads", "strategy.heads=0"], "strategy.heads must be at least 1"),
     (["strategy=mc_dropout"], "strategy=mc_dropout needs a model with dropout"),
     (["strategy=mc_dropout", "model.dropout=0.2", "strategy.samples=0"], "strategy.samples must be at least 1"),
-    (["strategy=heads", "strategy.models=[{name:mlp}]"], "strategy.models (mixed architectures) needs strategy=independent"),
+    (["strategy=heads", "strategy.models=[{name:mlp}]"],
+     "unknown config key 'strategy.models' for strategy=heads (a key of strategy=independent)"),
+    (["strategy=heads", "model._target_=torch.nn.Flatten"], "model"),
 ]
 
 

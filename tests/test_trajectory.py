@@ -12,10 +12,9 @@ from torch.optim.swa_utils import update_bn
 from ensemble_service.data import load_dataset
 from ensemble_service.models import count_parameters, create_model
 from ensemble_service.planning import TrajectorySpec
-from workers.member import MemberError, load_checkpoint
-from workers.trajectory import (
-    MultiHead, fge_lr, mc_dropout_probs, snapshot_lr, train_trajectory,
-)
+from ensemble_service.strategies import MultiHead, fge_lr, mc_dropout_logits, snapshot_lr
+from workers.state import MemberError, forward_batches, load_checkpoint
+from workers.trajectory import train_trajectory
 
 torch.set_num_threads(1)
 
@@ -119,7 +118,7 @@ def test_snapshot_use_last_keeps_only_the_last_snapshots(tmp_path, data):
     spec = tspec(tmp_path, "snapshot", {"cycles": 3, "use_last": 2}, (8, 9), epochs=3)
     members = train_trajectory(spec, data)
     assert [(m.index, m.extra["cycle"], m.extra["epoch"]) for m in members] == [(8, 2, 2), (9, 3, 3)]
-    assert len(load_checkpoint(spec.checkpoint_path)["collected"]) == 2
+    assert len(load_checkpoint(spec.checkpoint_path)["extra"]["collected"]) == 2
 
 
 def test_stopped_snapshot_trajectory_resumes_and_matches_an_uninterrupted_run(tmp_path, data):
@@ -135,7 +134,8 @@ def test_stopped_snapshot_trajectory_resumes_and_matches_an_uninterrupted_run(tm
     with pytest.raises(Stop):
         train_trajectory(spec, data, report=die_after_2)
     ckpt = load_checkpoint(spec.checkpoint_path)
-    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 2 * STEPS and len(ckpt["collected"]) == 1
+    assert ckpt["epoch"] == 2 and ckpt["states"]["scheduler"]["last_epoch"] == 2 * STEPS
+    assert len(ckpt["extra"]["collected"]) == 1
 
     events = []
     resumed = train_trajectory(spec, data, report=events.append)
@@ -159,7 +159,7 @@ def test_swa_averages_the_iterates_and_recomputes_batchnorm_statistics(tmp_path,
 
     def keep_iterate(event):  # the checkpoint written before each epoch report holds that epoch's iterate
         if event["type"] == "epoch":
-            iterates[event["epoch"]] = load_checkpoint(spec.checkpoint_path)["model_state"]
+            iterates[event["epoch"]] = load_checkpoint(spec.checkpoint_path)["states"]["model"]
 
     swa, last = train_trajectory(spec, data, report=keep_iterate)
     assert (swa.extra["role"], last.extra["role"]) == ("swa", "last") and swa.extra["n_averaged"] == 2
@@ -185,7 +185,7 @@ def test_swa_averages_the_iterates_and_recomputes_batchnorm_statistics(tmp_path,
         key = f"{bn}.{stat}"
         assert torch.allclose(state[key], recomputed.state_dict()[key], atol=1e-5)
     ckpt = load_checkpoint(spec.checkpoint_path)
-    assert int(ckpt["swa_state"]["n_averaged"]) == 2 and ckpt["swa_scheduler"]["_step_count"] == 3
+    assert int(ckpt["states"]["swa_model"]["n_averaged"]) == 2 and ckpt["states"]["swa_scheduler"]["_step_count"] == 3
 
 
 def test_stopped_swa_trajectory_resumes_with_its_average(tmp_path, data):
@@ -276,7 +276,7 @@ def test_mc_dropout_members_are_seeded_stochastic_passes(tmp_path, data):
         assert not torch.allclose(model(data.x_test).softmax(-1), first[0].test_probs)
 
     before = torch.get_rng_state()
-    probs = mc_dropout_probs(model, data.x_test, 3, 7, torch.device("cpu"))
+    probs = mc_dropout_logits(model, data.x_test, 3, 7, lambda m, x: forward_batches(m, x, torch.device("cpu"))).softmax(-1)
     assert torch.equal(torch.get_rng_state(), before)  # global RNG untouched
     assert probs.shape == (3, 48, 3) and not model.training
     assert torch.allclose(probs[1], first[1].test_probs, atol=1e-6)
@@ -317,6 +317,6 @@ def test_diverging_loss_is_a_member_error(tmp_path, data):
 def test_a_checkpoint_of_another_trajectory_is_refused(tmp_path, data):
     train_trajectory(tspec(tmp_path, "snapshot", {"cycles": 1}, (0,), epochs=1,
                            checkpoint_path=str(tmp_path / "t.ckpt")), data)
-    with pytest.raises(MemberError, match="another trajectory"):
+    with pytest.raises(MemberError, match="belongs to another task"):
         train_trajectory(tspec(tmp_path, "heads", {"heads": 1}, (0,), epochs=1,
                                checkpoint_path=str(tmp_path / "t.ckpt")), data)

@@ -8,7 +8,8 @@ import torch
 
 from ensemble_service.data import load_dataset
 from ensemble_service.planning import MemberSpec
-from workers.member import MemberError, load_checkpoint, train_member
+from workers.member import train_member
+from workers.state import MemberError, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def test_trains_and_reports_each_epoch(tmp_path, data):
     assert torch.allclose(r.test_probs.sum(-1), torch.ones(48), atol=1e-5)
     assert r.metrics["test_acc"] > 0.6  # the blobs are separable; chance is 1/3
     ckpt = load_checkpoint(spec_for(tmp_path).checkpoint_path)
-    assert ckpt["epoch"] == 4 and ckpt["model"]["name"] == "mlp" and ckpt["input_shape"] == [1, 8, 8]
+    assert ckpt["epoch"] == 4 and ckpt["identity"]["model"]["name"] == "mlp" and len(ckpt["history"]) == 4
+    assert set(ckpt["states"]) == {"model", "optimizer"} and set(ckpt["rng"]) == {"torch", "cuda", "order"}
 
 
 def test_stopped_after_epoch_k_resumes_at_k_plus_1_and_matches_an_uninterrupted_run(tmp_path, data):

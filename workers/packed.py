@@ -68,31 +68,16 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from ensemble_service.artifact import member_blob
 from ensemble_service.data import DataBundle, bootstrap_indices
-from workers.member import (
-    CHECKPOINT_FORMAT,
-    EVAL_BATCH,
-    MemberError,
-    MemberResult,
-    Report,
-    build_model,
-    build_optimizer,
-    diverged,
-    has_batchnorm,
-    load_checkpoint,
-    predict_logits,
-    resolve_device,
-    result_metrics,
-    save_checkpoint,
-    val_metrics,
+from workers.state import (
+    EVAL_BATCH, Checkpoint, MemberError, MemberResult, Report, Timer, build_model, build_optimizer, collected_event,
+    diverged, epoch_event, evaluate, has_batchnorm, setup, start_event, val_metrics,
 )
 
 #: What every member of a pack must share (they are one stacked model with one optimizer).
@@ -135,13 +120,29 @@ def _set_member(model: torch.nn.Module, k: int, params: Dict[str, torch.Tensor],
     return model
 
 
+class _Stacked:
+    """The pack's stacked parameters and buffers, saved and restored like a module's state."""
+
+    def __init__(self, params: Dict[str, torch.Tensor], buffers: Dict[str, torch.Tensor]):
+        self.params, self.buffers = params, buffers
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"params": {k: v.detach() for k, v in self.params.items()}, "buffers": dict(self.buffers)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, t in self.params.items():
+                t.copy_(state["params"][name])
+            for name, t in self.buffers.items():
+                t.copy_(state["buffers"][name])
+
+
 def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: bool = False,
                  report: Optional[Report] = None) -> List[MemberResult]:
     """Train (or resume) the K members of a ``planning.PackedSpec`` as one stacked model."""
     members = check_pack(spec)
     first, K = members[0], len(members)
-    torch.set_num_threads(max(1, int(num_threads)))
-    device = resolve_device(first.device, gpu_assigned)
+    device = setup(num_threads, first.device, gpu_assigned)
     report = report or (lambda _event: None)
     epochs, batch_size = int(first.epochs), int(first.batch_size)
 
@@ -150,7 +151,7 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
     for m in members:
         torch.manual_seed(m.seed)
         models.append(build_model(m.model, data.input_shape, data.num_classes).to(device))
-    orders = [torch.Generator().manual_seed(m.seed) for m in members]
+    orders = {f"order{k}": torch.Generator().manual_seed(m.seed) for k, m in enumerate(members)}
     n = len(data.x_train)
     train_idx = [bootstrap_indices(n, m.seed) if m.bagging else torch.arange(n) for m in members]
 
@@ -175,101 +176,67 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_val, y_val = data.x_val, data.y_val
 
-    start_epoch, histories, restarts, seconds = 0, [[] for _ in members], 0, 0.0
-    ckpt = load_checkpoint(spec.checkpoint_path)
-    if ckpt is not None:
-        if (ckpt.get("kind") != "packed" or list(ckpt.get("member_indices", [])) != [m.index for m in members]
-                or list(ckpt.get("seeds", [])) != [m.seed for m in members]):
-            raise MemberError(f"checkpoint {spec.checkpoint_path} was not written by packed task {spec.index} "
-                              f"(members {[m.index for m in members]}); delete it to start over")
-        with torch.no_grad():
-            for name, t in params.items():
-                t.copy_(ckpt["params"][name])
-            for name, t in buffers.items():
-                t.copy_(ckpt["buffers"][name])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-        torch.set_rng_state(ckpt["rng_torch"])
-        if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        for order, state in zip(orders, ckpt["rng_orders"]):
-            order.set_state(state)
-        start_epoch, histories = int(ckpt["epoch"]), [list(h) for h in ckpt["histories"]]
-        restarts, seconds = int(ckpt["restarts"]) + 1, float(ckpt["train_seconds"])
-    resumed_from = start_epoch
-    report({"type": "start", "task": spec.index, "members": [m.index for m in members], "epoch": start_epoch,
-            "epochs": epochs, "resumed_from": resumed_from, "restarts": restarts, "device": str(device)})
+    states = {"stacked": _Stacked(params, buffers), "optimizer": optimizer}
+    identity = {"kind": "packed", "task": spec.index, "member_indices": [m.index for m in members],
+                "seeds": [m.seed for m in members], "bagging": [bool(m.bagging) for m in members],
+                "model": dict(first.model), "optimizer": dict(first.optimizer), "epochs": epochs,
+                "batch_size": batch_size}
+    checkpoint = Checkpoint(spec.checkpoint_path, identity, device)
+    progress = checkpoint.resume(states, orders)
+    histories = progress.history or [[] for _ in members]  # one history per member
+    progress.history = histories
+    report(start_event(spec.index, [m.index for m in members], progress, epochs, device))
 
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        # [K, n]: row k is member k's sample order for this epoch (its own generator, as train_member)
-        perms = torch.stack([idx[torch.randperm(len(idx), generator=order)]
-                             for idx, order in zip(train_idx, orders)]).to(device)
-        base.train()
-        batch_losses, sizes = [], []  # [K] tensors and batch sizes, summed (and synced) once per epoch
-        for i in range(0, n, batch_size):
-            idx = perms[:, i:i + batch_size]
-            b = idx.shape[1]
-            if b < 2 and skip_single:
-                continue  # BatchNorm cannot train on a batch of one (as run_epoch)
-            xb, yb = x_train[idx], y_train[idx]                     # [K, B, ...], [K, B]
-            logits = batched_forward(params, buffers, xb)              # [K, B, C]
-            losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(K, b).mean(1)
-            for p in params.values():
-                p.grad = None
-            losses.sum().backward()  # member k's gradient = the gradient of its own mean loss
-            optimizer.step()
-            batch_losses.append(losses.detach())
-            sizes.append(b)
-        if batch_losses:  # the solo loop's sum of batch loss * batch size / samples, per member
-            weights = torch.tensor(sizes, dtype=torch.float64, device=device)
-            train_loss = ((torch.stack(batch_losses).double() * weights[:, None]).sum(0) / sum(sizes)).tolist()
-        else:
-            train_loss = [0.0] * K
-        for m, value in zip(members, train_loss):
-            if not math.isfinite(value):
-                raise diverged(m, epoch, value)
-        val_probs = _eval_logits(batched_forward, base, params, buffers, x_val, device, K).softmax(-1)
-        vals = [val_metrics(m, epoch, val_probs[k], y_val) for k, m in enumerate(members)]
-        seconds += time.perf_counter() - t0
+    for epoch in range(progress.epoch, epochs):
+        with Timer(progress):
+            # [K, n]: row k is member k's sample order for this epoch (its own generator, as train_member)
+            perms = torch.stack([idx[torch.randperm(len(idx), generator=order)]
+                                 for idx, order in zip(train_idx, orders.values())]).to(device)
+            base.train()
+            batch_losses, sizes = [], []  # [K] tensors and batch sizes, summed (and synced) once per epoch
+            for i in range(0, n, batch_size):
+                idx = perms[:, i:i + batch_size]
+                b = idx.shape[1]
+                if b < 2 and skip_single:
+                    continue  # BatchNorm cannot train on a batch of one (as run_epoch)
+                xb, yb = x_train[idx], y_train[idx]                     # [K, B, ...], [K, B]
+                logits = batched_forward(params, buffers, xb)              # [K, B, C]
+                losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(K, b).mean(1)
+                for p in params.values():
+                    p.grad = None
+                losses.sum().backward()  # member k's gradient = the gradient of its own mean loss
+                optimizer.step()
+                batch_losses.append(losses.detach())
+                sizes.append(b)
+            if batch_losses:  # the solo loop's sum of batch loss * batch size / samples, per member
+                weights = torch.tensor(sizes, dtype=torch.float64, device=device)
+                train_loss = ((torch.stack(batch_losses).double() * weights[:, None]).sum(0) / sum(sizes)).tolist()
+            else:
+                train_loss = [0.0] * K
+            for m, value in zip(members, train_loss):
+                if not math.isfinite(value):
+                    raise diverged(m, epoch, value)
+            val_probs = _eval_logits(batched_forward, base, params, buffers, x_val, device, K).softmax(-1)
+            vals = [val_metrics(m, epoch, val_probs[k], y_val) for k, m in enumerate(members)]
         per_member = {}
         for k, m in enumerate(members):
             record = {"epoch": epoch + 1, "train_loss": train_loss[k], "val_acc": vals[k]["acc"],
                       "val_nll": vals[k]["nll"]}
             histories[k].append(record)
             per_member[m.index] = {key: record[key] for key in ("train_loss", "val_acc", "val_nll")}
-        save_checkpoint(spec.checkpoint_path, {
-            "format": CHECKPOINT_FORMAT, "kind": "packed", "task": spec.index,
-            "member_indices": [m.index for m in members], "seeds": [m.seed for m in members],
-            "bagging": [bool(m.bagging) for m in members], "model": dict(first.model),
-            "optimizer": dict(first.optimizer), "input_shape": list(data.input_shape),
-            "num_classes": int(data.num_classes), "epochs": epochs, "batch_size": batch_size,
-            "epoch": epoch + 1,
-            "params": {k: v.detach() for k, v in params.items()}, "buffers": dict(buffers),
-            "optimizer_state": optimizer.state_dict(),
-            "rng_torch": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "rng_orders": [order.get_state() for order in orders],
-            "histories": histories, "restarts": restarts, "train_seconds": seconds,
-        })
-        report({"type": "epoch", "task": spec.index, "epoch": epoch + 1, "epochs": epochs, "seconds": seconds,
-                "train_loss": _mean(train_loss), "val_acc": _mean([v["acc"] for v in vals]),
-                "val_nll": _mean([v["nll"] for v in vals]), "members": per_member})
+        progress.epoch = epoch + 1
+        checkpoint.save(progress, states, orders)
+        report(epoch_event(spec.index, epochs, progress.train_seconds,
+                           {"epoch": epoch + 1, "train_loss": _mean(train_loss),
+                            "val_acc": _mean([v["acc"] for v in vals]), "val_nll": _mean([v["nll"] for v in vals])},
+                           members=per_member))
 
     results = []
     for k, m in enumerate(members):
         model = _set_member(copy.deepcopy(base).to_empty(device=device), k, params, buffers)
-        val_logits = predict_logits(model, x_val, device)
-        test_logits = predict_logits(model, data.x_test, device)
-        val_probs, test_probs = val_logits.softmax(-1), test_logits.softmax(-1)
-        results.append(MemberResult(
-            index=m.index, seed=m.seed, architecture=m.architecture, model=dict(m.model),
-            history=histories[k], metrics=result_metrics(val_probs, y_val, test_probs, data.y_test),
-            val_probs=val_probs, test_probs=test_probs, test_logits=test_logits,
-            weights=member_blob(m.model, data.input_shape, data.num_classes, model.cpu()),
-            resumed_from=resumed_from, restarts=restarts, train_seconds=seconds, device=str(device),
-            extra={"packed": K, "pack_task": spec.index},
-        ))
-        report({"type": "collected", "task": spec.index, "member": m.index, "epoch": epochs})
+        results.append(evaluate(m, m.index, m.seed, model, data, progress, device, history=histories[k],
+                                extra={"packed": K, "pack_task": spec.index}))
+        report(collected_event(spec.index, m.index, epochs))
     return results
 
 
