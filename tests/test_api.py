@@ -515,6 +515,8 @@ def test_wrong_http_method_is_405_with_allow(client):
         assert r.json() == {"detail": f"http_method: {method} is not allowed on {path}; allowed: {allow}",
                             "field": "http_method"}
     assert client.get("/v1/ensembles/alpha").status_code == 200
+    r = client.get("/v1/ensembles/predict")  # an ensemble may be called 'predict'; none is here
+    assert r.status_code == 404 and r.json()["detail"].startswith("name: no registered ensemble 'predict' "), r.text
 
 
 def test_unknown_route_is_404_with_detail_and_field(client):

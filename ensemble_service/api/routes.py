@@ -31,7 +31,7 @@ class _EnsembleRefConvertor(PathConvertor):
     """``{name:ensemble_ref}``: a path (``name/versions/N`` has slashes) not ending in ``/predict``,
     so that GET .../predict is a 405 (the predict route only takes POST), not an ensemble's name."""
 
-    regex = ".*(?<!/predict)"
+    regex = r"(?!.*/predict\Z).*"  # 'predict' alone is a name (an ensemble may be called that)
 
 
 register_url_convertor("ensemble_ref", _EnsembleRefConvertor())
