@@ -22,9 +22,16 @@ Dtypes
     Labels are always returned as ``torch.int64``. Floating outputs keep the
     dtype of a float32 or float64 input; every other input (half precision,
     bfloat16, integers, bools, nested Python lists of floats, which torch
-    converts to float32) is computed and returned as ``torch.float32``. Results
-    of :func:`vote_labels` (where no floating input exists) are float32.
+    converts to float32) is returned as ``torch.float32``. Results of
+    :func:`vote_labels` (where no floating input exists) are float32.
     Outputs live on the device of the input predictions.
+
+Range
+    Any finite input gives a finite result: the mean of logits (where the sum
+    of float32 values near ``3.4e38`` would overflow), votes and weights are
+    computed in float64 and rounded to the output dtype at the end; weights
+    given as Python numbers are read as float64, so finite weights beyond
+    float32's range (``1e39``) or below it (``1e-300``) keep their ratios.
 
 Weights
     Optional per-member weights (length M) must be finite and non-negative with
@@ -213,6 +220,16 @@ def _break_ties(primary: torch.Tensor, secondary: Optional[torch.Tensor] = None)
     return torch.where(cand, idx, torch.full_like(idx, c)).min(dim=-1).values
 
 
+def _as_float64_if_numbers(x: Any, name: str) -> Tuple[torch.Tensor, torch.dtype]:
+    """(values, the float dtype torch would give them): Python floats read as float64, so that
+    finite values outside float32's range are not rounded to inf or 0 first."""
+    t = _as_tensor(x, name)
+    dtype = _float_dtype_of(t)
+    if not isinstance(x, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        t = _as_tensor(torch.as_tensor(x, dtype=torch.float64), name)
+    return t, dtype
+
+
 def _weights_or_none(weights: Any, m: int, like: torch.Tensor) -> Optional[torch.Tensor]:
     if weights is None:
         return None
@@ -297,17 +314,18 @@ def normalize_weights(
     ``weights`` must be 1-D with ``num_members`` finite, non-negative entries, at
     least one of them positive. The result is ``[M]`` in ``dtype`` (default:
     float64 for float64 input, float32 otherwise), on the CPU unless the input
-    tensor lived elsewhere.
+    tensor lived elsewhere. Python / NumPy numbers are read as float64, so finite
+    weights outside float32's range keep their ratios (``[1e39, 3e39]`` -> ``[0.25, 0.75]``).
     """
     m = _as_index(num_members, "num_members")
-    w = _as_tensor(weights, "weights")
+    w, default_dtype = _as_float64_if_numbers(weights, "weights")
     if w.dtype == torch.bool:
         raise AggregationError("weights must be numbers, got dtype torch.bool")
     if w.dim() != 1:
         raise AggregationError(f"weights must be 1-D (one per member), got shape {_shape(w)}")
     if w.shape[0] != m:
         raise AggregationError(f"weights has {w.shape[0]} entries but there are {m} members")
-    out_dtype = dtype if dtype is not None else _float_dtype_of(w)
+    out_dtype = dtype if dtype is not None else default_dtype
     w64 = w.detach().to(torch.float64)
     if not bool(torch.isfinite(w64).all()):
         raise AggregationError("weights contain NaN or infinite values")
@@ -355,7 +373,12 @@ def _mean(p: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def _logit_mean(z: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.softmax(_mean(z, w), dim=-1)
+    # In float64, as sum_m w_m * z_m with weights summing to 1 (1/M without weights): a plain sum
+    # of float32 logits near 3.4e38 overflows (and inf - inf is NaN in softmax), and the weighted
+    # terms keep even float64 logits near 1.8e308 in range.
+    m = z.shape[0]
+    w64 = torch.full((m,), 1.0 / m, dtype=torch.float64, device=z.device) if w is None else w.to(torch.float64)
+    return torch.softmax(_mean(z.to(torch.float64), w64), dim=-1).to(_float_dtype_of(z))
 
 
 def _vote(p: torch.Tensor, w: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -528,5 +551,7 @@ def aggregate(
         else:  # mean, weighted
             combined = _mean(p, w)
         labels = _first_argmax(combined)
+    if not bool(torch.isfinite(combined).all()):  # a guard: every finite input above gives a finite result
+        raise AggregationError("predictions cannot be combined: the result is not finite")
     member_labels = _first_argmax(p)
     return AggregateResult(labels, combined, agreement(member_labels, labels, dtype=p.dtype))

@@ -34,6 +34,9 @@ from ensemble_service.tracking import TrackingError, _now_ms, client_for, resolv
 ENSEMBLE_MODEL_ARTIFACT = "ensemble_model"
 ENSEMBLE_MODEL_TAG = "ensemble.kind"      # registered-model tag marking our ensembles ("ensemble")
 _REF_ALIAS = re.compile(r"^[A-Za-z0-9_\-]+$")
+_REF_VERSION = re.compile(r"[0-9]{1,30}")  # ASCII digits only ('²'.isdigit() is True, int('²') fails)
+#: The largest model version number a registry can hold (MLflow stores versions as 32-bit SQL integers).
+MAX_VERSION = 2 ** 31 - 1
 
 
 class EnsembleNotFound(TrackingError, LookupError):
@@ -161,13 +164,14 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
 def parse_ensemble_ref(ref: str):
     """``name`` | ``name@alias`` | ``name/versions/N`` -> (name, alias, version); bare name = @latest.
 
-    Raises EnsembleNotFound for anything else (so the API answers 404)."""
+    Raises EnsembleNotFound for anything else (so the API answers 404), versions past
+    ``MAX_VERSION`` included (no store holds them; SQLite would overflow reading them)."""
     ref = (ref or "").strip()
     name, alias, version = ref, None, None
     if "/versions/" in ref:
         name, _, v = ref.rpartition("/versions/")
-        if not v.isdigit() or int(v) < 1:
-            raise EnsembleNotFound(f"no ensemble version {ref!r} (versions are positive integers)")
+        if not _REF_VERSION.fullmatch(v) or not 1 <= int(v) <= MAX_VERSION:
+            raise EnsembleNotFound(f"no ensemble version {ref!r} (versions are integers 1..{MAX_VERSION})")
         version = str(int(v))
     elif "@" in ref:
         name, _, alias = ref.rpartition("@")

@@ -335,3 +335,60 @@ def test_label_votes_with_many_classes_do_not_build_a_members_by_classes_tensor(
     assert shares.shape == (1024, 10000)
     assert winners[0].item() == 7 and shares[0, 7].item() == pytest.approx(1.0)
     assert torch.allclose(shares.sum(-1), torch.ones(1024))
+
+
+# ------------------------------------------------------------- float32 range limits
+
+F32_MAX = torch.finfo(torch.float32).max  # 3.4028235e38
+
+
+def test_logit_mean_of_logits_whose_sum_overflows_float32():
+    # mean of (3e38, 3e38) is 3e38, but their float32 sum is inf (and inf - inf = NaN in softmax)
+    z = [[[3e38, 0.0]], [[3e38, 0.0]]]
+    for weights in (None, [1.0, 1.0], [1.0, 3.0]):
+        res = A.aggregate(z, method="logit_mean", kind="logits", weights=weights)
+        assert res.probabilities.tolist() == [[1.0, 0.0]] and res.labels.tolist() == [0]
+        assert res.probabilities.dtype == torch.float32
+    # opposite extremes cancel: mean logits (0, 0) -> (1/2, 1/2)
+    res = A.aggregate([[[3e38, -3e38]], [[-3e38, 3e38]]], method="logit_mean", kind="logits")
+    assert res.probabilities.tolist() == [[0.5, 0.5]] and res.labels.tolist() == [0]
+    # the largest float32 logits, weighted mean: still exactly (1, 0)
+    res = A.aggregate(torch.tensor([[[F32_MAX, -F32_MAX]]] * 3), method="logit_mean", kind="logits",
+                      weights=[1.0, 2.0, 3.0])
+    assert res.probabilities.tolist() == [[1.0, 0.0]]
+    # float64 logits near float64's limit
+    res = A.aggregate(t64([[[1.7e308, 0.0]], [[1.7e308, -1.7e308]]]), method="logit_mean", kind="logits")
+    assert res.probabilities.tolist() == [[1.0, 0.0]] and res.probabilities.dtype == torch.float64
+
+
+def test_huge_weights_are_not_infinite():
+    # finite Python floats beyond float32's range: normalized in float64, not first rounded to inf
+    close(A.normalize_weights([1e39, 3e39], 2), [0.25, 0.75])
+    close(A.normalize_weights([1e308, 1e308, 0.0], 3), [0.5, 0.5, 0.0])
+    close(A.normalize_weights([1e-320, 1e308], 2), [0.0, 1.0])  # a subnormal next to a huge one
+    assert A.normalize_weights([1e39, 3e39], 2).dtype == torch.float32
+    res = A.aggregate(t64(P), method="weighted", weights=[1e38, 2e38, 1e38])  # = weights (1, 2, 1)
+    close(res.probabilities, [[0.425, 0.475, 0.1], [0.175, 0.35, 0.475]])
+
+
+EXTREME = {
+    "probs": [[[1.0, 1e-45, 0.0]], [[1e-45, 1.0, 0.0]], [[0.0, 1e-38, 1.0]]],      # subnormal probabilities
+    "logits": [[[3e38, -3e38, 0.0]], [[3.4e38, -3.4e38, 1e-45]], [[-3e38, 3e38, 3e38]]],
+}
+
+
+@pytest.mark.parametrize("kind", ["probs", "logits"])
+@pytest.mark.parametrize("method", A.METHODS)
+@pytest.mark.parametrize("weights", [None, [1.0, 1.0, 1.0], [1e38, 3e38, 1e-30], [0.0, 0.0, 1e-300]])
+def test_extreme_inputs_give_finite_results(kind, method, weights):
+    if method == "weighted" and weights is None:
+        weights = [1.0, 2.0, 3.0]
+    res = A.aggregate(EXTREME[kind], method=method, kind=kind, weights=weights)
+    assert bool(torch.isfinite(res.probabilities).all()), res.probabilities
+    close(res.probabilities.sum(-1), [1.0])
+    assert bool(((res.probabilities >= 0) & (res.probabilities <= 1)).all())
+    assert bool(torch.isfinite(res.agreement).all())
+    if weights == [0.0, 0.0, 1e-300]:  # only the last member counts: its argmax (2 for probs; 1, the
+        # lowest of the tied 3e38 logits), which is also the label of one member in three
+        assert res.labels.tolist() == [2 if kind == "probs" else 1]
+        close(res.agreement, [1 / 3])

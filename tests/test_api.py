@@ -153,6 +153,39 @@ def test_predict_with_explicit_weights(client, store):
     close(body["probabilities"], ref.probabilities)
 
 
+def test_predict_member_logits_whose_mean_overflows_float32(store):
+    # two identical members whose logits lie in (F32_MAX / 2, F32_MAX): finite each, but their float32
+    # sum overflows; every method must still answer 200 with finite numbers (logit_mean used to 500)
+    from ensemble_service.models import create_model
+    from ensemble_service.artifact import member_blob
+
+    torch.manual_seed(3)
+    model = create_model("mlp", (1, 8, 8), 3, width=16, depth=1)
+    with torch.no_grad():  # a gain of ~1e3 (not ~0.06): inputs within float32 reach logits near its limit
+        [*model.modules()][-1].weight.mul_(1e4)
+    uri, blob = store["uri"], member_blob({"name": "mlp", "width": 16, "depth": 1}, (1, 8, 8), 3, model)
+    registry.register_ensemble(uri, _parent(uri), "twin", [blob, blob], [{"index": i} for i in range(2)],
+                               "independent")
+    x0 = store["x"][:2]
+    scale = 0.75 * F32_MAX / float(loop_logits([blob], x0).max())  # the largest positive logit -> 0.75 max
+    x = x0 * scale
+    z = loop_logits([blob], x)[0]
+    assert F32_MAX / 2 < float(z.max()) < F32_MAX and bool(torch.isfinite(z).all()) and bool(torch.isfinite(x).all())
+    assert float(torch.stack([z, z]).sum(0).max()) == float("inf")  # the float32 sum overflows
+    with TestClient(create_app(uri, Settings())) as c:
+        for method in aggregation.METHODS:
+            for weights in (None, [1, 3]):
+                r = c.post("/v1/ensembles/twin/predict", json={"inputs": _inputs(x), "method": method,
+                                                               "weights": weights, "return_members": True})
+                assert r.status_code == 200, (method, weights, r.text)
+                out = _strict_json(r)
+                assert out["labels"] == z.argmax(-1).tolist() and out["agreement"] == [1.0] * len(x)
+                np.testing.assert_allclose(np.sum(out["probabilities"], -1), 1.0, rtol=1e-6)
+                if method == "logit_mean":  # the mean of two equal logits is those logits
+                    np.testing.assert_allclose(out["probabilities"], torch.softmax(z.double(), -1).numpy(),
+                                               atol=1e-7)
+
+
 def test_mc_dropout_ensemble_is_deterministic_over_http(client, store):
     inputs = _inputs(store["x"])
     a = client.post("/v1/ensembles/mc/predict", json={"inputs": inputs, "return_members": True}).json()
@@ -224,7 +257,7 @@ def test_aggregate_equals_library(client, kind, method, weighted):
     assert body["labels"] == ref.labels.tolist()
     assert body["probabilities"] == ref.probabilities.tolist()
     assert body["agreement"] == ref.agreement.tolist()
-    assert (body["kind"], body["method"]) == (kind, method)
+    assert (body["kind"], body["method"]) == (kind, "weighted" if method == "mean" and weights else method)
 
 
 @pytest.mark.parametrize("method, weights", [("vote", None), ("weighted", [3, 1, 1, 1])])
@@ -246,6 +279,136 @@ def test_aggregate_vote_tie_rule(client):
     # labels only: the lowest tied class wins
     body = _agg(client, {"predictions": [[2], [1], [1], [2]], "kind": "labels", "method": "vote", "num_classes": 3})
     assert body["labels"] == [1]
+
+
+def _strict_json(r):
+    """The answer's JSON, refusing NaN / Infinity (which Python's json would otherwise accept)."""
+    def refuse(token):
+        raise AssertionError(f"non-finite number {token} in {r.text[:200]}")
+    return json.loads(r.text, parse_constant=refuse)
+
+
+def test_aggregate_logits_whose_mean_overflows_float32(client):
+    # issue #10: the float32 sum 3e38 + 3e38 is inf; the mean (3e38, 0) softmaxes to (1, 0)
+    r = client.post("/v1/aggregate", json={"predictions": [[[3e38, 0]], [[3e38, 0]]], "kind": "logits",
+                                           "method": "logit_mean"})
+    assert r.status_code == 200, r.text
+    assert _strict_json(r) == {"method": "logit_mean", "kind": "logits", "labels": [0],
+                               "probabilities": [[1.0, 0.0]], "agreement": [1.0]}
+
+
+F32_MAX = float(torch.finfo(torch.float32).max)
+EXTREME_PREDICTIONS = {
+    "probs": [[[1.0, 1e-45, 0.0]], [[1e-45, 1.0, 0.0]], [[0.0, 1e-38, 1.0]]],
+    "logits": [[[3e38, -3e38, 0.0]], [[F32_MAX, -F32_MAX, 1e-45]], [[-3e38, 3e38, 3e38]]],
+    "labels": [[0], [1], [2]],
+}
+EXTREME_WEIGHTS = [None, [1, 1, 1], [1e308, 1e308, 1e-300], [0, 0, 1e-300], [1e39, 3e39, 0]]
+
+
+@pytest.mark.parametrize("kind", sorted(EXTREME_PREDICTIONS))
+@pytest.mark.parametrize("method", aggregation.METHODS)
+@pytest.mark.parametrize("weights", EXTREME_WEIGHTS, ids=[str(w) for w in EXTREME_WEIGHTS])
+def test_aggregate_extreme_values_give_finite_answers(client, kind, method, weights):
+    body = {"predictions": EXTREME_PREDICTIONS[kind], "kind": kind, "method": method, "weights": weights,
+            "num_classes": 3}
+    r = client.post("/v1/aggregate", json=body)
+    if method in ("mean", "logit_mean") and kind == "labels":
+        assert r.status_code == 422 and r.json()["field"] == "method", r.text  # labels have no probabilities
+        return
+    if method == "weighted" and weights is None:
+        assert r.status_code == 422 and r.json()["field"] == "method", r.text
+        return
+    assert r.status_code == 200, r.text
+    out = _strict_json(r)
+    np.testing.assert_allclose(np.sum(out["probabilities"], -1), 1.0, rtol=1e-6)
+    assert all(0.0 <= p <= 1.0 for row in out["probabilities"] for p in row)
+    if weights == [0, 0, 1e-300]:  # only the last member counts
+        assert out["labels"] == [1 if kind == "logits" else 2]  # 1: the lowest of its tied 3e38 logits
+
+
+def test_aggregate_any_finite_numbers_give_200_or_422(client):
+    """Hypothesis over every kind, method and weighting with finite JSON numbers of any size (float64's
+    range, subnormals, float32's limit): a 200 with finite probabilities summing to 1, or a 422."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    number = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(
+        [F32_MAX, -F32_MAX, 3e38, -3e38, 1.7e38, 1e-45, 1e-300, 0.0, 1.0]))
+
+    @st.composite
+    def requests(draw):
+        kind = draw(st.sampled_from(["probs", "logits", "labels"]))
+        m, b, c = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+        if kind == "labels":
+            preds = draw(st.lists(st.lists(st.integers(0, c - 1), min_size=b, max_size=b), min_size=m, max_size=m))
+        elif kind == "probs" and draw(st.booleans()):  # valid probabilities, some near 0 / 1
+            raw = draw(st.lists(st.lists(st.lists(st.floats(0, 1), min_size=c, max_size=c), min_size=b, max_size=b),
+                                min_size=m, max_size=m))
+            preds = [[[v / sum(row) if sum(row) > 0 else 1 / c for v in row] for row in item] for item in raw]
+        else:
+            preds = draw(st.lists(st.lists(st.lists(number, min_size=c, max_size=c), min_size=b, max_size=b),
+                                  min_size=m, max_size=m))
+        body = {"predictions": preds, "kind": kind, "num_classes": c}
+        method = draw(st.sampled_from([None, *aggregation.METHODS]))
+        if method is not None:
+            body["method"] = method
+        if draw(st.booleans()):
+            body["weights"] = draw(st.lists(st.one_of(st.floats(0, 1.7e308), st.just(1e-300)), min_size=m, max_size=m))
+        return body
+
+    @given(body=requests())
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(body):
+        r = client.post("/v1/aggregate", json=body)
+        assert r.status_code in (200, 422), (body, r.status_code, r.text)
+        if r.status_code == 200:
+            out = _strict_json(r)
+            np.testing.assert_allclose(np.sum(out["probabilities"], -1), 1.0, rtol=1e-5)
+        else:
+            assert r.json()["field"] in ("predictions", "weights", "method", "num_classes"), r.text
+
+    check()
+
+
+def test_huge_weights_keep_their_ratios(client):
+    # finite JSON weights beyond float32's range used to be rounded to inf and rejected as "infinite"
+    probs = [[[0.6, 0.4]], [[0.2, 0.8]]]
+    body = _agg(client, {"predictions": probs, "method": "weighted", "weights": [1e39, 3e39]})
+    np.testing.assert_allclose(body["probabilities"], [[0.25 * 0.6 + 0.75 * 0.2, 0.25 * 0.4 + 0.75 * 0.8]],
+                               rtol=1e-6)
+
+
+def test_mean_with_weights_is_answered_as_weighted(client, store):
+    # issue #10: 'mean' with weights computes the weighted mean; the answer says so
+    probs = [[[0.6, 0.4]], [[0.2, 0.8]]]
+    body = _agg(client, {"predictions": probs, "method": "mean", "weights": [1, 3]})
+    assert body["method"] == "weighted"
+    np.testing.assert_allclose(body["probabilities"], [[0.3, 0.7]], rtol=1e-6)  # .25*.6+.75*.2, .25*.4+.75*.8
+    assert _agg(client, {"predictions": probs, "method": "mean"})["method"] == "mean"
+    assert _agg(client, {"predictions": probs, "method": "vote", "weights": [1, 3]})["method"] == "vote"
+    x = store["x"]
+    r = client.post("/v1/ensembles/alpha/versions/1/predict",
+                    json={"inputs": _inputs(x), "method": "mean", "weights": [1, 0, 2]})
+    assert r.status_code == 200 and r.json()["method"] == "weighted"
+    ref = _ensemble(store["results"]).predict(x, "weighted", weights=[1, 0, 2])
+    close(r.json()["probabilities"], ref.probabilities)
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    for model in ("AggregateRequest", "PredictRequest"):
+        assert "answered as 'weighted'" in schema[model]["properties"]["weights"]["description"]
+
+
+def test_labels_without_a_method_are_voted(client):
+    # issue #10: kind 'labels' without a method used to default to 'mean', which labels cannot do
+    labels = [[0, 2, 1], [0, 1, 1], [2, 1, 0]]
+    body = _agg(client, {"predictions": labels, "kind": "labels", "num_classes": 3})
+    ref = aggregation.aggregate(labels, method="vote", kind="labels", num_classes=3)
+    assert body["method"] == "vote" and body["labels"] == ref.labels.tolist() == [0, 1, 1]
+    assert body["probabilities"] == ref.probabilities.tolist()
+    assert _agg(client, {"predictions": [[[0.7, 0.3]]]})["method"] == "mean"  # probs: still 'mean'
+    method = client.get("/openapi.json").json()["components"]["schemas"]["AggregateRequest"]["properties"]["method"]
+    assert "'vote' for kind 'labels'" in method["description"]
 
 
 # --------------------------------------------------------------------------- bad requests
@@ -331,6 +494,39 @@ def test_unknown_ensemble_info_is_404(client):
         assert r.status_code == 404 and r.json()["field"] == "name"
 
 
+def test_version_numbers_beyond_the_store_are_404(client):
+    # issue #10: a version past SQLite's integer range used to answer 503 (the store "failed")
+    for ref in ("alpha/versions/99999999999999999999999", "alpha/versions/2147483648", "alpha/versions/²",
+                "alpha/versions/١"):
+        for r in (client.get(f"/v1/ensembles/{ref}"), client.post(f"/v1/ensembles/{ref}/predict", json={"inputs": GOOD_X})):
+            assert r.status_code == 404, (ref, r.text)
+            assert r.json()["field"] == "name" and r.json()["detail"].startswith("name: ")
+    assert client.get("/v1/ensembles/alpha/versions/0001").json()["version"] == "1"
+
+
+def test_wrong_http_method_is_405_with_allow(client):
+    # issue #10: GET .../predict used to be read as an ensemble named 'alpha/predict' (404)
+    for method, path, allow in (("GET", "/v1/ensembles/alpha/predict", "POST"),
+                                ("PUT", "/v1/ensembles/alpha/versions/1/predict", "POST"),
+                                ("DELETE", "/v1/aggregate", "POST"), ("GET", "/v1/aggregate", "POST"),
+                                ("POST", "/v1/ensembles/alpha", "GET"), ("POST", "/healthz", "GET")):
+        r = client.request(method, path)
+        assert r.status_code == 405, (method, path, r.text)
+        assert r.headers["allow"] == allow
+        assert r.json() == {"detail": f"http_method: {method} is not allowed on {path}; allowed: {allow}",
+                            "field": "http_method"}
+    assert client.get("/v1/ensembles/alpha").status_code == 200
+    r = client.get("/v1/ensembles/predict")  # an ensemble may be called 'predict'; none is here
+    assert r.status_code == 404 and r.json()["detail"].startswith("name: no registered ensemble 'predict' "), r.text
+
+
+def test_unknown_route_is_404_with_detail_and_field(client):
+    for method, path in (("GET", "/nope"), ("POST", "/v2/aggregate"), ("GET", "/v1/ensemble/alpha")):
+        r = client.request(method, path)
+        assert r.status_code == 404, r.text
+        assert r.json() == {"detail": f"path: no route {path} (the routes are listed at /docs)", "field": "path"}
+
+
 def test_request_bodies_are_never_unpickled(client, tmp_path):
     marker = tmp_path / "pwned"
 
@@ -393,8 +589,9 @@ def test_tracking_store_down_is_503_not_500(tmp_path):
 def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("ENSEMBLE_SERVE_MAX_BODY_BYTES", "123")
     monkeypatch.setenv("ENSEMBLE_SERVE_PRELOAD", "true")
+    monkeypatch.setenv("ENSEMBLE_SERVE_BODY_TIMEOUT_S", "0.5")
     s = Settings.from_env(max_members=7)
-    assert (s.max_body_bytes, s.preload, s.max_members) == (123, True, 7)
+    assert (s.max_body_bytes, s.preload, s.max_members, s.body_timeout_s) == (123, True, 7, 0.5)
 
 
 def test_preload_loads_latest_versions(store):
@@ -521,6 +718,57 @@ def test_real_uvicorn_server_and_predict_command(live_server, store, tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((2, 5)))
     r = runner.invoke(app, ["predict", "alpha", str(tmp_path / "bad.npy"), "--url", live_server])
     assert r.exit_code == 2 and "422" in r.output and "inputs" in r.output
+
+
+def _raw_request(url: str, head: bytes, body: bytes, pause: float = 0.0, rest: bytes = b"") -> tuple:
+    """Send ``head`` + ``body`` on a raw socket, optionally ``rest`` after ``pause`` seconds; then
+    (status line, seconds from the last byte sent to the answer, whether the server closed)."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        if pause:
+            time.sleep(pause)
+            sock.sendall(rest)
+        t0 = time.monotonic()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        elapsed = time.monotonic() - t0
+        closed = False
+        sock.settimeout(5)
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                data += chunk
+        except socket.timeout:
+            pass
+    return data.split(b"\r\n", 1)[0].decode(), elapsed, closed, data
+
+
+@pytest.mark.slow
+def test_stalled_request_body_is_answered_408_fast(live_server):
+    # issue #10: a body shorter than its Content-Length held the connection for 15 s or more
+    body = json.dumps({"predictions": [[[0.5, 0.5]]]}).encode()
+    head = (b"POST /v1/aggregate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (len(body) + 100))
+    status, elapsed, closed, data = _raw_request(live_server, head, body)
+    assert status == "HTTP/1.1 408 Request Timeout", data
+    assert elapsed < 3.0 and closed, (elapsed, closed)
+    err = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    assert err["field"] == "body" and err["detail"].startswith("body: ")
+    # nothing at all after the headers: the same
+    status, elapsed, closed, _ = _raw_request(live_server, head, b"")
+    assert status.endswith("408 Request Timeout") and elapsed < 3.0 and closed
+    # a client that pauses briefly mid-body is served
+    head_ok = head.replace(b"%d" % (len(body) + 100), b"%d" % len(body))
+    status, _, _, data = _raw_request(live_server, head_ok, body[:10], pause=0.3, rest=body[10:])
+    assert status == "HTTP/1.1 200 OK", data
 
 
 # --------------------------------------------------------------------------- schemathesis

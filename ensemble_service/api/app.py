@@ -7,12 +7,15 @@ an alias (``name`` = ``name@latest``, ``name@champion``) is re-resolved at most 
 ``alias_ttl_s`` seconds, so a moved alias is served from its new version after that.
 
 Limits (:class:`Settings`, also from ``ENSEMBLE_SERVE_*`` environment variables): a body
-over ``max_body_bytes`` is answered 413 before it is parsed; more than ``max_members``
-members, ``max_batch_items`` items or ``max_classes`` classes is a 422. Every error body is
-``{"detail": "<field>: <problem>", "field": "<field>"}``; a bad request never gets a 500.
+over ``max_body_bytes`` is answered 413 before it is parsed; a body that stops arriving for
+``body_timeout_s`` (shorter than its Content-Length) is answered 408 and the connection
+closed; more than ``max_members`` members, ``max_batch_items`` items or ``max_classes``
+classes is a 422. Every 4xx body is ``{"detail": "<field>: <problem>", "field": "<field>"}``
+(``path`` for an unknown route, ``http_method`` for a 405); a bad request never gets a 500.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -48,6 +51,7 @@ class Settings:
     max_batch_items: int = 1024             # items per request (inputs / predictions' batch)
     max_members: int = 64                   # members in /v1/aggregate
     max_classes: int = 10000                # classes in /v1/aggregate (and num_classes)
+    body_timeout_s: float = 1.0             # a request body that stalls this long: 408, connection closed
     alias_ttl_s: float = 2.0                # re-resolve name@alias after this many seconds
     max_cached: int = 8                     # loaded ensemble versions kept in memory (LRU)
     device: str = "cpu"                     # cpu | cuda | auto
@@ -241,16 +245,18 @@ def _finite(v: Any) -> bool:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``: by Content-Length before reading, else while reading."""
+    """413 for bodies over ``max_bytes``: by Content-Length before reading, else while reading.
+    408 (and the connection closed) when no body bytes arrive for ``timeout_s`` seconds."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: Optional[float] = None):
         self.app, self.max_bytes = app, int(max_bytes)
+        self.timeout_s = float(timeout_s) if timeout_s and timeout_s > 0 else None
 
-    async def _reject(self, send, size: Optional[int]) -> None:
+    async def _reject(self, send, size: Optional[int], status: int = 413, message: Optional[str] = None) -> None:
         what = f"{size} bytes" if size is not None else f"over {self.max_bytes} bytes"
-        body = json.dumps(error_body(f"request body is {what}; the limit is {self.max_bytes} (max_body_bytes)",
-                                     "body")).encode()
-        await send({"type": "http.response.start", "status": 413,
+        message = message or f"request body is {what}; the limit is {self.max_bytes} (max_body_bytes)"
+        body = json.dumps(error_body(message, "body")).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
@@ -258,6 +264,7 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        size = None
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -268,7 +275,12 @@ class BodyLimitMiddleware:
                     return await self._reject(send, size)
         chunks, total = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:  # a stalled (or slow-loris) client: do not hold the connection
+                expected = f" of {size}" if size is not None else ""
+                return await self._reject(send, None, 408, f"request body stalled: no bytes for {self.timeout_s:g} s "
+                                                           f"after {total}{expected} bytes (body_timeout_s)")
             if message["type"] != "http.request":
                 return  # client went away
             chunk = message.get("body", b"")
@@ -318,18 +330,28 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServingError)
     async def _serving(request: Request, exc: ServingError):
-        return JSONResponse(error_body(str(exc), exc.field), status_code=422)
+        return JSONResponse(error_body(str(exc), exc.field or "body"), status_code=422)
 
     @app.exception_handler(aggregation.AggregationError)
     async def _aggregation(request: Request, exc: aggregation.AggregationError):
-        return JSONResponse(error_body(str(exc), getattr(exc, "field", None)), status_code=422)
+        return JSONResponse(error_body(str(exc), getattr(exc, "field", None) or "body"), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 400 and "parsing the body" in detail:  # not UTF-8 / not JSON at all
             return JSONResponse(error_body("could not be parsed as JSON", "body"), status_code=422)
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        path = request.url.path
+        if exc.status_code == 404 and detail == "Not Found":  # from routing: no such path
+            body = error_body(f"no route {path} (the routes are listed at /docs)", "path")
+        elif exc.status_code == 405:  # from routing: the path exists, with other methods (Allow)
+            allow = (headers or {}).get("Allow")
+            body = error_body(f"{request.method} is not allowed on {path}" + (f"; allowed: {allow}" if allow else ""),
+                              "http_method")
+        else:
+            body = error_body(detail, "request") if exc.status_code < 500 else {"detail": detail}
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # a bug: logged, answered without a traceback
@@ -372,5 +394,5 @@ def create_app(tracking_uri: Optional[str] = None, settings: Optional[Settings] 
     app.state.settings = settings
     app.include_router(router)
     _install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     return app

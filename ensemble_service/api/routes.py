@@ -14,6 +14,7 @@ import torch
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from ensemble_service import aggregation
 from ensemble_service.api.app import ApiError, EnsembleStore, Settings
@@ -24,6 +25,16 @@ from ensemble_service.api.schemas import (
 from ensemble_service.serving import ServingError
 
 router = APIRouter()
+
+
+class _EnsembleRefConvertor(PathConvertor):
+    """``{name:ensemble_ref}``: a path (``name/versions/N`` has slashes) not ending in ``/predict``,
+    so that GET .../predict is a 405 (the predict route only takes POST), not an ensemble's name."""
+
+    regex = r"(?!.*/predict\Z).*"  # 'predict' alone is a name (an ensemble may be called that)
+
+
+register_url_convertor("ensemble_ref", _EnsembleRefConvertor())
 
 _ERR = {"model": ErrorResponse}
 _NAME_DOC = ("`name` (its alias `latest`, i.e. the newest version), `name@alias` or `name/versions/N`.")
@@ -59,6 +70,11 @@ def _tensor(value: Any, field: str) -> torch.Tensor:
     return t
 
 
+def _method_used(method: str, weights: Any) -> str:
+    """'mean' with weights is the weighted mean: the answer names it 'weighted'."""
+    return "weighted" if method == "mean" and weights is not None else method
+
+
 def _agg_field(message: str, default: str) -> str:
     head = message.split(" ", 1)[0]
     if head in ("weights", "num_classes", "method", "kind"):
@@ -88,14 +104,14 @@ def list_ensembles(request: Request) -> Dict[str, Any]:
             versions.append({"version": v["version"], "aliases": v["aliases"], "run_id": v.get("run_id"),
                              "created": v.get("created", 0), "status": v.get("status"),
                              "strategy": tags.get("ensemble.strategy"),
-                             "members": int(members) if members and members.isdigit() else None})
+                             "members": int(members) if members and members.isdecimal() else None})
         out.append({"name": e["name"], "latest_version": e["latest_version"], "aliases": e["aliases"],
                     "versions": versions})
     return {"ensembles": out}
 
 
-@router.get("/v1/ensembles/{name:path}", response_model=EnsembleInfo, response_model_exclude_none=True,
-            tags=["ensembles"], responses={404: _ERR, 503: _ERR})
+@router.get("/v1/ensembles/{name:ensemble_ref}", response_model=EnsembleInfo, response_model_exclude_none=True,
+            tags=["ensembles"], responses={404: _ERR, 405: _ERR, 503: _ERR})
 def ensemble_info(request: Request, name: str = NamePath) -> Dict[str, Any]:
     """One registered version: members, architectures, how they run, strategy, the parent run's metrics."""
     store = _store(request)
@@ -131,11 +147,12 @@ async def predict(request: Request, body: PredictRequest, name: str = NamePath) 
     le = store.peek(name) or await run_in_threadpool(store.get, name)  # MLflow reads off the event loop
     if body.weights is not None and len(body.weights) != le.ensemble.num_members:
         raise ApiError(422, f"{len(body.weights)} weights for {le.ensemble.num_members} members", "weights")
+    method = _method_used(body.method, body.weights)
     try:  # the forward runs on the ensemble's own worker thread
-        pred = await asyncio.wrap_future(le.submit(body.inputs, body.method, body.weights, body.return_members))
+        pred = await asyncio.wrap_future(le.submit(body.inputs, method, body.weights, body.return_members))
     except ServingError as exc:
         raise ApiError(422, str(exc), exc.field or "inputs") from None
-    out: Dict[str, Any] = {"name": le.name, "model_version": le.version, "method": body.method,
+    out: Dict[str, Any] = {"name": le.name, "model_version": le.version, "method": method,
                            "labels": pred.labels.tolist(), "probabilities": pred.probabilities.tolist(),
                            "agreement": pred.agreement.tolist()}
     if body.return_members:
@@ -165,6 +182,10 @@ def aggregate(request: Request, body: AggregateRequest) -> Dict[str, Any]:
     if body.weights is not None and len(body.weights) != len(preds):
         raise ApiError(422, f"{len(body.weights)} weights for {len(preds)} members", "weights")
     t = _tensor(preds, "predictions")
+    if body.method is None:
+        method = "vote" if body.kind == "labels" else "mean"
+    else:  # labels have no mean: 'mean' stays an error there, with or without weights
+        method = body.method if body.kind == "labels" else _method_used(body.method, body.weights)
     expected = 2 if body.kind == "labels" else 3
     if t.dim() != expected:
         shape = "members x batch" if expected == 2 else "members x batch x classes"
@@ -173,9 +194,9 @@ def aggregate(request: Request, body: AggregateRequest) -> Dict[str, Any]:
     if t.shape[1] == 0:
         raise ApiError(422, "empty batch (no items)", "predictions")
     try:
-        res = aggregation.aggregate(t, method=body.method, kind=body.kind, weights=body.weights,
+        res = aggregation.aggregate(t, method=method, kind=body.kind, weights=body.weights,
                                     num_classes=body.num_classes)
     except aggregation.AggregationError as exc:
         raise ApiError(422, str(exc), _agg_field(str(exc), "predictions")) from None
-    return JSONResponse({"method": body.method, "kind": body.kind, "labels": res.labels.tolist(),
+    return JSONResponse({"method": method, "kind": body.kind, "labels": res.labels.tolist(),
                          "probabilities": res.probabilities.tolist(), "agreement": res.agreement.tolist()})

@@ -43,14 +43,16 @@ class PredictRequest(BaseModel):
     method: Method = Field("mean", description="How member predictions are combined.")
     return_members: bool = Field(False, strict=True, description="Also return each member's probabilities.")
     weights: Optional[List[StrictNumber]] = Field(
-        None, description="Per-member weights (finite, non-negative, one per member). Default for "
-                          "method 'weighted': proportional to the members' validation accuracy.")
+        None, description="Per-member weights (finite, non-negative, one per member), used by every method "
+                          "(a weighted vote, a weighted mean of logits); method 'mean' with weights is the "
+                          "weighted mean and is answered as 'weighted'. Default for method 'weighted': "
+                          "proportional to the members' validation accuracy.")
 
 
 class PredictResponse(BaseModel):
     name: str
     model_version: str = Field(..., description="The registered version that answered.")
-    method: Method
+    method: Method = Field(..., description="The method used ('weighted' for 'mean' with weights).")
     labels: List[int]
     probabilities: List[List[float]] = Field(..., description="[batch, classes]; vote shares for method 'vote'.")
     agreement: List[float] = Field(..., description="Fraction of members whose argmax equals the label.")
@@ -68,13 +70,19 @@ class AggregateRequest(BaseModel):
         ..., json_schema_extra=_NESTED,
         description="members x batch x classes (probs, logits) or members x batch (labels).")
     kind: Kind = "probs"
-    method: Method = "mean"
-    weights: Optional[List[StrictNumber]] = Field(None, description="Per-member weights (required for 'weighted').")
+    method: Optional[Method] = Field(
+        None, description="How member predictions are combined. Omitted (or null): 'vote' for kind 'labels', "
+                          "'mean' otherwise. Labels can only be voted ('vote', or 'weighted': a weighted vote).")
+    weights: Optional[List[StrictNumber]] = Field(
+        None, description="Per-member weights (finite, non-negative, one per member; required for 'weighted'), "
+                          "used by every method (a weighted vote, a weighted mean of logits); method 'mean' with "
+                          "weights is the weighted mean and is answered as 'weighted'.")
     num_classes: Optional[int] = Field(None, strict=True, ge=1, description="Required for labels.")
 
 
 class AggregateResponse(BaseModel):
-    method: Method
+    method: Method = Field(..., description="The method used: the default for the kind when none was given, "
+                                            "'weighted' for 'mean' with weights.")
     kind: Kind
     labels: List[int]
     probabilities: List[List[float]] = Field(..., description="[batch, classes]; vote shares for method 'vote'.")
