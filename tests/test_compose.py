@@ -435,7 +435,9 @@ def _swap(cmd: list, **values) -> list:
 
 @pytest.mark.slow
 def test_the_mlflow_service_refuses_strangers_and_serves_its_clients(tmp_path, monkeypatch):
+    import base64
     import configparser
+    import json
     import os
     import signal
     import urllib.error
@@ -465,12 +467,13 @@ def test_the_mlflow_service_refuses_strangers_and_serves_its_clients(tmp_path, m
     proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:], "--workers", "1"], env=server_env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
+    def basic(auth) -> str:
+        return "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+
     def status(path: str, auth=None) -> int:
         req = urllib.request.Request(uri + path)
         if auth:
-            import base64
-
-            req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+            req.add_header("Authorization", basic(auth))
         try:
             return urllib.request.urlopen(req, timeout=5).status
         except urllib.error.HTTPError as exc:
@@ -504,6 +507,15 @@ def test_the_mlflow_service_refuses_strangers_and_serves_its_clients(tmp_path, m
         with TestClient(create_app(uri, Settings(api_keys=(key,)))) as c:
             r = c.get("/v1/ensembles", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 503 and "tracking store unavailable" in r.json()["detail"]
+        # rotating the admin password as README's Security section says
+        new = "a-new-admin-password-456"
+        req = urllib.request.Request(uri + "/api/2.0/mlflow/users/update-password", method="PATCH",
+                                     data=json.dumps({"username": admin[0], "password": new,
+                                                      "current_password": admin[1]}).encode(),
+                                     headers={"content-type": "application/json",
+                                              "Authorization": basic(admin)})
+        assert urllib.request.urlopen(req, timeout=10).status == 200
+        assert status(search, admin) == 401 and status(search, (admin[0], new)) == 200
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
