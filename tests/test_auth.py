@@ -223,7 +223,7 @@ def test_settings_from_env_keys_and_origins(monkeypatch):
     assert Settings.from_env(api_keys=(KEY_B,)).api_keys == (KEY_B,)  # the command line wins
 
 
-def test_key_rules():
+def test_key_rules(tmp_path):
     assert split_list("a, b,,c\nd") == ("a", "b", "c", "d") and split_list(None) == ()
     assert check_keys([KEY_A, KEY_B]) is None
     assert "API key 2 of 2 has 5 characters; use at least 16" in check_keys([KEY_A, "short"])
@@ -231,6 +231,8 @@ def test_key_rules():
     assert "printable ASCII" in check_keys(["0123456789abcdef ghi"])
     with pytest.raises(ValueError):
         ApiKeyMiddleware(None, [])
+    with pytest.raises(ValueError, match="use at least 16"):
+        create_app(f"sqlite:///{tmp_path}/mlflow.db", Settings(api_keys=("short",)))
 
 
 def test_addresses():

@@ -145,6 +145,9 @@ def install(app, api_keys: Sequence[str], cors_origins: Sequence[str]) -> None:
     """Add the API-key check (when keys are given) and CORS (when origins are given) to ``app``.
     Call it after the app's other middleware: what is added last runs first (CORS, then keys)."""
     if api_keys:
+        problem = check_keys(api_keys)
+        if problem:  # now, not when the middleware stack is first built
+            raise ValueError(problem)
         app.add_middleware(ApiKeyMiddleware, keys=list(api_keys), open_paths=OPEN_PATHS)
         _document(app, OPEN_PATHS)
     if cors_origins:
