@@ -13,7 +13,10 @@ COPY pyproject.toml README.md ./
 COPY ensemble_service ./ensemble_service
 COPY workers ./workers
 COPY conf ./conf
-# psycopg2 and boto3: the MLflow server's Postgres backend store and S3 artifact store
+# the MLflow server's basic-auth configuration (no secrets: they come from the environment)
+COPY docker ./docker
+# psycopg2 and boto3: the MLflow server's Postgres backend store and S3 artifact store;
+# mlflow[auth]: its basic-auth app
 RUN pip install -e ".[server]"
 
 # ensemble_service finds conf/ next to the package; jobs submitted with `ensemble submit

@@ -145,6 +145,20 @@ def _jobs_address(address: Optional[str], overrides: List[str]) -> tuple[Optiona
     return address, rest
 
 
+def _warn_without_token(address: Optional[str]) -> None:
+    """One line on stderr when a Ray cluster on another machine is reached without a token."""
+    from ensemble_service.api.auth import address_host, is_loopback
+
+    host = address_host(address)
+    if host is None or is_loopback(host):
+        return
+    from ensemble_service import jobs
+
+    if not jobs.has_token():
+        err.print(f"[yellow]warning:[/] submitting to {address} without a Ray token (set RAY_AUTH_TOKEN); a "
+                  f"cluster that takes jobs without one runs anyone's code", highlight=False, soft_wrap=True)
+
+
 def _submit_remote(address: str, overrides: List[str], wait: bool) -> None:
     from ensemble_service import jobs
     from ensemble_service.config import ConfigError, load_config
@@ -153,6 +167,7 @@ def _submit_remote(address: str, overrides: List[str], wait: bool) -> None:
         load_config(overrides, check_files=False)  # bad input fails here, not on the cluster
     except ConfigError as exc:
         fail(str(exc))
+    _warn_without_token(address)
     try:
         job_id = jobs.submit(address, overrides)
     except jobs.JobsError as exc:
@@ -202,6 +217,7 @@ def submit(
         cfg = load_config(overrides)
     except ConfigError as exc:
         fail(str(exc))
+    _warn_without_token(cfg.cluster.address)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epochs"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                         console=console, transient=False)
@@ -348,16 +364,28 @@ def runs(
 @app.command()
 def ui(
     port: int = typer.Option(5000, min=1, max=65535, help="Port of the MLflow UI."),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (the UI has no login: keep loopback and "
+                                               "use an SSH tunnel from other machines)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
 ) -> None:
-    """Start the MLflow UI on the same tracking store: one parent run per ensemble, nested member runs."""
+    """Start the MLflow UI on the same tracking store: one parent run per ensemble, nested member runs.
+    It binds 127.0.0.1 unless --host says otherwise (it has no login): reach it over an SSH tunnel."""
+    import socket
+
+    from ensemble_service.api.auth import is_loopback, redact_uri
     from ensemble_service.tracking import resolve_uri, ui_command
 
     cmd = [sys.executable, "-m"] + ui_command(tracking_uri, host, port)
     # a UI for people: one web worker, and no background job runners (MLflow's GenAI jobs)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    console.print(f"MLflow UI for {resolve_uri(tracking_uri)} on http://{host}:{port}", highlight=False)
+    console.print(f"MLflow UI for {redact_uri(resolve_uri(tracking_uri))} on http://{host}:{port}", highlight=False)
+    if is_loopback(host):
+        console.print(f"from another machine, tunnel to it: ssh -N -L {port}:{host}:{port} {socket.gethostname()} "
+                      f"and open http://127.0.0.1:{port}", highlight=False, soft_wrap=True)
+    else:
+        err.print(f"[yellow]warning:[/] the MLflow UI has no login: anyone who can reach {host}:{port} can read, change "
+                  f"and delete every run and model (the default --host 127.0.0.1 and an SSH tunnel avoid this)",
+                  highlight=False, soft_wrap=True)
     try:
         raise typer.Exit(subprocess.call(cmd, env=env))
     except KeyboardInterrupt:

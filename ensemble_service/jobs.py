@@ -24,7 +24,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # gitignore-style; a leading / anchors at the project root (plain "data" would also drop conf/data/)
-EXCLUDES = ["/.venv", "/.git", "/mlruns", "/mlartifacts", "/mlflow.db", "/.ensemble", "/data", "/outputs",
+EXCLUDES = ["/.env", "/.venv", "/.git", "/mlruns", "/mlartifacts", "/mlflow.db", "/.ensemble", "/data", "/outputs",
             "/multirun", "/.pytest_cache", "/.hypothesis", "__pycache__", "/.whl", "/bench/results*.json",
             "*.ckpt", "*.pt", "*.egg-info"]
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
@@ -41,6 +41,12 @@ def _token() -> Optional[str]:
     if not token and path and Path(path).is_file():
         token = Path(path).read_text().strip()
     return token or None
+
+
+def has_token() -> bool:
+    """Whether Ray clients started here authenticate: a token is given (RAY_AUTH_TOKEN or
+    RAY_AUTH_TOKEN_PATH), or RAY_AUTH_MODE=token (Ray then also reads ~/.ray/auth_token)."""
+    return _token() is not None or os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
 
 def client(address: str) -> JobSubmissionClient:

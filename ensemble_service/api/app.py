@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -57,16 +57,23 @@ class Settings:
     device: str = "cpu"                     # cpu | cuda | auto
     preload: bool = False                   # load every ensemble's latest version at startup
     gc_freeze: bool = False                 # after startup, exempt what is loaded from GC scans (`ensemble serve`)
+    # API keys clients send as `Authorization: Bearer <key>` (env ENSEMBLE_API_KEYS, comma-separated);
+    # none: no authentication (see api/auth.py). Origins CORS allows; none: CORS off.
+    api_keys: Tuple[str, ...] = field(default=(), repr=False)
+    cors_origins: Tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
+        from ensemble_service.api.auth import split_list
+
         values: Dict[str, Any] = {}
         for f in fields(cls):
-            raw = os.environ.get(f"ENSEMBLE_SERVE_{f.name.upper()}")
+            raw = os.environ.get("ENSEMBLE_API_KEYS" if f.name == "api_keys" else f"ENSEMBLE_SERVE_{f.name.upper()}")
             if raw is None:
                 continue
             kind = type(f.default)
-            values[f.name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+            values[f.name] = (raw.lower() in ("1", "true", "yes") if kind is bool else
+                              split_list(raw) if kind is tuple else kind(raw))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -395,4 +402,7 @@ def create_app(tracking_uri: Optional[str] = None, settings: Optional[Settings] 
     app.include_router(router)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    from ensemble_service.api import auth  # API keys and CORS, in front of the body limit
+
+    auth.install(app, settings.api_keys, settings.cors_origins)
     return app

@@ -3,6 +3,10 @@
     ensemble serve [--host] [--port] [--tracking-uri]     the HTTP API under uvicorn
     ensemble predict NAME FILE [--method] [--url]         labels of a registered ensemble for FILE
 
+`serve` takes API keys from ``--api-key`` or ENSEMBLE_API_KEYS (comma-separated) and refuses a
+non-loopback ``--host`` without one (exit 2) unless ``--insecure``; `predict` sends
+ENSEMBLE_API_KEY as ``Authorization: Bearer ...``.
+
 FILE is a ``.npy`` array (read with ``allow_pickle=False``) or a ``.json`` file holding either
 the inputs (a nested list) or a request object (``{"inputs": ..., "method": ...}``).
 """
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import typer
 
@@ -64,25 +68,50 @@ def serve(
                                                "under concurrent load often answer faster with 1."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     access_log: bool = typer.Option(True, help="Log every request."),
+    api_key: Optional[List[str]] = typer.Option(
+        None, "--api-key", help="A key clients must send as 'Authorization: Bearer KEY' (repeat for several; "
+                                "default: ENSEMBLE_API_KEYS, comma-separated, which keeps keys out of `ps`). "
+                                "/healthz and the docs stay open."),
+    insecure: bool = typer.Option(False, "--insecure", help="Serve a non-loopback --host without any API key."),
+    cors_origin: Optional[List[str]] = typer.Option(
+        None, "--cors-origin", help="An origin browsers may call the API from, e.g. https://app.example.com "
+                                    "(repeat for several; default: none, CORS off)."),
 ) -> None:
-    """Serve registered ensembles over HTTP (FastAPI under uvicorn): predict, aggregate, list, describe."""
+    """Serve registered ensembles over HTTP (FastAPI under uvicorn): predict, aggregate, list, describe.
+
+    With API keys (--api-key or ENSEMBLE_API_KEYS) every request but /healthz and the docs needs
+    'Authorization: Bearer KEY'. A --host other than loopback needs a key, or --insecure."""
     import uvicorn
 
+    from ensemble_service.api import auth
     from ensemble_service.api.app import Settings, create_app
-    from ensemble_service.cli import console, fail
+    from ensemble_service.cli import console, err, fail
     from ensemble_service.tracking import resolve_uri
 
     if device not in ("cpu", "cuda", "auto"):
         fail(f"unknown device {device!r}; choose one of: cpu, cuda, auto")
     settings = Settings.from_env(device=device, preload=preload, gc_freeze=True, max_body_bytes=max_body_bytes,
-                                 max_batch_items=max_batch_items, max_members=max_members, alias_ttl_s=alias_ttl)
+                                 max_batch_items=max_batch_items, max_members=max_members, alias_ttl_s=alias_ttl,
+                                 api_keys=tuple(api_key) if api_key else None,
+                                 cors_origins=tuple(cors_origin) if cors_origin else None)
+    problem = auth.check_keys(settings.api_keys) or auth.check_origins(settings.cors_origins)
+    if problem:
+        fail(problem)
+    if not settings.api_keys and not auth.is_loopback(host):
+        if not insecure:
+            fail(f"--host {host} is reachable from other machines and no API key is set: set ENSEMBLE_API_KEYS "
+                 f"(or --api-key), or pass --insecure to serve without authentication")
+        err.print(f"[bold red]WARNING: --insecure: serving WITHOUT authentication on {host}:{port}; anyone who "
+                  f"can reach it can list the registered ensembles and query them without limit[/]",
+                  highlight=False, soft_wrap=True)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     app = create_app(tracking_uri, settings)
-    console.print(f"serving ensembles registered in {resolve_uri(tracking_uri)} on http://{host}:{port} "
-                  f"(docs: http://{host}:{port}/docs)", highlight=False)
+    keys = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API key"
+    console.print(f"serving ensembles registered in {auth.redact_uri(resolve_uri(tracking_uri))} on "
+                  f"http://{host}:{port} with {keys} (docs: http://{host}:{port}/docs)", highlight=False)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
     except KeyboardInterrupt:
@@ -97,7 +126,8 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print the whole response as JSON instead of the labels."),
     timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for the answer."),
 ) -> None:
-    """Ask a running `ensemble serve` for the labels of the inputs in FILE (one label per line)."""
+    """Ask a running `ensemble serve` for the labels of the inputs in FILE (one label per line).
+    The API key, when the server has them, comes from ENSEMBLE_API_KEY."""
     from urllib.parse import quote
 
     import httpx
@@ -108,8 +138,10 @@ def predict(
     if method is not None:
         body["method"] = method
     endpoint = f"{url.rstrip('/')}/v1/ensembles/{quote(name, safe='@/')}/predict"
+    key = os.environ.get("ENSEMBLE_API_KEY", "").strip()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        resp = httpx.post(endpoint, json=body, timeout=timeout)
+        resp = httpx.post(endpoint, json=body, timeout=timeout, headers=headers)
     except httpx.HTTPError as exc:
         fail(f"cannot reach {url}: {exc}", EXIT_FAILED)
     try:
@@ -118,6 +150,8 @@ def predict(
         data = {"detail": resp.text[:500]}
     if resp.status_code != 200:
         detail = data.get("detail") if isinstance(data, dict) else data
+        if resp.status_code == 401:
+            detail = f"{detail} ({'check' if key else 'set'} ENSEMBLE_API_KEY)"
         fail(f"{resp.status_code}: {detail}", 2 if 400 <= resp.status_code < 500 else EXIT_FAILED)
     if as_json:
         console.print_json(json.dumps(data))

@@ -18,6 +18,7 @@ from starlette.convertors import PathConvertor, register_url_convertor
 
 from ensemble_service import aggregation
 from ensemble_service.api.app import ApiError, EnsembleStore, Settings
+from ensemble_service.api.auth import redact_uri
 from ensemble_service.api.schemas import (
     AggregateRequest, AggregateResponse, EnsembleInfo, EnsembleList, ErrorResponse, Health, PredictRequest,
     PredictResponse,
@@ -89,7 +90,7 @@ def _agg_field(message: str, default: str) -> str:
 def healthz(request: Request) -> Dict[str, Any]:
     """Liveness: the process answers (the tracking store is not contacted)."""
     store = _store(request)
-    return {"status": "ok", "tracking_uri": store.uri, "cached_ensembles": len(store)}
+    return {"status": "ok", "tracking_uri": redact_uri(store.uri), "cached_ensembles": len(store)}
 
 
 @router.get("/v1/ensembles", response_model=EnsembleList, tags=["ensembles"], responses={503: _ERR})

@@ -204,12 +204,16 @@ def _first(exc: BaseException) -> str:
 
 def decode_image(blob: bytes, size: int, channels: int, field: str = "image") -> np.ndarray:
     """An encoded image file -> uint8 ``[size, size, channels]`` (resized bilinearly, converted to
-    grey ``L`` for 1 channel, ``RGB`` for 3). Raises PreprocessError for anything Pillow cannot read."""
+    grey ``L`` for 1 channel, ``RGB`` for 3; 16-bit grey values v become round(v / 257)). Raises
+    PreprocessError for anything Pillow cannot read."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(bytes(blob))) as img:
             img.load()
+            if img.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert would clip it at 255
+                deep = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.rint(deep / 257.0).astype(np.uint8))  # mode L
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
