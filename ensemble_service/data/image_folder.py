@@ -77,7 +77,7 @@ class ImageFolder(Source):
                             mode = img.mode
                     except (UnidentifiedImageError, OSError, ValueError) as exc:
                         raise DataError(f"{f} is not an image Pillow can read ({str(exc).splitlines()[0]})") from None
-                    if mode not in GREY_MODES:
+                    if mode not in GREY_MODES and not mode.startswith("I;16"):
                         channels = 3
                         break
                 if channels == 3:
