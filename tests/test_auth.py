@@ -23,13 +23,14 @@ with warnings.catch_warnings():  # starlette's notice about httpx vs httpx2
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from ensemble_service import tracking
+from ensemble_service import registry
 from ensemble_service.api import Settings, create_app
 from ensemble_service.api.auth import (
     ApiKeyMiddleware, address_host, check_keys, is_loopback, redact_uri, split_list,
 )
 from ensemble_service.cli import app as cli_app
-from ensemble_service.serving import Ensemble, member_record
+from ensemble_service.artifact import member_record
+from ensemble_service.serving import Ensemble
 from test_serving import blob_of, finished_parent, synthetic_data
 
 KEY_A = "key-a-0123456789abcdef"
@@ -44,7 +45,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{tmp}/mlflow.db"
     blobs = [blob_of("mlp", 0), blob_of("mlp", 1)]
     info = [{"index": i, "architecture": "mlp"} for i in range(2)]
-    tracking.register_ensemble(uri, finished_parent(uri, "auth", {"ensemble_mean_test_acc": 0.5}), "alpha",
+    registry.register_ensemble(uri, finished_parent(uri, "auth", {"ensemble_mean_test_acc": 0.5}), "alpha",
                                blobs, info, "independent")
     x = synthetic_data().x_test[:4]
     expected = Ensemble.from_blobs(blobs, [member_record(i, "mlp") for i in range(2)]).predict(x, "mean")
@@ -164,7 +165,7 @@ def test_a_registered_artifact_is_never_unpickled(tmp_path):
     file (and the pyfunc model's own files) hold a pickle that would run code is refused with a 503."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     parent = finished_parent(uri, "evil", {"ensemble_mean_test_acc": 0.5})
-    tracking.register_ensemble(uri, parent, "evil", [blob_of("mlp", 0)], [{"index": 0, "architecture": "mlp"}],
+    registry.register_ensemble(uri, parent, "evil", [blob_of("mlp", 0)], [{"index": 0, "architecture": "mlp"}],
                                "independent")
     marker = tmp_path / "pwned"
 

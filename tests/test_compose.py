@@ -445,7 +445,7 @@ def test_the_mlflow_service_refuses_strangers_and_serves_its_clients(tmp_path, m
 
     from fastapi.testclient import TestClient
 
-    from ensemble_service import tracking
+    from ensemble_service import registry
     from ensemble_service.api import Settings, create_app
     from test_multinode import env as plain_env, free_ports, wait_for
     from test_serving import blob_of, finished_parent
@@ -496,7 +496,7 @@ def test_the_mlflow_service_refuses_strangers_and_serves_its_clients(tmp_path, m
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", api_env["MLFLOW_TRACKING_USERNAME"])
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", api_env["MLFLOW_TRACKING_PASSWORD"])
         parent = finished_parent(uri, "compose-auth", {"ensemble_mean_test_acc": 0.5})
-        tracking.register_ensemble(uri, parent, "alpha", [blob_of("mlp", 0)], [{"index": 0, "architecture": "mlp"}],
+        registry.register_ensemble(uri, parent, "alpha", [blob_of("mlp", 0)], [{"index": 0, "architecture": "mlp"}],
                                    "independent")
         key = api_env["ENSEMBLE_API_KEYS"]
         with TestClient(create_app(uri, Settings(api_keys=(key,)))) as c:
