@@ -124,6 +124,11 @@ def load(cfg: Union[DataConfig, dict]) -> DataBundle:
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             bad = int((~np.isfinite(x)).sum())
             raise DataError(f"'{name}' {split_name} split has {bad} NaN or infinite input value(s); clean or drop them")
+        if x.dtype.kind == "f" and x.dtype.itemsize > 4 and x.size:
+            big = int((np.abs(x) > np.finfo(np.float32).max).sum())  # would be infinite as float32 model inputs
+            if big:
+                raise DataError(f"'{name}' {split_name} split has {big} input value(s) beyond float32's range "
+                                "(about 3.4e38); rescale them")
     if len(y_train) == 0:
         raise DataError(f"'{name}' has no training samples")
     seen = int(max(int(y.max()) for _, y in splits.values() if len(y))) + 1
