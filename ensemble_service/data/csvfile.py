@@ -104,5 +104,5 @@ class Csv(Source):
         y = np.asarray([index[v] for v in target.tolist()], dtype=np.int64)
         ops = [{"op": "standardize", "mode": "feature"}] if cfg.standardize else []
         pipeline = Pipeline((len(features),), ops, kind="table", columns=features)
-        return Raw(x.astype(np.float32), y, pipeline, num_classes=len(values),
+        return Raw(x, y, pipeline, num_classes=len(values),
                    class_names=[_class_name(v) for v in values], label=f"csv:{path.name}")
