@@ -59,6 +59,9 @@ class ProgressObserver:
         self.tasks: Dict[int, Any] = {}
         self.done: set = set()
 
+    def loaded(self, description: str) -> None:
+        self.progress.console.print(description, highlight=False)
+
     def started(self, plan, resources) -> None:
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         self.progress.console.print(

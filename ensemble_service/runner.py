@@ -21,7 +21,7 @@ import torch
 from ensemble_service import metrics, plots
 from ensemble_service.aggregation import mean
 from ensemble_service.config import Config, ConfigError, check_members
-from ensemble_service.data import DataBundle, DataError, load
+from ensemble_service.data import DataBundle, DataError, describe, load
 from ensemble_service.planning import EnsemblePlan, plan as make_plan
 
 
@@ -48,6 +48,7 @@ class SubmitResult:
 class Observer:
     """Hooks for a front end (progress bars); all optional."""
 
+    def loaded(self, description: str) -> None: ...
     def started(self, plan: EnsemblePlan, resources: Dict[str, Any]) -> None: ...
     def event(self, event: Dict[str, Any]) -> None: ...
     def member_done(self, row: Dict[str, Any]) -> None: ...
@@ -110,6 +111,7 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
     t0 = time.perf_counter()
     plan = make_plan(cfg)
     data = load_data(cfg)                      # bad data -> ConfigError, before Ray and MLflow
+    observer.loaded(describe(data))
     embedded = cfg.cluster.address is None and not scheduler.joining_existing_cluster()
     if embedded:                               # what the embedded cluster will have, before starting it
         problem = unschedulable(cfg, [{"CPU": cfg.cluster.num_cpus or os.cpu_count() or 1,
@@ -134,6 +136,10 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
             "ensemble.members": str(len(plan.slots)), "ensemble.tasks": str(len(plan.tasks)),
         })
         tracker.log_array(parent, data.y_test.numpy(), "predictions/test_labels.npy")
+        tracker.log_text(parent, json.dumps({"name": data.label, "input_shape": list(data.input_shape),
+                                             "num_classes": data.num_classes, "class_names": data.class_names,
+                                             "sizes": data.sizes(), "preprocessing": data.preprocessing}, indent=2),
+                         "data.json")
         runs: Dict[int, str] = {}
         logged: Dict[int, int] = {}           # member index -> last epoch logged
         open_members: Dict[int, List[int]] = {}  # task index -> members still collecting epochs

@@ -24,8 +24,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import ray
 
 from ensemble_service.config import service_env_defaults
-from workers.member import MemberError, MemberResult, train_member
+from workers.member import train_member
 from workers.packed import train_packed
+from workers.state import MemberError, MemberResult
 from workers.trajectory import train_trajectory
 
 POLL_SECONDS = 1.0  # longest the driver waits for worker events before it wakes up anyway

@@ -225,6 +225,17 @@ def as_input_tensor(x: Any, field: str = "inputs") -> torch.Tensor:
     return t
 
 
+def _records(rows: Sequence[Mapping[str, Any]], field: str):
+    """Rows given as ``{column: value}`` objects -> a pandas DataFrame (columns picked by name)."""
+    import pandas as pd
+
+    try:
+        return pd.DataFrame.from_records(list(rows))
+    except Exception as exc:
+        raise ServingError(f"{field}: rows of column values cannot form a table ({str(exc).splitlines()[0]})",
+                           field) from None
+
+
 @dataclass
 class Prediction:
     """The ensemble's answer for one batch (tensors on the CPU)."""
@@ -345,6 +356,8 @@ class Ensemble:
         if self.pipeline is not None:
             if isinstance(x, torch.Tensor):
                 x = x.detach().cpu().numpy()
+            elif isinstance(x, (list, tuple)) and x and all(isinstance(r, dict) for r in x):
+                x = _records(x, field)  # a table's rows as {column: value} objects
             try:
                 return torch.from_numpy(self.pipeline(x, field))
             except PreprocessError as exc:

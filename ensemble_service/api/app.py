@@ -369,6 +369,24 @@ def _install_error_handlers(app: FastAPI) -> None:
 # --------------------------------------------------------------------------- factory
 
 
+def _document_bodies(app: FastAPI) -> None:
+    """Predict reads its body itself (JSON or multipart image files); its JSON schema still belongs
+    in the OpenAPI document."""
+    from ensemble_service.api.schemas import PredictRequest
+
+    build = app.openapi
+
+    def openapi() -> Dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("schemas", {})["PredictRequest"] = \
+                PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(tracking_uri: Optional[str] = None, settings: Optional[Settings] = None) -> FastAPI:
     """The ensemble-serving app for the MLflow store at ``tracking_uri`` (default:
     MLFLOW_TRACKING_URI, else ./mlflow.db)."""
@@ -400,6 +418,7 @@ def create_app(tracking_uri: Optional[str] = None, settings: Optional[Settings] 
     app.state.store = store
     app.state.settings = settings
     app.include_router(router)
+    _document_bodies(app)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     from ensemble_service.api import auth  # API keys and CORS, in front of the body limit

@@ -22,12 +22,24 @@ import typer
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
 def _load_inputs(path: Path) -> Dict[str, Any]:
     from ensemble_service.cli import fail
 
     if not path.is_file():
         fail(f"no such file: {path}")
     suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(path, sep="," if suffix == ".csv" else "\t")
+        except Exception as exc:
+            fail(f"cannot read {path} as CSV: {' '.join(str(exc).split())[:200]}")
+        # rows as {column: value}: the ensemble picks its feature columns by name (others are ignored)
+        return {"inputs": json.loads(frame.to_json(orient="records"))}
     if suffix == ".npy":
         import numpy as np
 
@@ -50,7 +62,7 @@ def _load_inputs(path: Path) -> Dict[str, Any]:
         if isinstance(data, list):
             return {"inputs": data}
         fail(f"{path} must hold a list of inputs or an object with 'inputs'")
-    fail(f"unsupported file type {suffix or '(none)'!r}: use .npy or .json")
+    fail(f"unsupported file type {suffix or '(none)'!r}: use .npy, .json, .csv or image files")
     raise AssertionError  # unreachable
 
 
@@ -120,28 +132,44 @@ def serve(
 
 def predict(
     name: str = typer.Argument(..., help="Registered ensemble: name, name@alias or name/versions/N."),
-    file: Path = typer.Argument(..., help="Inputs: a .npy array or a .json list (or {\"inputs\": ...})."),
+    files: List[Path] = typer.Argument(..., help="Inputs: a .npy array, a .json list (or {\"inputs\": ...}), a .csv "
+                                                  "table with a header row, or image files (PNG, JPEG, ...)."),
     method: Optional[str] = typer.Option(None, help="mean, vote, weighted or logit_mean (default: mean)."),
     url: str = typer.Option(os.environ.get("ENSEMBLE_URL", DEFAULT_URL), help="Base URL of `ensemble serve`."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole response as JSON instead of the labels."),
     timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for the answer."),
 ) -> None:
-    """Ask a running `ensemble serve` for the labels of the inputs in FILE (one label per line).
-    The API key, when the server has them, comes from ENSEMBLE_API_KEY."""
+    """Ask a running `ensemble serve` for the labels of the inputs in FILES (one label per line, with
+    the class name when the ensemble knows it). Inputs are raw, in the training data's format: the
+    ensemble applies its own preprocessing. The API key, when the server has them, comes from
+    ENSEMBLE_API_KEY."""
     from urllib.parse import quote
 
     import httpx
 
     from ensemble_service.cli import EXIT_FAILED, console, fail
 
-    body = _load_inputs(file)
-    if method is not None:
-        body["method"] = method
+    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if images and len(images) != len(files):
+        fail("give either image files or one .npy/.json/.csv file, not both")
+    if not images and len(files) != 1:
+        fail("give one .npy, .json or .csv file (several files only for images)")
     endpoint = f"{url.rstrip('/')}/v1/ensembles/{quote(name, safe='@/')}/predict"
     key = os.environ.get("ENSEMBLE_API_KEY", "").strip()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        resp = httpx.post(endpoint, json=body, timeout=timeout, headers=headers)
+        if images:
+            for f in images:
+                if not f.is_file():
+                    fail(f"no such file: {f}")
+            form = {"method": method} if method is not None else {}
+            resp = httpx.post(endpoint, files=[("files", (f.name, f.read_bytes())) for f in images], data=form,
+                              timeout=timeout, headers=headers)
+        else:
+            body = _load_inputs(files[0])
+            if method is not None:
+                body["method"] = method
+            resp = httpx.post(endpoint, json=body, timeout=timeout, headers=headers)
     except httpx.HTTPError as exc:
         fail(f"cannot reach {url}: {exc}", EXIT_FAILED)
     try:
@@ -156,8 +184,9 @@ def predict(
     if as_json:
         console.print_json(json.dumps(data))
         return
-    for label in data["labels"]:
-        typer.echo(label)
+    names = data.get("class_names")
+    for i, label in enumerate(data["labels"]):
+        typer.echo(f"{label}\t{names[i]}" if names else label)
 
 
 def register(app: typer.Typer) -> None:

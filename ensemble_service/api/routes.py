@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from fastapi import APIRouter, Path, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
@@ -131,31 +133,96 @@ def ensemble_info(request: Request, name: str = NamePath) -> Dict[str, Any]:
             "strategy": ens.meta.get("strategy") or (info.get("tags") or {}).get("ensemble.strategy"),
             "data": ens.meta.get("data") or None, "num_members": ens.num_members,
             "input_shape": list(ens.input_shape), "num_classes": ens.num_classes,
+            "class_names": ens.class_names, "inputs": _inputs_doc(ens),
             "architectures": ens.architectures(), "members": members, "groups": ens.describe_groups(),
             "metrics": le.metrics, "methods": list(aggregation.METHODS)}
+
+
+def _inputs_doc(ens) -> Dict[str, Any]:
+    """What a client sends: the raw format (the ensemble preprocesses it) or model inputs."""
+    p = ens.pipeline
+    if p is None:
+        return {"kind": "array", "shape": list(ens.input_shape), "preprocessing": "none"}
+    out: Dict[str, Any] = {"kind": p.kind, "shape": list(p.raw_shape), "preprocessing": p.describe()}
+    if p.columns is not None:
+        out["columns"] = list(p.columns)
+    if p.image is not None:
+        out["image"] = dict(p.image)
+    return out
 
 
 # --------------------------------------------------------------------------- predict
 
 
-@router.post("/v1/ensembles/{name:path}/predict", response_model=PredictResponse, response_model_exclude_none=True,
-             tags=["predict"], responses={404: _ERR, 413: _ERR, 422: _ERR, 503: _ERR})
-async def predict(request: Request, body: PredictRequest, name: str = NamePath) -> Dict[str, Any]:
-    """The ensemble's combined prediction for a batch of inputs."""
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "Image files (PNG, JPEG, ...), for ensembles trained on an image folder."},
+        "method": {"type": "string", "enum": list(aggregation.METHODS), "default": "mean"},
+        "return_members": {"type": "boolean", "default": False}}}},
+}}}
+
+
+async def _predict_body(request: Request) -> Tuple[PredictRequest, Any]:
+    """The request and its inputs: a JSON body, or multipart/form-data with image ``files`` (plus
+    optional ``method`` / ``return_members`` fields)."""
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != "multipart/form-data":
+        try:
+            body = PredictRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors()]) from None
+        return body, body.inputs
     settings = _settings(request)
-    _check_items(body.inputs, "inputs", settings.max_batch_items)
+    try:
+        form = await request.form(max_files=settings.max_batch_items + 1, max_fields=16)
+    except Exception as exc:  # malformed multipart, too many parts
+        raise ApiError(422, f"cannot be read as multipart/form-data ({str(exc).splitlines()[0] if str(exc) else exc!r})",
+                       "body") from None
+    unknown = sorted(set(form.keys()) - {"files", "method", "return_members"})
+    if unknown:
+        raise ApiError(422, f"unknown form field(s) {', '.join(unknown)}; send files, method, return_members",
+                       unknown[0])
+    files = [f for f in form.getlist("files") if hasattr(f, "read")]
+    if not files:
+        raise ApiError(422, "no image files (send them as the form field 'files')", "files")
+    fields = {"inputs": [[0]], "method": form.get("method") or "mean",
+              "return_members": str(form.get("return_members") or "false").lower() in ("1", "true", "yes", "on")}
+    try:
+        body = PredictRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors()]) from None
+    return body, [await f.read() for f in files]
+
+
+@router.post("/v1/ensembles/{name:path}/predict", response_model=PredictResponse, response_model_exclude_none=True,
+             tags=["predict"], responses={404: _ERR, 413: _ERR, 422: _ERR, 503: _ERR}, openapi_extra=_PREDICT_BODY)
+async def predict(request: Request, name: str = NamePath) -> Dict[str, Any]:
+    """The ensemble's combined prediction for a batch of raw inputs (in the training data's format;
+    the ensemble applies its own preprocessing), as JSON or, for image ensembles, image files."""
+    body, inputs = await _predict_body(request)
+    settings = _settings(request)
+    files = bool(inputs) and isinstance(inputs[0], bytes)
+    _check_items(inputs, "files" if files else "inputs", settings.max_batch_items)
     store = _store(request)
     le = store.peek(name) or await run_in_threadpool(store.get, name)  # MLflow reads off the event loop
     if body.weights is not None and len(body.weights) != le.ensemble.num_members:
         raise ApiError(422, f"{len(body.weights)} weights for {le.ensemble.num_members} members", "weights")
+    if files and (le.ensemble.pipeline is None or le.ensemble.pipeline.kind != "image"):
+        raise ApiError(422, "this ensemble was not trained on images: send its inputs as JSON", "files")
     method = _method_used(body.method, body.weights)
     try:  # the forward runs on the ensemble's own worker thread
-        pred = await asyncio.wrap_future(le.submit(body.inputs, method, body.weights, body.return_members))
+        pred = await asyncio.wrap_future(le.submit(inputs, method, body.weights, body.return_members))
     except ServingError as exc:
         raise ApiError(422, str(exc), exc.field or "inputs") from None
+    labels = pred.labels.tolist()
     out: Dict[str, Any] = {"name": le.name, "model_version": le.version, "method": method,
-                           "labels": pred.labels.tolist(), "probabilities": pred.probabilities.tolist(),
+                           "labels": labels, "probabilities": pred.probabilities.tolist(),
                            "agreement": pred.agreement.tolist()}
+    names = le.ensemble.class_names
+    if names is not None:
+        out["class_names"] = [names[i] for i in labels]
     if body.return_members:
         out["members"] = pred.member_probs.tolist()
     # already plain JSON (finite floats): skip re-validating it against the response model

@@ -39,7 +39,9 @@ class PredictRequest(BaseModel):
 
     inputs: List[Any] = Field(
         ..., json_schema_extra=_NESTED,
-        description="A batch of items: shape [batch, *input_shape] or flattened [batch, prod(input_shape)].")
+        description="A batch of raw inputs in the training data's format (the ensemble applies its own "
+                    "preprocessing): shape [batch, *raw_shape] or flattened [batch, prod(raw_shape)]; "
+                    "GET /v1/ensembles/{name} says which.")
     method: Method = Field("mean", description="How member predictions are combined.")
     return_members: bool = Field(False, strict=True, description="Also return each member's probabilities.")
     weights: Optional[List[StrictNumber]] = Field(
@@ -56,6 +58,8 @@ class PredictResponse(BaseModel):
     labels: List[int]
     probabilities: List[List[float]] = Field(..., description="[batch, classes]; vote shares for method 'vote'.")
     agreement: List[float] = Field(..., description="Fraction of members whose argmax equals the label.")
+    class_names: Optional[List[str]] = Field(
+        None, description="The name of each predicted label, when the ensemble's data set names its classes.")
     members: Optional[List[List[List[float]]]] = Field(
         None, description="[members, batch, classes] member probabilities (only with return_members).")
 
@@ -142,6 +146,10 @@ class EnsembleInfo(BaseModel):
     num_members: int
     input_shape: List[int]
     num_classes: int
+    class_names: Optional[List[str]] = None
+    inputs: Dict[str, Any] = Field(..., description="What predict takes: kind (array, table, image), shape (per "
+                                                     "item, raw), columns (tables), image (size, channels) and the "
+                                                     "preprocessing the ensemble applies.")
     architectures: Dict[str, int]
     members: List[MemberDescription]
     groups: List[GroupDescription] = Field(..., description="How members run: stacked (one vmapped forward), "

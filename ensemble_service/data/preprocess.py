@@ -127,7 +127,10 @@ class Pipeline:
         shape ``[B, *raw_shape]`` or flattened ``[B, prod(raw_shape)]``, a pandas DataFrame (a
         table's columns are picked by name), or for images a list of encoded image files (bytes)."""
         if hasattr(x, "columns") and hasattr(x, "to_numpy"):  # pandas DataFrame
-            x = self._frame(x, field)
+            if self.kind != "table":
+                x = x.to_numpy()  # C-order values of each row
+            else:
+                x = self._frame(x, field)
         elif self.kind == "image" and isinstance(x, (list, tuple)) and x and isinstance(x[0], (bytes, bytearray)):
             x = np.stack([decode_image(b, self.image["size"], self.image["channels"], f"{field}[{i}]")
                           for i, b in enumerate(x)])
@@ -167,7 +170,7 @@ class Pipeline:
         return "the training data's own values, before any scaling"
 
     def _frame(self, frame: Any, field: str) -> np.ndarray:
-        if self.kind == "table" and self.columns:
+        if self.columns:
             missing = [c for c in self.columns if c not in frame.columns]
             if missing:
                 raise PreprocessError(f"{field} lacks the column(s) {', '.join(map(str, missing))}", field)
