@@ -14,6 +14,7 @@ MLflow run closed as FAILED. Set ENSEMBLE_DEBUG=1 to see tracebacks.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -166,13 +167,13 @@ def _submit_remote(address: str, overrides: List[str], wait: bool) -> None:
     from ensemble_service import jobs
     from ensemble_service.config import ConfigError, load_config
 
-    try:
-        load_config(overrides, check_files=False)  # bad input fails here, not on the cluster
+    try:  # bad input fails here, not on the cluster (data files may live only there)
+        cfg = load_config(overrides, check_files=False)
     except ConfigError as exc:
         fail(str(exc))
     _warn_without_token(address)
     try:
-        job_id = jobs.submit(address, overrides)
+        job_id = jobs.submit(address, overrides, json.dumps(cfg.to_dict()))
     except jobs.JobsError as exc:
         fail(str(exc), EXIT_FAILED)
     console.print(f"submitted job {job_id} to {address}", highlight=False)
@@ -202,6 +203,8 @@ def submit(
                                 "(also taken from an http cluster.address override or RAY_ADDRESS)."),
     wait: bool = typer.Option(False, "--wait", help="With --address: follow the job's logs until it ends and "
                                                     "exit with its outcome (0 succeeded, 1 failed, 130 stopped)."),
+    resolved: bool = typer.Option(False, "--resolved", hidden=True,
+                                  help="Train the resolved config in ENSEMBLE_RESOLVED_CONFIG (a remote job's driver)."),
 ) -> None:
     """Train an ensemble: on an embedded local Ray cluster (default), on the cluster at cluster.address,
     or as a job on a remote cluster's Jobs API (--address http://HEAD:8265)."""
@@ -213,11 +216,22 @@ def submit(
     if wait:
         fail("--wait needs --address (a remote cluster's Jobs API)")
 
-    from ensemble_service.config import ConfigError, load_config
+    from ensemble_service.config import ConfigError, config_from_dict, load_config, validate
     from ensemble_service.runner import EnsembleFailed, submit as run_submit
 
     try:
-        cfg = load_config(overrides)
+        if resolved:  # a job's driver: the client composed and checked the config
+            if overrides:
+                fail("--resolved takes no overrides")
+            from ensemble_service.jobs import CONFIG_ENV
+
+            try:
+                cfg = config_from_dict(json.loads(os.environ.get(CONFIG_ENV, "")))
+            except ValueError:
+                fail(f"--resolved needs the resolved config as JSON in {CONFIG_ENV}")
+            validate(cfg)
+        else:
+            cfg = load_config(overrides)
     except ConfigError as exc:
         fail(str(exc))
     _warn_without_token(cfg.cluster.address)

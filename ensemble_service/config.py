@@ -469,9 +469,34 @@ def _resolve_alias(cfg: Config, overrides: List[str]) -> None:
     cfg.strategy.members = value
 
 
+def _resolve_entries(cfg: Config) -> None:
+    """Write strategy.models entries out in full (model spec with its optimizer spec and trainer
+    settings), so the config needs no conf/ files any more (a remote job, a logged config.yaml)."""
+    entries = getattr(cfg.strategy, "models", None)
+    if entries:
+        cfg.strategy.models = [{**ms.model, "optimizer": dict(ms.optimizer),
+                                "trainer": {"epochs": ms.epochs, "batch_size": ms.batch_size}}
+                               for ms in model_variants(cfg)]
+
+
+def config_from_dict(d: Dict[str, Any]) -> Config:
+    """The Config a resolved ``Config.to_dict()`` came from (a remote job's config); validate it
+    afterwards. Raises ConfigError for anything that is not such a dict."""
+    from ensemble_service.data import DataError, as_config
+
+    try:
+        strategy = STRATEGIES.get(d["strategy"]["name"]).Config(**d["strategy"])
+        return Config(data=as_config(dict(d["data"])), model=dict(d["model"]), strategy=strategy,
+                      optimizer=dict(d["optimizer"]), trainer=TrainerConfig(**d["trainer"]),
+                      cluster=ClusterConfig(**d["cluster"]), tracking=TrackingConfig(**d["tracking"]))
+    except (KeyError, TypeError, ValueError, StrategyError, DataError) as exc:
+        raise ConfigError(f"not a resolved ensemble config ({type(exc).__name__}: {exc})") from None
+
+
 def load_config(overrides: List[str] | None = None, *, check_files: bool = True) -> Config:
     """Compose, convert to the plain dataclass and validate. Raises ConfigError."""
     cfg = to_plain(compose(overrides))
     _resolve_alias(cfg, list(overrides or []))
     validate(cfg, check_files=check_files)
+    _resolve_entries(cfg)
     return cfg

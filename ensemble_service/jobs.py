@@ -1,12 +1,21 @@
 """Remote submission through Ray's Jobs API (the only module besides scheduler.py that
 imports Ray).
 
-``ensemble submit --address http://HEAD:8265 [overrides...]`` uploads the project (this
-repository: conf/, ensemble_service/, workers/) as the job's working directory and
-starts ``python -m ensemble_service.cli submit [overrides...]`` as the job's driver on
-the head node; that driver joins the cluster (Ray sets RAY_ADDRESS for it) and trains
-exactly as a local submit would. The tracking URI should then be an MLflow server every
-node reaches (``tracking.uri=http://...``); MLFLOW_TRACKING_URI is forwarded to the job.
+``ensemble submit --address http://HEAD:8265 [overrides...]`` composes and checks the config on
+the client, then submits a job whose
+
+* working directory is the user's current directory (their model modules and data files; derived
+  files such as ``mlflow.db``, ``.venv`` or ``.git`` are left out),
+* ``py_modules`` are this package's ``ensemble_service`` and ``workers`` (so the cluster runs the
+  client's version of the service; its dependencies must be installed on the cluster),
+* entrypoint is ``python -m ensemble_service.cli submit --resolved`` with the resolved config in
+  the ``ENSEMBLE_RESOLVED_CONFIG`` environment variable (conf/ is not needed there), run by the
+  Python that runs Ray on the head node: a head started from a virtualenv that is not activated
+  (``.venv/bin/ray start --head``) still runs the job with that virtualenv's Python.
+
+That driver joins the cluster (Ray sets RAY_ADDRESS for it) and trains exactly as a local submit
+would. The tracking URI should then be an MLflow server every node reaches
+(``tracking.uri=http://...``); MLFLOW_TRACKING_URI is forwarded to the job.
 
 Token auth: when RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) is set, the client sends it as a
 bearer token, whatever RAY_AUTH_MODE says locally.
@@ -15,18 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shlex
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# gitignore-style; a leading / anchors at the project root (plain "data" would also drop conf/data/)
-EXCLUDES = ["/.env", "/.venv", "/.git", "/mlruns", "/mlartifacts", "/mlflow.db", "/.ensemble", "/data", "/outputs",
-            "/multirun", "/.pytest_cache", "/.hypothesis", "__pycache__", "/.whl", "/bench/results*.json",
-            "*.ckpt", "*.pt", "*.egg-info"]
+PACKAGES = [Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "workers"]
+# gitignore-style, relative to the uploaded working directory: what the service itself derives
+EXCLUDES = ["/.env", "/.venv", "/venv", "/.git", "/mlruns", "/mlartifacts", "/mlflow.db", "/.ensemble", "/outputs",
+            "/multirun", "/.pytest_cache", "/.hypothesis", "__pycache__", "*.pyc", "/.whl", "*.ckpt", "*.egg-info"]
+CONFIG_ENV = "ENSEMBLE_RESOLVED_CONFIG"
+# The Python that runs Ray on the head: the job supervisor (the entrypoint's parent) has Ray's
+# _raylet.so mapped from that environment's site-packages; fall back to python3 / python on PATH.
+_FIND_PYTHON = ('PY=; R=$(grep -m1 -o "/[^ ]*/ray/_raylet[^ ]*\\.so" /proc/$PPID/maps 2>/dev/null); '
+                'if [ -n "$R" ] && [ -x "${R%/lib/python*}/bin/python" ]; then PY="${R%/lib/python*}/bin/python"; '
+                'else PY=$(command -v python3 || command -v python); fi; ')
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                  "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "ENSEMBLE_STORAGE")
 
@@ -65,21 +78,29 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def entrypoint(overrides: List[str]) -> str:
-    return " ".join(["python", "-m", "ensemble_service.cli", "submit", *map(shlex.quote, overrides)])
+def entrypoint() -> str:
+    return _FIND_PYTHON + 'exec "$PY" -m ensemble_service.cli submit --resolved'
 
 
-def submit(address: str, overrides: List[str], *, submission_id: Optional[str] = None) -> str:
+def runtime_env(config_json: str, working_dir: Optional[str] = None) -> Dict[str, object]:
+    """The job's runtime environment (see the module docstring)."""
     env: Dict[str, str] = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     # RAY_JOB_STOP_WAIT_TIME_S: time between `ensemble cancel`'s SIGTERM and a SIGKILL, enough for the
     # driver to mark its MLflow runs KILLED
     env.update(RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1",
                RAY_JOB_STOP_WAIT_TIME_S="20")
-    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env}
+    env[CONFIG_ENV] = config_json
+    return {"working_dir": working_dir or os.getcwd(), "excludes": EXCLUDES,
+            "py_modules": [str(p) for p in PACKAGES], "env_vars": env}
+
+
+def submit(address: str, overrides: List[str], config_json: str, *, submission_id: Optional[str] = None,
+           working_dir: Optional[str] = None) -> str:
+    """Submit the resolved config ``config_json`` (what ``overrides`` composed to) as a job."""
     try:
-        return client(address).submit_job(entrypoint=entrypoint(overrides), runtime_env=runtime_env,
+        return client(address).submit_job(entrypoint=entrypoint(), runtime_env=runtime_env(config_json, working_dir),
                                           submission_id=submission_id,
-                                          metadata={"tool": "ensemble", "overrides": " ".join(overrides)})
+                                          metadata={"tool": "ensemble", "overrides": " ".join(overrides)[:1000]})
     except JobsError:
         raise
     except Exception as exc:

@@ -42,6 +42,14 @@ def env() -> dict:
     return e
 
 
+def node_env() -> dict:
+    """A Ray node started as `.venv/bin/ray start` from a shell where the virtualenv is not activated:
+    neither `python` nor the project's console scripts are on its PATH."""
+    e = env()
+    e["PATH"] = os.pathsep.join(p for p in e["PATH"].split(os.pathsep) if p and Path(p).resolve() != BIN.resolve())
+    return e
+
+
 def kill_processes_under(path: str) -> None:
     """Stop the Ray processes of one node (their command lines name its temp dir); never `ray stop`,
     which would stop every Ray on the machine."""
@@ -96,12 +104,12 @@ def stack(tmp_path_factory):
                         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                         "--num-cpus=1", f"--temp-dir={head_dir}", "--disable-usage-stats",
                         f"--ray-client-server-port={client_port}", "--resources={\"head\": 1}",
-                        *node_ports(ports[4:10])], env=env(), check=True, timeout=120,
+                        *node_ports(ports[4:10])], env=node_env(), check=True, timeout=120,
                        stdout=subprocess.DEVNULL)
         subprocess.run([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
                         "--num-cpus=1", f"--temp-dir={worker_dir}", "--disable-usage-stats",
                         "--resources={\"worker_node\": 1}", *node_ports(ports[10:16])],
-                        env=env(), check=True, timeout=120, stdout=subprocess.DEVNULL)
+                        env=node_env(), check=True, timeout=120, stdout=subprocess.DEVNULL)
         uri = f"http://127.0.0.1:{mlflow_port}"
         import urllib.request
 
@@ -177,6 +185,44 @@ def test_job_on_two_nodes_survives_a_killed_worker(stack):
 
     listing = cli("jobs", "--address", stack["address"])
     assert listing.returncode == 0 and "SUCCEEDED" in listing.stdout
+
+
+def test_a_users_project_runs_as_the_job_on_a_head_started_from_the_virtualenv(stack, tmp_path):
+    """The job uploads the user's directory (their model module and data file), ships this package,
+    and runs with the head's own Python although the head's PATH has no `python` of the project."""
+    import numpy as np
+
+    project = tmp_path / "my_project"
+    project.mkdir()
+    (project / "mymod.py").write_text(
+        "import math, torch\n"
+        "class MyNet(torch.nn.Module):\n"
+        "    def __init__(self, input_shape, num_classes, hidden=8):\n"
+        "        super().__init__()\n"
+        "        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), hidden),\n"
+        "                                       torch.nn.ReLU(), torch.nn.Linear(hidden, num_classes))\n"
+        "    def forward(self, x):\n"
+        "        return self.net(x)\n")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    np.savez(project / "X.npz", x=(rng.normal(size=(300, 6)) + y[:, None]).astype("float32"), y=y)
+    import shutil
+
+    on_path = shutil.which("python", path=node_env()["PATH"])  # the head's `python`: not the project's
+    assert on_path is None or Path(on_path).resolve() != Path(sys.executable).resolve()
+    proc = subprocess.run([str(BIN / "ensemble"), "submit", "--address", stack["address"], "--wait",
+                           "data=arrays", "data.path=X.npz", "model._target_=mymod.MyNet", "+model.hidden=16",
+                           "strategy.members=2", "trainer.epochs=3", f"tracking.uri={stack['tracking']}",
+                           "tracking.experiment=users-project", "tracking.model_name=users-project",
+                           f"cluster.storage={stack['root']}/ckpt3"],
+                          cwd=project, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "SUCCEEDED" in proc.stdout and "arrays:X.npz" in proc.stdout
+    client = MlflowClient(stack["tracking"])
+    parents, members = experiment_runs(client, "users-project")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert [m.data.params["architecture"] for m in members] == ["MyNet", "MyNet"]
+    assert client.get_registered_model("users-project").name == "users-project"
 
 
 def test_cancelled_job_leaves_runs_killed(stack):
