@@ -62,6 +62,11 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ensemble_service.validation import (
+    AggregationError, as_index, as_int_tensor, as_tensor, check_3d, check_finite, check_label_range, first_argmax,
+    float_dtype_of, shape_str, to_float, validate_probs,
+)
+
 __all__ = [
     "AggregationError",
     "AggregateResult",
@@ -91,10 +96,6 @@ TIE_TOL = 1e-9
 TensorLike = Union[torch.Tensor, Sequence[Any], Any]
 
 
-class AggregationError(ValueError):
-    """Bad input to an aggregation function (one-line, human-readable message)."""
-
-
 @dataclass
 class AggregateResult:
     """Output of :func:`aggregate`.
@@ -107,103 +108,6 @@ class AggregateResult:
     labels: torch.Tensor
     probabilities: torch.Tensor
     agreement: torch.Tensor
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _shape(x: torch.Tensor) -> str:
-    return str(tuple(x.shape))
-
-
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
-    """torch.as_tensor, turning any conversion failure into AggregationError."""
-    if x is None:
-        raise AggregationError(f"{name} is missing (got None)")
-    if isinstance(x, torch.Tensor):
-        t = x
-    else:
-        try:
-            t = torch.as_tensor(x)
-        except Exception as exc:  # ragged lists, strings, objects ...
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise AggregationError(f"{name} could not be converted to a tensor: {msg}") from None
-    if t.is_complex():
-        raise AggregationError(f"{name} must be real numbers, got dtype {t.dtype}")
-    return t
-
-
-def _to_float(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype in (torch.float32, torch.float64):
-        return t
-    return t.to(torch.float32)
-
-
-def _float_dtype_of(t: torch.Tensor) -> torch.dtype:
-    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _check_finite(t: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t.detach()).all()):
-        raise AggregationError(f"{name} contain NaN or infinite values")
-
-
-def _check_3d(t: torch.Tensor, name: str = "predictions") -> None:
-    if t.dim() != 3:
-        raise AggregationError(
-            f"{name} must be 3-D (members x batch x classes), got shape {_shape(t)}"
-        )
-    m, b, c = t.shape
-    if m == 0:
-        raise AggregationError(f"{name} have no members (shape {_shape(t)})")
-    if b == 0:
-        raise AggregationError(f"empty batch ({name} have shape {_shape(t)})")
-    if c == 0:
-        raise AggregationError(f"{name} have no classes (shape {_shape(t)})")
-
-
-def _as_index(value: Any, name: str) -> int:
-    """A positive int from int-like values (int, NumPy integer, 0-d int tensor)."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise AggregationError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        n = value.__index__()
-    except Exception:
-        raise AggregationError(f"{name} must be a positive integer, got {value!r}") from None
-    if n < 1:
-        raise AggregationError(f"{name} must be a positive integer, got {n}")
-    return n
-
-
-def _as_int_tensor(x: Any, name: str) -> torch.Tensor:
-    """Integer tensor (int64) from ints, or from floats that are whole numbers."""
-    t = _as_tensor(x, name)
-    if t.dtype == torch.bool:
-        raise AggregationError(f"{name} must be integers, got dtype torch.bool")
-    if t.is_floating_point():
-        t = t.detach()
-        if not bool(torch.isfinite(t).all()):
-            raise AggregationError(f"{name} contain NaN or infinite values")
-        if not bool((t == t.round()).all()):
-            raise AggregationError(f"{name} must be integers, got non-integral values")
-    return t.to(torch.int64)
-
-
-def _check_label_range(t: torch.Tensor, num_classes: int, name: str) -> None:
-    if t.numel() == 0:
-        return
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise AggregationError(f"{name} out of range 0..{num_classes - 1} (found {bad})")
-
-
-def _first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dim, lowest index among exact ties (device independent)."""
-    c = x.shape[-1]
-    idx = torch.arange(c, device=x.device)
-    is_max = x == x.max(dim=-1, keepdim=True).values
-    return torch.where(is_max, idx, torch.full_like(idx, c)).min(dim=-1).values
 
 
 def _break_ties(primary: torch.Tensor, secondary: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -223,10 +127,10 @@ def _break_ties(primary: torch.Tensor, secondary: Optional[torch.Tensor] = None)
 def _as_float64_if_numbers(x: Any, name: str) -> Tuple[torch.Tensor, torch.dtype]:
     """(values, the float dtype torch would give them): Python floats read as float64, so that
     finite values outside float32's range are not rounded to inf or 0 first."""
-    t = _as_tensor(x, name)
-    dtype = _float_dtype_of(t)
+    t = as_tensor(x, name)
+    dtype = float_dtype_of(t)
     if not isinstance(x, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
-        t = _as_tensor(torch.as_tensor(x, dtype=torch.float64), name)
+        t = as_tensor(torch.as_tensor(x, dtype=torch.float64), name)
     return t, dtype
 
 
@@ -239,50 +143,12 @@ def _weights_or_none(weights: Any, m: int, like: torch.Tensor) -> Optional[torch
 # ------------------------------------------------------------------------ validation
 
 
-def validate_probs(probs: TensorLike, atol: float = 1e-3, *, ndim: int = 3) -> torch.Tensor:
-    """Check member probabilities and return them as a float tensor.
-
-    ``probs`` must be ``[M, B, C]`` (or ``[B, C]`` with ``ndim=2``), non-empty,
-    finite, within ``[0, 1]`` (``atol`` slack) and each row over classes must sum
-    to 1 within ``atol``. Raises :class:`AggregationError` otherwise.
-    """
-    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not atol >= 0:
-        raise AggregationError(f"atol must be a non-negative number, got {atol!r}")
-    if ndim not in (2, 3):
-        raise AggregationError(f"ndim must be 2 or 3, got {ndim!r}")
-    t = _as_tensor(probs, "predictions" if ndim == 3 else "probabilities")
-    if ndim == 3:
-        _check_3d(t, "predictions")
-    else:
-        if t.dim() != 2:
-            raise AggregationError(
-                f"probabilities must be 2-D (batch x classes), got shape {_shape(t)}"
-            )
-        if t.shape[0] == 0:
-            raise AggregationError(f"empty batch (probabilities have shape {_shape(t)})")
-        if t.shape[1] == 0:
-            raise AggregationError(f"probabilities have no classes (shape {_shape(t)})")
-    t = _to_float(t)
-    _check_finite(t, "predictions" if ndim == 3 else "probabilities")
-    d = t.detach()
-    lo, hi = float(d.min()), float(d.max())
-    if lo < -atol or hi > 1 + atol:
-        bad = lo if lo < -atol else hi
-        raise AggregationError(f"probabilities must lie in [0, 1] (found {bad:.3g})")
-    dev = float((d.double().sum(dim=-1) - 1.0).abs().max())
-    if dev > atol:
-        raise AggregationError(
-            f"probabilities must sum to 1 over classes (max deviation {dev:.3g})"
-        )
-    return t
-
-
 def validate_logits(logits: TensorLike) -> torch.Tensor:
     """Check member logits ``[M, B, C]`` (non-empty, finite); return a float tensor."""
-    t = _as_tensor(logits, "logits")
-    _check_3d(t, "predictions")
-    t = _to_float(t)
-    _check_finite(t, "predictions")
+    t = as_tensor(logits, "logits")
+    check_3d(t, "predictions")
+    t = to_float(t)
+    check_finite(t, "predictions")
     return t
 
 
@@ -293,16 +159,16 @@ def validate_labels(labels: TensorLike, num_classes: Optional[int]) -> torch.Ten
     """
     if num_classes is None:
         raise AggregationError("num_classes is required for labels")
-    c = _as_index(num_classes, "num_classes")
-    t = _as_tensor(labels, "labels")
+    c = as_index(num_classes, "num_classes")
+    t = as_tensor(labels, "labels")
     if t.dim() != 2:
-        raise AggregationError(f"labels must be 2-D (members x batch), got shape {_shape(t)}")
+        raise AggregationError(f"labels must be 2-D (members x batch), got shape {shape_str(t)}")
     if t.shape[0] == 0:
-        raise AggregationError(f"labels have no members (shape {_shape(t)})")
+        raise AggregationError(f"labels have no members (shape {shape_str(t)})")
     if t.shape[1] == 0:
-        raise AggregationError(f"empty batch (labels have shape {_shape(t)})")
-    t = _as_int_tensor(t, "labels")
-    _check_label_range(t, c, "labels")
+        raise AggregationError(f"empty batch (labels have shape {shape_str(t)})")
+    t = as_int_tensor(t, "labels")
+    check_label_range(t, c, "labels")
     return t
 
 
@@ -317,12 +183,12 @@ def normalize_weights(
     tensor lived elsewhere. Python / NumPy numbers are read as float64, so finite
     weights outside float32's range keep their ratios (``[1e39, 3e39]`` -> ``[0.25, 0.75]``).
     """
-    m = _as_index(num_members, "num_members")
+    m = as_index(num_members, "num_members")
     w, default_dtype = _as_float64_if_numbers(weights, "weights")
     if w.dtype == torch.bool:
         raise AggregationError("weights must be numbers, got dtype torch.bool")
     if w.dim() != 1:
-        raise AggregationError(f"weights must be 1-D (one per member), got shape {_shape(w)}")
+        raise AggregationError(f"weights must be 1-D (one per member), got shape {shape_str(w)}")
     if w.shape[0] != m:
         raise AggregationError(f"weights has {w.shape[0]} entries but there are {m} members")
     out_dtype = dtype if dtype is not None else default_dtype
@@ -344,14 +210,14 @@ def weights_from_accuracy(val_accuracies: Union[Sequence[float], torch.Tensor]) 
     percentages give the same weights). If all are zero, weights are uniform.
     Returns ``[M]`` float64 for float64 input, float32 otherwise.
     """
-    a = _as_tensor(val_accuracies, "val_accuracies")
+    a = as_tensor(val_accuracies, "val_accuracies")
     if a.dtype == torch.bool:
         raise AggregationError("val_accuracies must be numbers, got dtype torch.bool")
     if a.dim() != 1:
-        raise AggregationError(f"val_accuracies must be 1-D (one per member), got shape {_shape(a)}")
+        raise AggregationError(f"val_accuracies must be 1-D (one per member), got shape {shape_str(a)}")
     if a.shape[0] == 0:
         raise AggregationError("val_accuracies is empty (no members)")
-    dtype = _float_dtype_of(a)
+    dtype = float_dtype_of(a)
     a64 = a.detach().to(torch.float64)
     if not bool(torch.isfinite(a64).all()):
         raise AggregationError("val_accuracies contain NaN or infinite values")
@@ -378,12 +244,12 @@ def _logit_mean(z: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
     # terms keep even float64 logits near 1.8e308 in range.
     m = z.shape[0]
     w64 = torch.full((m,), 1.0 / m, dtype=torch.float64, device=z.device) if w is None else w.to(torch.float64)
-    return torch.softmax(_mean(z.to(torch.float64), w64), dim=-1).to(_float_dtype_of(z))
+    return torch.softmax(_mean(z.to(torch.float64), w64), dim=-1).to(float_dtype_of(z))
 
 
 def _vote(p: torch.Tensor, w: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     m, _, c = p.shape
-    member = _first_argmax(p)  # [M, B]
+    member = first_argmax(p)  # [M, B]
     onehot = torch.nn.functional.one_hot(member, c).to(torch.float64)  # [M, B, C]
     p64 = p.to(torch.float64)
     w64 = None if w is None else w.to(torch.float64)
@@ -445,7 +311,7 @@ def vote_labels(
     lowest class index wins.
     """
     t = validate_labels(labels, num_classes)
-    c = _as_index(num_classes, "num_classes")
+    c = as_index(num_classes, "num_classes")
     w = None if weights is None else normalize_weights(weights, t.shape[0], dtype=torch.float64)
     if w is not None:
         w = w.to(t.device)
@@ -459,24 +325,24 @@ def agreement(
 
     ``member_labels`` is ``[M, B]``, ``labels`` is ``[B]``; returns ``[B]`` in ``dtype``.
     """
-    ml = _as_tensor(member_labels, "member_labels")
+    ml = as_tensor(member_labels, "member_labels")
     if ml.dim() != 2:
         raise AggregationError(
-            f"member_labels must be 2-D (members x batch), got shape {_shape(ml)}"
+            f"member_labels must be 2-D (members x batch), got shape {shape_str(ml)}"
         )
     if ml.shape[0] == 0:
-        raise AggregationError(f"member_labels have no members (shape {_shape(ml)})")
-    lb = _as_tensor(labels, "labels")
+        raise AggregationError(f"member_labels have no members (shape {shape_str(ml)})")
+    lb = as_tensor(labels, "labels")
     if lb.dim() != 1:
-        raise AggregationError(f"labels must be 1-D (batch), got shape {_shape(lb)}")
+        raise AggregationError(f"labels must be 1-D (batch), got shape {shape_str(lb)}")
     if ml.shape[1] != lb.shape[0]:
         raise AggregationError(
             f"member_labels have {ml.shape[1]} items but labels have {lb.shape[0]}"
         )
     if lb.shape[0] == 0:
         raise AggregationError("empty batch")
-    ml = _as_int_tensor(ml, "member_labels")
-    lb = _as_int_tensor(lb, "labels").to(ml.device)
+    ml = as_int_tensor(ml, "member_labels")
+    lb = as_int_tensor(lb, "labels").to(ml.device)
     return (ml == lb[None, :]).to(dtype).mean(dim=0)
 
 
@@ -523,7 +389,7 @@ def aggregate(
                 "use 'vote' or 'weighted'"
             )
         t = validate_labels(predictions, num_classes)
-        c = _as_index(num_classes, "num_classes")
+        c = as_index(num_classes, "num_classes")
         w = None
         if weights is not None:
             w = normalize_weights(weights, t.shape[0], dtype=torch.float64).to(t.device)
@@ -537,7 +403,7 @@ def aggregate(
         z = validate_logits(predictions)
         p = torch.softmax(z, dim=-1)
     m, _, c = p.shape
-    if num_classes is not None and _as_index(num_classes, "num_classes") != c:
+    if num_classes is not None and as_index(num_classes, "num_classes") != c:
         raise AggregationError(f"num_classes is {num_classes} but predictions have {c} classes")
     w = _weights_or_none(weights, m, p)
 
@@ -550,8 +416,8 @@ def aggregate(
             combined = _logit_mean(z, w)
         else:  # mean, weighted
             combined = _mean(p, w)
-        labels = _first_argmax(combined)
+        labels = first_argmax(combined)
     if not bool(torch.isfinite(combined).all()):  # a guard: every finite input above gives a finite result
         raise AggregationError("predictions cannot be combined: the result is not finite")
-    member_labels = _first_argmax(p)
+    member_labels = first_argmax(p)
     return AggregateResult(labels, combined, agreement(member_labels, labels, dtype=p.dtype))

@@ -13,7 +13,7 @@ Conventions
   dtype of the probabilities (see :func:`ece`).
 * Bad input (wrong dimensions, mismatched batch sizes, empty batch, NaN/inf,
   rows not summing to 1, targets out of range) raises
-  :class:`~ensemble_service.aggregation.AggregationError`, a ``ValueError``,
+  :class:`~ensemble_service.validation.AggregationError`, a ``ValueError``,
   with a one-line message.
 """
 
@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ensemble_service import aggregation as agg
-from ensemble_service.aggregation import AggregationError
+from ensemble_service import aggregation as agg, validation
+from ensemble_service.validation import AggregationError
 
 __all__ = [
     "accuracy",
@@ -44,33 +44,33 @@ __all__ = [
 
 def _probs_targets(probs: Any, targets: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     """Validated probabilities (float32/float64 as given) and int64 targets."""
-    p = agg.validate_probs(probs, ndim=2)
+    p = validation.validate_probs(probs, ndim=2)
     return p, _targets(targets, p.shape[0], p.shape[1], p.device)
 
 
 def _member_probs(member_probs: Any) -> torch.Tensor:
-    return agg.validate_probs(member_probs, ndim=3)
+    return validation.validate_probs(member_probs, ndim=3)
 
 
 def _targets(targets: Any, batch: int, num_classes: int, device: torch.device) -> torch.Tensor:
-    t = agg._as_tensor(targets, "targets")
+    t = validation.as_tensor(targets, "targets")
     if t.dim() != 1:
         raise AggregationError(f"targets must be 1-D (batch), got shape {tuple(t.shape)}")
     if t.shape[0] != batch:
         raise AggregationError(f"targets has {t.shape[0]} entries but probabilities have {batch} items")
-    t = agg._as_int_tensor(t, "targets")
-    agg._check_label_range(t, num_classes, "targets")
+    t = validation.as_int_tensor(t, "targets")
+    validation.check_label_range(t, num_classes, "targets")
     return t.to(device)
 
 
 def _n_bins(n_bins: Any) -> int:
-    return agg._as_index(n_bins, "n_bins")
+    return validation.as_index(n_bins, "n_bins")
 
 
 def _bin_stats(p: torch.Tensor, t: torch.Tensor, n_bins: int):
     """Per-bin (lower, upper, count, sum of confidence, sum of correct)."""
     conf = p.max(dim=-1).values
-    correct = (agg._first_argmax(p) == t).to(torch.float64)
+    correct = (validation.first_argmax(p) == t).to(torch.float64)
     # Edges are k / n_bins rounded to the dtype of the probabilities, so a
     # confidence written as the same decimal (e.g. 0.4 = 6/15 with 15 bins)
     # lands exactly on its edge and goes to the lower bin.
@@ -91,7 +91,7 @@ def _bin_stats(p: torch.Tensor, t: torch.Tensor, n_bins: int):
 def accuracy(probs: Any, targets: Any) -> float:
     """Fraction of items whose argmax equals the target."""
     p, t = _probs_targets(probs, targets)
-    return float((agg._first_argmax(p) == t).to(torch.float64).mean())
+    return float((validation.first_argmax(p) == t).to(torch.float64).mean())
 
 
 def nll(probs: Any, targets: Any, eps: float = 1e-12) -> float:
@@ -172,7 +172,7 @@ def disagreement(member_probs: Any) -> float:
     m, _, c = p.shape
     if m < 2:
         return 0.0
-    counts = torch.nn.functional.one_hot(agg._first_argmax(p), c).sum(dim=0).to(torch.float64)
+    counts = torch.nn.functional.one_hot(validation.first_argmax(p), c).sum(dim=0).to(torch.float64)
     agreeing_pairs = (counts * (counts - 1) / 2).sum(dim=-1)  # [B]
     total_pairs = m * (m - 1) / 2
     return float((1.0 - agreeing_pairs / total_pairs).mean())
@@ -182,7 +182,7 @@ def oracle_accuracy(member_probs: Any, targets: Any) -> float:
     """Fraction of items that at least one member classifies correctly."""
     p = _member_probs(member_probs)
     t = _targets(targets, p.shape[1], p.shape[2], p.device)
-    hit = (agg._first_argmax(p) == t[None, :]).any(dim=0)
+    hit = (validation.first_argmax(p) == t[None, :]).any(dim=0)
     return float(hit.to(torch.float64).mean())
 
 

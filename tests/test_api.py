@@ -613,7 +613,7 @@ def test_predict_command_input_errors(tmp_path):
     assert r.exit_code == 2 and "no such file" in r.output
     (tmp_path / "x.txt").write_text("1")
     r = runner.invoke(app, ["predict", "alpha", str(tmp_path / "x.txt")])
-    assert r.exit_code == 2 and "use .npy or .json" in r.output
+    assert r.exit_code == 2 and "use .npy, .json, .csv or image files" in r.output
     np.save(tmp_path / "obj.npy", np.array(["a"], dtype=object), allow_pickle=True)
     r = runner.invoke(app, ["predict", "alpha", str(tmp_path / "obj.npy")])
     assert r.exit_code == 2 and "cannot read" in r.output  # object arrays are never unpickled
