@@ -8,9 +8,12 @@
     ensemble jobs / status / logs / cancel   the jobs of a remote cluster
 
 Bad input (an unknown data set, model, strategy or optimizer, a value out of range, a
-malformed override, missing data files, a member no Ray node could run) prints one line
-`error: ...` and exits 2, before an embedded Ray starts or any MLflow run is created. A training failure exits 1 with every
-MLflow run closed as FAILED. Set ENSEMBLE_DEBUG=1 to see tracebacks.
+malformed override, missing data files, a member no Ray node could run, a tracking store or
+cluster address that cannot be used) prints one line `error: ...` and exits 2, before an
+embedded Ray starts or any MLflow run is created. A training failure exits 1 with every
+MLflow run closed as FAILED. SIGINT (Ctrl-C) or SIGTERM (`ensemble cancel`, `timeout`, a job
+stop) closes every open run as KILLED in one write, shuts the embedded Ray down with all its
+processes and exits 130 or 143 (128 + the signal). Set ENSEMBLE_DEBUG=1 to see tracebacks.
 """
 from __future__ import annotations
 
@@ -51,13 +54,59 @@ def _debug() -> bool:
     return os.environ.get("ENSEMBLE_DEBUG", "") not in ("", "0")
 
 
+class Interrupt:
+    """SIGINT (Ctrl-C) and SIGTERM (`ensemble cancel`, `timeout`, a job stop, a container shutdown)
+    while a command runs: the first raises KeyboardInterrupt where the main thread is; later
+    ones are ignored, so the clean-up it starts (runs closed as KILLED, Ray shut down) is not
+    cut short."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.previous: Dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise KeyboardInterrupt()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+    @property
+    def exit_code(self) -> int:  # the shell's convention: 128 + the signal's number (130, 143)
+        return 128 + int(self.signum or signal.SIGINT)
+
+    def install(self) -> "Interrupt":
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a test's worker thread)
+                pass
+        return self
+
+    def hold(self) -> None:
+        """Ignore both signals from now on (while shutting down)."""
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+
 class ProgressObserver:
     """One progress bar per Ray task (a member, or a trajectory yielding several), fed by the driver."""
 
-    def __init__(self, progress: Progress):
+    def __init__(self, progress: Progress, interrupt: Optional[Interrupt] = None):
         self.progress = progress
+        self.interrupt = interrupt
         self.tasks: Dict[int, Any] = {}
         self.done: set = set()
+        self.killed: Optional[int] = None   # runs being closed as KILLED, once interrupted
 
     def started(self, plan, resources) -> None:
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
@@ -97,6 +146,12 @@ class ProgressObserver:
     def task_failed(self, task: int, message: str) -> None:
         self.progress.update(self.tasks[task], info=f"[red]FAILED[/]: {message}")
 
+    def interrupted(self, open_runs: int) -> None:
+        self.killed = open_runs
+        name = self.interrupt.name if self.interrupt else "interrupted"
+        self.progress.console.print(f"[yellow]{name}[/]: stopping; marking {open_runs} MLflow runs KILLED and "
+                                    "shutting down Ray", highlight=False)
+
 
 def result_tables(result) -> List[Table]:
     members = Table(title="Members", title_justify="left")
@@ -122,10 +177,6 @@ def result_tables(result) -> List[Table]:
     extra.add_row(f"{e['ensemble_mean_test_nll']:.4f}", f"{e['ensemble_mean_test_brier']:.4f}",
                   f"{e['ensemble_mean_test_ece']:.4f}", f"{e['disagreement']:.4f}")
     return [members, ens, extra]
-
-
-def _raise_interrupt(signum, frame):  # SIGTERM (`ensemble cancel`, a job stop) -> runs end KILLED
-    raise KeyboardInterrupt()
 
 
 def _jobs_address(address: Optional[str], overrides: List[str]) -> tuple[Optional[str], List[str]]:
@@ -196,37 +247,46 @@ def submit(
         fail("--wait needs --address (a remote cluster's Jobs API)")
 
     from ensemble_service.config import ConfigError, load_config
-    from ensemble_service.runner import EnsembleFailed, submit as run_submit
 
     try:
         cfg = load_config(overrides)
     except ConfigError as exc:
         fail(str(exc))
+    from ensemble_service import scheduler
+    from ensemble_service.runner import EnsembleFailed, submit as run_submit
+
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epochs"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                         console=console, transient=False)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread (e.g. called from a test's worker thread)
-        previous = None
+    connected_before = scheduler.is_connected()  # a cluster this command did not connect stays up
+    interrupt = Interrupt().install()
+    observer = ProgressObserver(progress, interrupt)
     try:
         with progress:
-            result = run_submit(cfg, ProgressObserver(progress))
+            result = run_submit(cfg, observer)
     except ConfigError as exc:
         fail(str(exc))
     except EnsembleFailed as exc:
         fail(str(exc), EXIT_FAILED)
     except (KeyboardInterrupt, SystemExit):
-        fail("interrupted; the ensemble's MLflow runs were marked KILLED", 130)
+        closed = (f"its {observer.killed} MLflow runs were marked KILLED" if observer.killed
+                  else "no MLflow run had been created")
+        fail(f"interrupted by {interrupt.name}; {closed}", interrupt.exit_code)
     except Exception as exc:  # an unexpected failure: runs are already closed as FAILED
         if _debug():
             traceback.print_exc()
         fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (ENSEMBLE_DEBUG=1 for the traceback)",
              EXIT_FAILED)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    finally:  # every exit path: an embedded cluster goes down with all its processes
+        interrupt.hold()
+        try:
+            if not connected_before:
+                scheduler.shutdown()
+        except Exception:
+            if _debug():
+                traceback.print_exc()
+        finally:
+            interrupt.restore()
     for table in result_tables(result):
         console.print(table)
     if result.degraded:
@@ -370,7 +430,25 @@ _register_serving(app)
 
 
 def main() -> None:
-    app()
+    """The console script. Once a command has returned, everything it opened is closed (MLflow
+    runs, the embedded Ray with its processes): the process then exits at once, skipping the
+    interpreter's teardown, which after training (torch, Ray, MLflow and the results in memory)
+    spends seconds in garbage collection."""
+    import atexit
+
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
