@@ -372,37 +372,88 @@ def cancel_cmd(job_id: str = typer.Argument(..., help="Job (submission) id."),
     console.print(f"job {job_id}: {'stop requested' if stopped else 'already finished'}", highlight=False)
 
 
+RUN_COLUMNS = [  # header, justify; `ensemble runs` hides the last ones first when the terminal is narrow
+    ("run id", "left"), ("status", "left"), ("mean acc", "right"), ("strategy", "left"), ("members", "right"),
+    ("vote acc", "right"), ("name", "left"), ("data", "left"), ("model", "left"), ("best member", "right"),
+    ("mean NLL", "right"),
+]
+_RUN_COLUMNS_KEPT = 3  # run id, status, mean acc: always shown
+
+
+def fit_columns(rows: List[List[str]], width: int) -> List[int]:
+    """Indices of RUN_COLUMNS shown: as many as fit ``width`` with every cell on one line."""
+    def need(cols: List[int]) -> int:  # one border, then each column's widest cell + padding and border
+        return 1 + sum(max([len(RUN_COLUMNS[i][0])] + [len(r[i]) for r in rows]) + 3 for i in cols)
+
+    keep = list(range(len(RUN_COLUMNS)))
+    while len(keep) > _RUN_COLUMNS_KEPT and need(keep) > width:
+        keep.pop()
+    return keep
+
+
 @app.command()
 def runs(
     experiment: Optional[str] = typer.Option(None, help="Only this experiment (default: all)."),
     limit: int = typer.Option(20, min=1, help="How many ensembles to list."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
 ) -> None:
-    """List recent ensembles (parent runs) with their main metrics."""
-    from ensemble_service.tracking import recent_parent_runs, resolve_uri
+    """List recent ensembles (parent runs) with their main metrics, as many columns as the terminal fits.
+
+    Reads only: a store that does not exist, or an unknown --experiment, is an error (exit 2), never created."""
+    from ensemble_service.tracking import ExperimentNotFound, StoreNotFound, recent_parent_runs, resolve_uri
 
     try:
         found = recent_parent_runs(tracking_uri, experiment, limit)
+    except (StoreNotFound, ExperimentNotFound) as exc:
+        fail(str(exc))
     except Exception as exc:
         fail(f"cannot read runs from {resolve_uri(tracking_uri)}: {str(exc).splitlines()[0]}", EXIT_FAILED)
-    table = Table(title=f"Ensembles in {resolve_uri(tracking_uri)}", title_justify="left")
-    table.add_column("run id", no_wrap=True, min_width=32)
-    for col in ("name", "status", "strategy", "data", "model", "members", "mean acc", "vote acc",
-                "best member", "mean NLL"):
-        table.add_column(col, overflow="fold")
+    rows = []
     for r in found:
         m, t = r.data.metrics, r.data.tags
 
         def f(key: str) -> str:
             return f"{m[key]:.4f}" if key in m else "-"
 
-        table.add_row(r.info.run_id, r.info.run_name or "", r.info.status, t.get("ensemble.strategy", ""),
-                      t.get("ensemble.data", ""), t.get("ensemble.model", ""), t.get("ensemble.members", ""),
-                      f("ensemble_mean_test_acc"), f("ensemble_vote_test_acc"), f("best_member_test_acc"),
-                      f("ensemble_mean_test_nll"))
+        rows.append([r.info.run_id, r.info.status, f("ensemble_mean_test_acc"), t.get("ensemble.strategy", ""),
+                     t.get("ensemble.members", ""), f("ensemble_vote_test_acc"), r.info.run_name or "",
+                     t.get("ensemble.data", ""), t.get("ensemble.model", ""), f("best_member_test_acc"),
+                     f("ensemble_mean_test_nll")])
+    shown = fit_columns(rows, console.width)
+    table = Table(title=f"Ensembles in {resolve_uri(tracking_uri)}", title_justify="left")
+    for i in shown:
+        header, justify = RUN_COLUMNS[i]
+        table.add_column(header, justify=justify, no_wrap=i == 0, overflow="fold")
+    for row in rows:
+        table.add_row(*[row[i] for i in shown])
     console.print(table)
+    if len(shown) < len(RUN_COLUMNS):
+        hidden = ", ".join(RUN_COLUMNS[i][0] for i in range(len(RUN_COLUMNS)) if i not in shown)
+        console.print(f"hidden (terminal too narrow): {hidden}", highlight=False)
     if not found:
         console.print("no ensembles yet: run `ensemble submit`")
+
+
+# `mlflow ui` start-up lines that say nothing to someone opening the UI on their own machine
+_UI_NOISE = ("[MLflow] Security middleware enabled with default settings", "Registry store URI not provided")
+
+
+def port_problem(host: str, port: int) -> str:
+    """Why a server could not listen on host:port ('' if it can), found by binding it as uvicorn does."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            hint = " (another server is using it; choose one with --port)" if exc.errno == 98 else ""
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}"
+    return ""
 
 
 @app.command()
@@ -411,17 +462,60 @@ def ui(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
 ) -> None:
-    """Start the MLflow UI on the same tracking store: one parent run per ensemble, nested member runs."""
+    """Start the MLflow UI on the same tracking store: one parent run per ensemble, nested member runs.
+
+    A port already in use is an error (exit 2). Ctrl-C or SIGTERM stops the UI's server process with it."""
     from ensemble_service.tracking import resolve_uri, ui_command
 
+    problem = port_problem(host, port)
+    if problem:
+        fail(problem)
     cmd = [sys.executable, "-m"] + ui_command(tracking_uri, host, port)
-    # a UI for people: one web worker, and no background job runners (MLflow's GenAI jobs)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    # a UI for people: one web worker, no background job runners (MLflow's GenAI jobs), no start-up noise
+    quiet = "ignore:starlette.middleware.wsgi is deprecated"
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+               PYTHONWARNINGS=",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w))
     console.print(f"MLflow UI for {resolve_uri(tracking_uri)} on http://{host}:{port}", highlight=False)
+    bind_failed: List[str] = []
+
+    def relay(stream) -> None:
+        for line in stream:
+            if line.startswith(_UI_NOISE):
+                continue
+            if "address already in use" in line:
+                bind_failed.append(line)
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    import threading
+
+    child, relaying, code = None, None, 0
+    interrupt = Interrupt().install()
     try:
-        raise typer.Exit(subprocess.call(cmd, env=env))
-    except KeyboardInterrupt:
-        raise typer.Exit(0)
+        # its own process group: a signal to this command reaches the server (and its workers) through us
+        child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+        relaying = threading.Thread(target=relay, args=(child.stderr,), daemon=True)
+        relaying.start()
+        code = child.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the server's whole process group
+        interrupt.hold()
+        code = 0
+        if child is not None:
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+            except ProcessLookupError:
+                pass
+    finally:
+        interrupt.restore()
+    if relaying is not None:
+        relaying.join(timeout=2)
+    if bind_failed:
+        fail(f"the MLflow UI could not listen on {host}:{port}: address already in use", EXIT_BAD_INPUT)
+    raise typer.Exit(code)
 
 
 # -- serving commands (`serve`, `predict`) are registered here ---------------------------
