@@ -8,9 +8,12 @@
     ensemble jobs / status / logs / cancel   the jobs of a remote cluster
 
 Bad input (an unknown data set, model, strategy or optimizer, a value out of range, a
-malformed override, missing data files, a member no Ray node could run) prints one line
-`error: ...` and exits 2, before an embedded Ray starts or any MLflow run is created. A training failure exits 1 with every
-MLflow run closed as FAILED. Set ENSEMBLE_DEBUG=1 to see tracebacks.
+malformed override, missing data files, a member no Ray node could run, a tracking store or
+cluster address that cannot be used) prints one line `error: ...` and exits 2, before an
+embedded Ray starts or any MLflow run is created. A training failure exits 1 with every
+MLflow run closed as FAILED. SIGINT (Ctrl-C) or SIGTERM (`ensemble cancel`, `timeout`, a job
+stop) closes every open run as KILLED in one write, shuts the embedded Ray down with all its
+processes and exits 130 or 143 (128 + the signal). Set ENSEMBLE_DEBUG=1 to see tracebacks.
 """
 from __future__ import annotations
 
@@ -52,13 +55,59 @@ def _debug() -> bool:
     return os.environ.get("ENSEMBLE_DEBUG", "") not in ("", "0")
 
 
+class Interrupt:
+    """SIGINT (Ctrl-C) and SIGTERM (`ensemble cancel`, `timeout`, a job stop, a container shutdown)
+    while a command runs: the first raises KeyboardInterrupt where the main thread is; later
+    ones are ignored, so the clean-up it starts (runs closed as KILLED, Ray shut down) is not
+    cut short."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.previous: Dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise KeyboardInterrupt()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+    @property
+    def exit_code(self) -> int:  # the shell's convention: 128 + the signal's number (130, 143)
+        return 128 + int(self.signum or signal.SIGINT)
+
+    def install(self) -> "Interrupt":
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a test's worker thread)
+                pass
+        return self
+
+    def hold(self) -> None:
+        """Ignore both signals from now on (while shutting down)."""
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+
 class ProgressObserver:
     """One progress bar per Ray task (a member, or a trajectory yielding several), fed by the driver."""
 
-    def __init__(self, progress: Progress):
+    def __init__(self, progress: Progress, interrupt: Optional[Interrupt] = None):
         self.progress = progress
+        self.interrupt = interrupt
         self.tasks: Dict[int, Any] = {}
         self.done: set = set()
+        self.killed: Optional[int] = None   # runs being closed as KILLED, once interrupted
 
     def loaded(self, description: str) -> None:
         self.progress.console.print(description, highlight=False)
@@ -101,6 +150,12 @@ class ProgressObserver:
     def task_failed(self, task: int, message: str) -> None:
         self.progress.update(self.tasks[task], info=f"[red]FAILED[/]: {message}")
 
+    def interrupted(self, open_runs: int) -> None:
+        self.killed = open_runs
+        name = self.interrupt.name if self.interrupt else "interrupted"
+        self.progress.console.print(f"[yellow]{name}[/]: stopping; marking {open_runs} MLflow runs KILLED and "
+                                    "shutting down Ray", highlight=False)
+
 
 def result_tables(result) -> List[Table]:
     members = Table(title="Members", title_justify="left")
@@ -126,10 +181,6 @@ def result_tables(result) -> List[Table]:
     extra.add_row(f"{e['ensemble_mean_test_nll']:.4f}", f"{e['ensemble_mean_test_brier']:.4f}",
                   f"{e['ensemble_mean_test_ece']:.4f}", f"{e['disagreement']:.4f}")
     return [members, ens, extra]
-
-
-def _raise_interrupt(signum, frame):  # SIGTERM (`ensemble cancel`, a job stop) -> runs end KILLED
-    raise KeyboardInterrupt()
 
 
 def _jobs_address(address: Optional[str], overrides: List[str]) -> tuple[Optional[str], List[str]]:
@@ -217,7 +268,6 @@ def submit(
         fail("--wait needs --address (a remote cluster's Jobs API)")
 
     from ensemble_service.config import ConfigError, config_from_dict, load_config, validate
-    from ensemble_service.runner import EnsembleFailed, submit as run_submit
 
     try:
         if resolved:  # a job's driver: the client composed and checked the config
@@ -235,31 +285,41 @@ def submit(
     except ConfigError as exc:
         fail(str(exc))
     _warn_without_token(cfg.cluster.address)
+    from ensemble_service import scheduler
+    from ensemble_service.runner import EnsembleFailed, submit as run_submit
+
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epochs"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                         console=console, transient=False)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread (e.g. called from a test's worker thread)
-        previous = None
+    connected_before = scheduler.is_connected()  # a cluster this command did not connect stays up
+    interrupt = Interrupt().install()
+    observer = ProgressObserver(progress, interrupt)
     try:
         with progress:
-            result = run_submit(cfg, ProgressObserver(progress))
+            result = run_submit(cfg, observer)
     except ConfigError as exc:
         fail(str(exc))
     except EnsembleFailed as exc:
         fail(str(exc), EXIT_FAILED)
     except (KeyboardInterrupt, SystemExit):
-        fail("interrupted; the ensemble's MLflow runs were marked KILLED", 130)
+        closed = (f"its {observer.killed} MLflow runs were marked KILLED" if observer.killed
+                  else "no MLflow run had been created")
+        fail(f"interrupted by {interrupt.name}; {closed}", interrupt.exit_code)
     except Exception as exc:  # an unexpected failure: runs are already closed as FAILED
         if _debug():
             traceback.print_exc()
         fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (ENSEMBLE_DEBUG=1 for the traceback)",
              EXIT_FAILED)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    finally:  # every exit path: an embedded cluster goes down with all its processes
+        interrupt.hold()
+        try:
+            if not connected_before:
+                scheduler.shutdown()
+        except Exception:
+            if _debug():
+                traceback.print_exc()
+        finally:
+            interrupt.restore()
     for table in result_tables(result):
         console.print(table)
     if result.degraded:
@@ -345,37 +405,88 @@ def cancel_cmd(job_id: str = typer.Argument(..., help="Job (submission) id."),
     console.print(f"job {job_id}: {'stop requested' if stopped else 'already finished'}", highlight=False)
 
 
+RUN_COLUMNS = [  # header, justify; `ensemble runs` hides the last ones first when the terminal is narrow
+    ("run id", "left"), ("status", "left"), ("mean acc", "right"), ("strategy", "left"), ("members", "right"),
+    ("vote acc", "right"), ("name", "left"), ("data", "left"), ("model", "left"), ("best member", "right"),
+    ("mean NLL", "right"),
+]
+_RUN_COLUMNS_KEPT = 3  # run id, status, mean acc: always shown
+
+
+def fit_columns(rows: List[List[str]], width: int) -> List[int]:
+    """Indices of RUN_COLUMNS shown: as many as fit ``width`` with every cell on one line."""
+    def need(cols: List[int]) -> int:  # one border, then each column's widest cell + padding and border
+        return 1 + sum(max([len(RUN_COLUMNS[i][0])] + [len(r[i]) for r in rows]) + 3 for i in cols)
+
+    keep = list(range(len(RUN_COLUMNS)))
+    while len(keep) > _RUN_COLUMNS_KEPT and need(keep) > width:
+        keep.pop()
+    return keep
+
+
 @app.command()
 def runs(
     experiment: Optional[str] = typer.Option(None, help="Only this experiment (default: all)."),
     limit: int = typer.Option(20, min=1, help="How many ensembles to list."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
 ) -> None:
-    """List recent ensembles (parent runs) with their main metrics."""
-    from ensemble_service.tracking import recent_parent_runs, resolve_uri
+    """List recent ensembles (parent runs) with their main metrics, as many columns as the terminal fits.
+
+    Reads only: a store that does not exist, or an unknown --experiment, is an error (exit 2), never created."""
+    from ensemble_service.tracking import ExperimentNotFound, StoreNotFound, recent_parent_runs, resolve_uri
 
     try:
         found = recent_parent_runs(tracking_uri, experiment, limit)
+    except (StoreNotFound, ExperimentNotFound) as exc:
+        fail(str(exc))
     except Exception as exc:
         fail(f"cannot read runs from {resolve_uri(tracking_uri)}: {str(exc).splitlines()[0]}", EXIT_FAILED)
-    table = Table(title=f"Ensembles in {resolve_uri(tracking_uri)}", title_justify="left")
-    table.add_column("run id", no_wrap=True, min_width=32)
-    for col in ("name", "status", "strategy", "data", "model", "members", "mean acc", "vote acc",
-                "best member", "mean NLL"):
-        table.add_column(col, overflow="fold")
+    rows = []
     for r in found:
         m, t = r.data.metrics, r.data.tags
 
         def f(key: str) -> str:
             return f"{m[key]:.4f}" if key in m else "-"
 
-        table.add_row(r.info.run_id, r.info.run_name or "", r.info.status, t.get("ensemble.strategy", ""),
-                      t.get("ensemble.data", ""), t.get("ensemble.model", ""), t.get("ensemble.members", ""),
-                      f("ensemble_mean_test_acc"), f("ensemble_vote_test_acc"), f("best_member_test_acc"),
-                      f("ensemble_mean_test_nll"))
+        rows.append([r.info.run_id, r.info.status, f("ensemble_mean_test_acc"), t.get("ensemble.strategy", ""),
+                     t.get("ensemble.members", ""), f("ensemble_vote_test_acc"), r.info.run_name or "",
+                     t.get("ensemble.data", ""), t.get("ensemble.model", ""), f("best_member_test_acc"),
+                     f("ensemble_mean_test_nll")])
+    shown = fit_columns(rows, console.width)
+    table = Table(title=f"Ensembles in {resolve_uri(tracking_uri)}", title_justify="left")
+    for i in shown:
+        header, justify = RUN_COLUMNS[i]
+        table.add_column(header, justify=justify, no_wrap=i == 0, overflow="fold")
+    for row in rows:
+        table.add_row(*[row[i] for i in shown])
     console.print(table)
+    if len(shown) < len(RUN_COLUMNS):
+        hidden = ", ".join(RUN_COLUMNS[i][0] for i in range(len(RUN_COLUMNS)) if i not in shown)
+        console.print(f"hidden (terminal too narrow): {hidden}", highlight=False)
     if not found:
         console.print("no ensembles yet: run `ensemble submit`")
+
+
+# `mlflow ui` start-up lines that say nothing to someone opening the UI on their own machine
+_UI_NOISE = ("[MLflow] Security middleware enabled with default settings", "Registry store URI not provided")
+
+
+def port_problem(host: str, port: int) -> str:
+    """Why a server could not listen on host:port ('' if it can), found by binding it as uvicorn does."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            hint = " (another server is using it; choose one with --port)" if exc.errno == 98 else ""
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}"
+    return ""
 
 
 @app.command()
@@ -386,15 +497,21 @@ def ui(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
 ) -> None:
     """Start the MLflow UI on the same tracking store: one parent run per ensemble, nested member runs.
-    It binds 127.0.0.1 unless --host says otherwise (it has no login): reach it over an SSH tunnel."""
+    It binds 127.0.0.1 unless --host says otherwise (it has no login): reach it over an SSH tunnel.
+    A port already in use is an error (exit 2). Ctrl-C or SIGTERM stops the UI's server process with it."""
     import socket
 
     from ensemble_service.api.auth import is_loopback, redact_uri
     from ensemble_service.tracking import resolve_uri, ui_command
 
+    problem = port_problem(host, port)
+    if problem:
+        fail(problem)
     cmd = [sys.executable, "-m"] + ui_command(tracking_uri, host, port)
-    # a UI for people: one web worker, and no background job runners (MLflow's GenAI jobs)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    # a UI for people: one web worker, no background job runners (MLflow's GenAI jobs), no start-up noise
+    quiet = "ignore:starlette.middleware.wsgi is deprecated"
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+               PYTHONWARNINGS=",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w))
     console.print(f"MLflow UI for {redact_uri(resolve_uri(tracking_uri))} on http://{host}:{port}", highlight=False)
     if is_loopback(host):
         console.print(f"from another machine, tunnel to it: ssh -N -L {port}:{host}:{port} {socket.gethostname()} "
@@ -403,10 +520,46 @@ def ui(
         err.print(f"[yellow]warning:[/] the MLflow UI has no login: anyone who can reach {host}:{port} can read, change "
                   f"and delete every run and model (the default --host 127.0.0.1 and an SSH tunnel avoid this)",
                   highlight=False, soft_wrap=True)
+    bind_failed: List[str] = []
+
+    def relay(stream) -> None:
+        for line in stream:
+            if line.startswith(_UI_NOISE):
+                continue
+            if "address already in use" in line:
+                bind_failed.append(line)
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    import threading
+
+    child, relaying, code = None, None, 0
+    interrupt = Interrupt().install()
     try:
-        raise typer.Exit(subprocess.call(cmd, env=env))
-    except KeyboardInterrupt:
-        raise typer.Exit(0)
+        # its own process group: a signal to this command reaches the server (and its workers) through us
+        child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+        relaying = threading.Thread(target=relay, args=(child.stderr,), daemon=True)
+        relaying.start()
+        code = child.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the server's whole process group
+        interrupt.hold()
+        code = 0
+        if child is not None:
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+            except ProcessLookupError:
+                pass
+    finally:
+        interrupt.restore()
+    if relaying is not None:
+        relaying.join(timeout=2)
+    if bind_failed:
+        fail(f"the MLflow UI could not listen on {host}:{port}: address already in use", EXIT_BAD_INPUT)
+    raise typer.Exit(code)
 
 
 # -- serving commands (`serve`, `predict`) are registered here ---------------------------
@@ -415,11 +568,28 @@ _register_serving(app)
 
 
 def main() -> None:
-    # the user's own modules (model._target_=mymod.Net, data._target_=mymod.load) are importable from
-    # the directory the command runs in, as with `python -m`
+    """The console script. The user's own modules (model._target_=mymod.Net, data._target_=mymod.load)
+    are importable from the directory it runs in, as with `python -m`. Once a command has returned,
+    everything it opened is closed (MLflow runs, the embedded Ray with its processes): the process then
+    exits at once, skipping the interpreter's teardown, which after training (torch, Ray, MLflow and
+    the results in memory) spends seconds in garbage collection."""
+    import atexit
+
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    app()
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from mlflow.entities import RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from ensemble_service.tracking import TrackingError, _now_ms, client_for, resolve_uri  # noqa: E402
+from ensemble_service.tracking import TrackingError, _now_ms, client_for, resolve_uri, uninterrupted  # noqa: E402
 
 ENSEMBLE_MODEL_ARTIFACT = "ensemble_model"
 ENSEMBLE_MODEL_TAG = "ensemble.kind"      # registered-model tag marking our ensembles ("ensemble")
@@ -74,6 +74,7 @@ def _stage_code(dest: Path) -> Path:
     return target
 
 
+@uninterrupted
 def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, member_blobs: List[bytes],
                       member_info: List[Dict[str, Any]], strategy: str, *, alias: str = "latest",
                       description: Optional[str] = None, class_names: Optional[List[str]] = None,

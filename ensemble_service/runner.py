@@ -9,7 +9,6 @@ exception), every run it opened is closed as FINISHED, FAILED or KILLED.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -23,6 +22,7 @@ from ensemble_service.aggregation import mean
 from ensemble_service.config import Config, ConfigError, check_members
 from ensemble_service.data import DataBundle, DataError, describe, load
 from ensemble_service.planning import EnsemblePlan, plan as make_plan
+from ensemble_service.preflight import unschedulable
 
 
 FLUSH_SECONDS = 2.0  # per-epoch metrics reach MLflow at most this late while members train
@@ -54,6 +54,7 @@ class Observer:
     def member_done(self, row: Dict[str, Any]) -> None: ...
     def task_done(self, task: int, members: int) -> None: ...
     def task_failed(self, task: int, message: str) -> None: ...
+    def interrupted(self, open_runs: int) -> None: ...  # before the open runs are closed as KILLED
 
 
 def load_data(cfg: Config) -> DataBundle:
@@ -85,17 +86,6 @@ def parent_metrics(member_probs: torch.Tensor, targets: torch.Tensor, val_accs: 
     }
 
 
-def unschedulable(cfg: Config, nodes: List[Dict[str, float]]) -> str:
-    """Why no node with these resources could run one task ('' if one can): such a task would
-    wait forever."""
-    c = cfg.cluster
-    if any(n.get("CPU", 0) >= c.cpus_per_member and n.get("GPU", 0) >= c.gpus_per_member for n in nodes):
-        return ""
-    have = ", ".join(f"{n.get('CPU', 0):g} CPUs/{n.get('GPU', 0):g} GPUs" for n in nodes) or "no nodes"
-    return (f"no Ray node can run a member with cluster.cpus_per_member={c.cpus_per_member:g} and "
-            f"cluster.gpus_per_member={c.gpus_per_member:g} (nodes: {have})")
-
-
 def model_label(cfg: Config) -> str:
     from ensemble_service.config import model_variants
     from ensemble_service.models import architecture
@@ -104,21 +94,15 @@ def model_label(cfg: Config) -> str:
 
 
 def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
-    from ensemble_service import scheduler
+    from ensemble_service import preflight, scheduler
     from ensemble_service.tracking import EnsembleTracker
 
     observer = observer or Observer()
     t0 = time.perf_counter()
     plan = make_plan(cfg)
+    preflight.check(cfg)                       # tracking store, cluster address, resources -> ConfigError
     data = load_data(cfg)                      # bad data -> ConfigError, before Ray and MLflow
     observer.loaded(describe(data))
-    embedded = cfg.cluster.address is None and not scheduler.joining_existing_cluster()
-    if embedded:                               # what the embedded cluster will have, before starting it
-        problem = unschedulable(cfg, [{"CPU": cfg.cluster.num_cpus or os.cpu_count() or 1,
-                                       "GPU": cfg.cluster.num_gpus if cfg.cluster.num_gpus is not None
-                                       else torch.cuda.device_count()}])
-        if problem:
-            raise ConfigError(problem)
     resources = scheduler.connect(cfg.cluster)
     problem = unschedulable(cfg, scheduler.node_resources())
     if problem:                                # a task no node can run would wait forever
@@ -266,8 +250,11 @@ def submit(cfg: Config, observer: Optional[Observer] = None) -> SubmitResult:
         return SubmitResult(parent_run_id=parent, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment,
                             members=table, ensemble=ens, wall_seconds=wall, plan=plan, degraded=degraded,
                             model_version=model_version)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's driver handler exits on it)
-        tracker.end_all("KILLED", "interrupted")
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI raises KeyboardInterrupt on it)
+        try:
+            observer.interrupted(len(tracker.open_runs))
+        finally:
+            tracker.end_all("KILLED", "interrupted")
         raise
     except BaseException as exc:
         tracker.end_all("FAILED", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -1,8 +1,13 @@
 """The Ray code: one task per member, gathered as they finish; the only module (with
 jobs.py) that imports Ray.
 
-- ``connect(cluster)`` starts an embedded local Ray cluster when ``cluster.address`` is
-  null (reusing one already started in this process), otherwise connects to it.
+- ``connect(cluster)`` starts a private embedded Ray cluster when ``cluster.address`` is
+  null (``ray.init(address="local")``: never whichever cluster ``ray start`` last recorded on
+  the machine), joins ``cluster.address`` (``auto``, ``HOST:PORT``, ``ray://...``) or, for a
+  job's driver, ``RAY_ADDRESS``; a cluster already connected in this process is reused.
+  ``shutdown()`` stops an embedded cluster with every process it started.
+- ``check_address`` and ``embedded_resources`` answer, before Ray starts, whether the
+  cluster address answers and what an embedded cluster would have (preflight.py asks).
 - ``run_tasks`` puts the data set in the object store once, submits one task per
   independent member, per trajectory (snapshot/SWA/FGE/heads/MC dropout) or per pack of
   members (cluster.pack) with ``num_cpus``/``num_gpus`` from the cluster config and
@@ -16,8 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -32,26 +41,121 @@ from workers.trajectory import train_trajectory
 POLL_SECONDS = 1.0  # longest the driver waits for worker events before it wakes up anyway
 
 
+def join_address(cluster) -> Optional[str]:
+    """The cluster connect() joins: cluster.address, else RAY_ADDRESS (set by Ray for a job's
+    driver); None means a private embedded cluster."""
+    return cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextmanager
+def _keep_sigterm_handler():
+    """ray.init replaces the process's SIGTERM handler with sys.exit and adds a native handler
+    that prints a stack dump: put the Python handler back (the caller's, else Ray's), which
+    also removes the native one."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            handler = before if callable(before) else signal.getsignal(signal.SIGTERM)
+            if handler is not None:
+                signal.signal(signal.SIGTERM, handler)
+
+
 def connect(cluster) -> Dict[str, Any]:
     """Start or join Ray; returns the cluster's resources.
 
     cluster.address (or RAY_ADDRESS, which Ray sets for a job's driver) joins that cluster;
-    neither starts an embedded local one with cluster.num_cpus / cluster.num_gpus.
+    neither starts a private embedded one (``address="local"``) with cluster.num_cpus /
+    cluster.num_gpus.
     """
     service_env_defaults()
     if not ray.is_initialized():
-        address = cluster.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
-                     include_dashboard=False, log_to_driver=True)
+        address = join_address(cluster)
+        with _keep_sigterm_handler():
+            if address:
+                ray.init(address=address, log_to_driver=True)
+            else:
+                ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                         include_dashboard=False, log_to_driver=True)
     return dict(ray.cluster_resources())
+
+
+def is_connected() -> bool:
+    """True while this process is connected to a Ray cluster (embedded or joined)."""
+    return ray.is_initialized()
 
 
 def joining_existing_cluster() -> bool:
     """True when connect() would join a running cluster (already connected, or RAY_ADDRESS set)."""
     return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def embedded_resources(cluster) -> Dict[str, float]:
+    """CPU and GPU of the embedded cluster connect() would start, as Ray itself resolves them
+    (cgroup CPU limits, CUDA_VISIBLE_DEVICES), without starting it."""
+    try:
+        from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+        spec = ResourceAndLabelSpec(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus).resolve(is_head=True)
+        return {"CPU": float(spec.num_cpus), "GPU": float(spec.num_gpus or 0)}
+    except Exception:  # Ray's private helper moved: the same rules from public information
+        import torch
+
+        cpus = cluster.num_cpus if cluster.num_cpus is not None else (os.cpu_count() or 1)
+        gpus = cluster.num_gpus if cluster.num_gpus is not None else torch.cuda.device_count()
+        return {"CPU": float(cpus), "GPU": float(gpus)}
+
+
+# The client connection preface of HTTP/2 and an empty SETTINGS frame: a gRPC server (Ray's GCS,
+# the Ray Client server) answers with its own SETTINGS frame (type 4).
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def check_address(address: str, timeout: float = 5.0) -> str:
+    """Why connect() could not join the Ray cluster at ``address`` ('' when it answers): found
+    (``auto``), reachable within ``timeout`` seconds, and speaking gRPC. Ray's own connect
+    retries for minutes on an address that does not answer."""
+    what = address
+    if address == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment
+
+            address = get_ray_address_from_environment("auto", None)
+        except Exception as exc:  # ConnectionError: no running cluster found
+            return f"cluster.address=auto found no running Ray cluster on this machine ({_first_line(exc)})"
+        what = f"auto ({address})"
+    hostport = address.split("://", 1)[1] if address.startswith("ray://") else address
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return f"cluster.address={what!r} is not HOST:PORT, auto, ray://HOST:PORT or http://HOST:8265 (Jobs API)"
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return ""
+            sock.settimeout(timeout)
+            sock.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except socket.timeout:
+        return f"the Ray cluster at {what} did not answer within {timeout:g} s"
+    except OSError as exc:
+        return f"cannot reach the Ray cluster at {what}: {exc.strerror or exc}"
+    if len(head) < 9 or head[3] != 4:
+        return (f"{what} answers, but not as a Ray cluster: give its GCS address (HOST:6379 by default), "
+                "or http://HOST:8265 to submit through its Jobs API")
+    return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def node_resources() -> List[Dict[str, float]]:
@@ -60,10 +164,50 @@ def node_resources() -> List[Dict[str, float]]:
             for n in ray.nodes() if n.get("Alive")]
 
 
-def shutdown() -> None:
+def _started_processes() -> list:
+    """The processes of the Ray node this process started (none when it joined a cluster), with
+    all their descendants: the raylet starts ray::DashboardAgent and ray::RuntimeEnvAgent."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return []
+    try:
+        import psutil  # Ray ships it (ray/thirdparty_files)
+
+        procs = {}
+        for infos in list(getattr(node, "all_processes", {}).values()):
+            for info in infos:
+                try:
+                    root = psutil.Process(info.process.pid)
+                    for p in [root, *root.children(recursive=True)]:
+                        procs[p.pid] = p
+                except psutil.Error:
+                    continue
+        procs.pop(os.getpid(), None)
+        return list(procs.values())
+    except Exception:
+        return []
+
+
+def shutdown(grace: float = 1.0) -> None:
+    """Disconnect from Ray. An embedded cluster that this process started is stopped with every
+    process it started: ray.shutdown stops the raylet and the GCS, but the raylet's agents then
+    block for a minute or more reporting its death to the GCS that is gone, orphaned; what is
+    still running ``grace`` seconds later is killed."""
     _INBOX.clear()
-    if ray.is_initialized():
-        ray.shutdown()
+    if not ray.is_initialized():
+        return
+    started = _started_processes()
+    ray.shutdown()
+    if started:
+        import psutil
+
+        _, alive = psutil.wait_procs(started, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
 
 
 @ray.remote(num_cpus=0)

@@ -88,9 +88,42 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def uninterrupted(fn):
+    """Run ``fn`` with SIGINT and SIGTERM held until it returns, then deliver them to the handler
+    that was in place. A KeyboardInterrupt raised inside a SQLAlchemy write (Ctrl-C, or the
+    CLI's SIGTERM handler) leaves that write's SQLite transaction open, and the store locked,
+    while the exception lives: the runs could then not be closed. Main thread only (signals
+    are delivered there)."""
+    import functools
+    import signal
+    import threading
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)
+        arrived: List[int] = []
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: arrived.append(signum))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            for signum in arrived[:1]:  # deliver the first one now, as if it had just arrived
+                handler = previous[signum]
+                if callable(handler):
+                    handler(signum, None)
+                elif handler == signal.SIG_DFL:
+                    os.kill(os.getpid(), signum)
+    return wrapper
+
+
 class EnsembleTracker:
     """Driver-side writer of one ensemble's runs."""
 
+    @uninterrupted  # a new store is created here: its schema migrations must not be cut in half
     def __init__(self, uri: Optional[str], experiment: str):
         self.uri = resolve_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -112,6 +145,7 @@ class EnsembleTracker:
                                              tags={"mlflow.experimentKind": "custom_model_development"})
 
     # -- runs -------------------------------------------------------------
+    @uninterrupted
     def start_parent(self, run_name: str, config: Dict[str, Any], tags: Dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name,
                                      tags={"ensemble.kind": "parent", **tags})
@@ -125,6 +159,7 @@ class EnsembleTracker:
         self.log_text(self.parent_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
         return self.parent_id
 
+    @uninterrupted
     def start_member(self, index: int, run_name: str, params: Dict[str, Any], tags: Dict[str, str]) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=run_name,
@@ -154,24 +189,41 @@ class EnsembleTracker:
     def queue_tags(self, run_id: str, tags: Dict[str, Any]) -> None:
         self._tags.setdefault(run_id, {}).update({k: str(v) for k, v in tags.items()})
 
+    WRITE_CHUNK = 25  # runs per transaction when many are flushed: a signal waits for one chunk at most
+
     def flush(self, run_id: Optional[str] = None, every: float = 0.0) -> None:
-        """Write what is queued: for one run, or for all runs if `every` seconds have passed."""
+        """Write what is queued: for one run, or for all runs if `every` seconds have passed.
+        On a SQL store, many runs' metrics and tags go in a few transactions (WRITE_CHUNK runs
+        each) instead of one per run."""
         if run_id is None:
             if time.monotonic() - self._last_flush < every:
                 return
             self._last_flush = time.monotonic()
-        for rid in [run_id] if run_id else list(set(self._metrics) | set(self._tags)):
-            metrics = self._metrics.pop(rid, [])
-            tags = [RunTag(k, v) for k, v in self._tags.pop(rid, {}).items()]
-            for i in range(0, max(len(metrics), 1), 1000):
-                chunk = metrics[i:i + 1000]
-                if chunk or tags:
-                    self.client.log_batch(rid, metrics=chunk, tags=tags)
-                    tags = []
+        ids = [run_id] if run_id else list(set(self._metrics) | set(self._tags))
+        if len(ids) > 1 and self._sql_store() is not None:
+            try:
+                for i in range(0, len(ids), self.WRITE_CHUNK):
+                    self._write_sql(ids[i:i + self.WRITE_CHUNK])
+                return
+            except Exception:
+                pass  # one by one below (what did not commit is still queued)
+        for rid in ids:
+            self._flush_one(rid)
+
+    @uninterrupted
+    def _flush_one(self, rid: str) -> None:
+        metrics = self._metrics.pop(rid, [])
+        tags = [RunTag(k, v) for k, v in self._tags.pop(rid, {}).items()]
+        for i in range(0, max(len(metrics), 1), 1000):
+            chunk = metrics[i:i + 1000]
+            if chunk or tags:
+                self.client.log_batch(rid, metrics=chunk, tags=tags)
+                tags = []
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.log_bytes(run_id, text.encode(), artifact_file)
 
+    @uninterrupted
     def log_bytes(self, run_id: str, blob: bytes, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(artifact_file).name
@@ -184,6 +236,7 @@ class EnsembleTracker:
         np.save(buf, np.asarray(array), allow_pickle=False)
         self.log_bytes(run_id, buf.getvalue(), artifact_file)
 
+    @uninterrupted
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         if run_id in self.open_runs:
             try:
@@ -193,10 +246,13 @@ class EnsembleTracker:
                 self.open_runs.remove(run_id)
 
     def end_all(self, status: str = "FAILED", reason: str = "") -> None:
-        """Close every run still open (members first, then the parent)."""
+        """Close every run still open, with ``reason`` as the tag ``ensemble.error``, in one
+        batched write: one transaction on a SQL store (SQLite included), concurrent calls on a
+        tracking server; closing 1000 runs one by one would take minutes. On a SQL store, the
+        per-epoch metrics still queued (the last seconds' worth) are written after the runs are
+        closed. Interrupts (a second Ctrl-C, SIGTERM) are held off until it is done."""
         import signal
 
-        # a second Ctrl-C or SIGTERM while closing would leave runs RUNNING: hold them off until done
         held = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -204,17 +260,104 @@ class EnsembleTracker:
             except ValueError:  # not the main thread
                 pass
         try:
-            for rid in [r for r in self.open_runs if r != self.parent_id] + (
-                    [self.parent_id] if self.parent_id in self.open_runs else []):
-                if reason:
+            ids = [r for r in self.open_runs if r != self.parent_id] + (
+                [self.parent_id] if self.parent_id in self.open_runs else [])
+            if not ids:
+                return
+            if reason:
+                for rid in ids:
                     self.queue_tags(rid, {"ensemble.error": reason[:4000]})
-                try:
-                    self.end(rid, status)
-                except Exception:  # closing is best effort; keep closing the others
-                    pass
+            try:
+                self._close_batched(ids, status)
+            except Exception:
+                if self._sql_store() is None:  # no batched close for this store: one by one, best effort
+                    for rid in ids:
+                        try:
+                            self.end(rid, status)
+                        except Exception:
+                            pass
+            self.open_runs = [r for r in self.open_runs if r not in ids]
+            try:
+                self.flush()
+            except Exception:
+                pass
         finally:
             for sig, handler in held.items():
                 signal.signal(sig, handler)
+
+    def _sql_store(self):
+        """The MLflow SQL store behind the client (SQLite included), or None."""
+        if not hasattr(self, "_sql"):
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = self.client._tracking_client.store
+            self._sql = store if isinstance(store, SqlAlchemyStore) else None
+        return self._sql
+
+    def _close_batched(self, ids: List[str], status: str) -> None:
+        from mlflow.store.tracking.rest_store import RestStore
+
+        if self._sql_store() is not None:
+            for attempt in range(3):  # a SQLite file another process writes to may stay locked for a while
+                try:
+                    self._write_sql(ids, status, metrics=False)
+                    return
+                except Exception:
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.5)
+        store = self.client._tracking_client.store
+        if not isinstance(store, RestStore):
+            raise TrackingError(f"no batched close for {type(store).__name__}")
+        from concurrent.futures import ThreadPoolExecutor
+
+        work = [(rid, self._metrics.pop(rid, []), self._tags.pop(rid, {})) for rid in ids]
+
+        def close(item) -> None:
+            rid, metrics, tags = item
+            try:
+                for i in range(0, len(metrics), 1000):
+                    self.client.log_batch(rid, metrics=metrics[i:i + 1000])
+                if tags:
+                    self.client.log_batch(rid, tags=[RunTag(k, v) for k, v in tags.items()])
+            finally:
+                self.client.set_terminated(rid, status)
+
+        with ThreadPoolExecutor(max_workers=min(16, len(work))) as pool:
+            for _ in pool.map(close, work):
+                pass
+
+    @uninterrupted
+    def _write_sql(self, ids: List[str], status: Optional[str] = None, metrics: bool = True) -> None:
+        """What is queued for these runs (their metrics unless ``metrics=False``, their tags),
+        then, with ``status``, their status and end time: one transaction through the store's
+        own SQLAlchemy session. Nothing leaves the queues unless it commits."""
+        from mlflow.store.tracking.dbmodels.models import SqlMetric, SqlRun, SqlTag
+
+        store = self._sql_store()
+        end_time = _now_ms()
+        with store.ManagedSessionMaker(read_only=False) as session:
+            for rid in ids:
+                rows, seen = [], set()
+                for m in self._metrics.get(rid, []) if metrics else []:
+                    if (m.key, m.timestamp, m.step, m.value) in seen:
+                        continue
+                    seen.add((m.key, m.timestamp, m.step, m.value))
+                    is_nan, value = store.sanitize_metric_value(m.value)
+                    rows.append(SqlMetric(run_uuid=rid, key=m.key, value=value, timestamp=m.timestamp,
+                                          step=m.step, is_nan=is_nan))
+                if rows:
+                    session.add_all(rows)
+                    store._update_latest_metrics_if_necessary(rows, session)
+                for key, value in self._tags.get(rid, {}).items():
+                    session.merge(SqlTag(run_uuid=rid, key=key, value=value))
+            for i in range(0, len(ids) if status else 0, 500):
+                session.query(SqlRun).filter(SqlRun.run_uuid.in_(ids[i:i + 500]), SqlRun.status == "RUNNING").update(
+                    {SqlRun.status: status, SqlRun.end_time: end_time}, synchronize_session=False)
+        for rid in ids:
+            if metrics:
+                self._metrics.pop(rid, None)
+            self._tags.pop(rid, None)
 
     @staticmethod
     def member_table_csv(rows: List[Dict[str, Any]]) -> str:
@@ -226,16 +369,181 @@ class EnsembleTracker:
         return buf.getvalue()
 
 
+# -- is the store there? (preflight for submit; reads never create a store) -----
+STORE_TIMEOUT_S = 5.0
+_SQL_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+class StoreNotFound(TrackingError, LookupError):
+    """No tracking store at the URI (reading never creates one)."""
+
+
+class ExperimentNotFound(TrackingError, LookupError):
+    """No experiment of that name in the store."""
+
+
+def check_store(uri: Optional[str] = None, *, create: bool, timeout: float = STORE_TIMEOUT_S) -> str:
+    """Why the tracking store at ``uri`` cannot be used ('' when it can), decided within about
+    ``timeout`` seconds and without creating anything.
+
+    ``create=True`` (``ensemble submit``): the store may not exist yet but must be creatable: a
+    SQLite file or a directory where one can be made, an installed database driver and a
+    database server that accepts connections, an HTTP tracking server that answers.
+    ``create=False`` (``ensemble runs``, the API): a local store (SQLite, a directory) must
+    exist already."""
+    uri = resolve_uri(uri)
+    scheme = uri.split(":", 1)[0].lower()
+    base = scheme.split("+", 1)[0]
+    try:
+        if base == "sqlite":
+            return _check_sqlite(uri, create, timeout)
+        if base in ("http", "https"):
+            return _check_server(uri, timeout)
+        if base == "file":
+            from urllib.parse import unquote, urlparse
+
+            return _check_local_path(Path(unquote(urlparse(uri).path)), create, directory=True)
+        if base in _SQL_PORTS:
+            return _check_database(uri, base, timeout)
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        _tracking_store_registry.get_store_builder(uri)  # raises for a scheme MLflow has no store for
+        return ""
+    except Exception as exc:
+        if base not in ("sqlite", "http", "https", "file", *_SQL_PORTS):
+            return (f"unsupported tracking URI {uri!r}: use sqlite:///PATH, http(s)://HOST:PORT, "
+                    "postgresql://..., mysql://..., mssql://... or a directory")
+        return f"tracking store {uri}: {_one_line(exc)}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _creatable(path: Path) -> str:
+    """'' if ``path`` (a file or directory that does not exist) could be created."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a directory"
+    try:  # os.access says yes to root even where nothing can be created (/proc, read-only mounts)
+        tempfile.TemporaryDirectory(dir=ancestor, prefix=".ensemble-check-").cleanup()
+    except OSError as exc:
+        return f"cannot create {path}: {exc.strerror or exc} in {ancestor}"
+    return ""
+
+
+def _check_local_path(path: Path, create: bool, directory: bool) -> str:
+    if path.exists():
+        if directory and not path.is_dir():
+            return f"{path} is not a directory"
+        if not directory and not path.is_file():
+            return f"{path} is not a file"
+        if create and not os.access(path, os.W_OK):
+            return f"{path} is not writable"
+        return ""
+    if not create:
+        return f"no MLflow tracking store at {path} (nothing has been tracked there; `ensemble submit` creates it)"
+    problem = _creatable(path)
+    return f"tracking store: {problem}" if problem else ""
+
+
+def _check_sqlite(uri: str, create: bool, timeout: float) -> str:
+    import sqlite3
+
+    raw = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    path = Path(raw.split("?", 1)[0]) if raw and raw != ":memory:" else None
+    if path is None:  # an in-memory database: nothing to read back later
+        return "" if create else f"{uri} is an in-memory database: there is nothing to read"
+    problem = _check_local_path(path, create, directory=False)
+    if problem or not path.exists():
+        return problem
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head and head != b"SQLite format 3\x00":
+        return f"{path} is not a SQLite database"
+    if not head:
+        return "" if create else f"{path} is empty: not an MLflow tracking store yet"
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)  # read-only: creates nothing
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        con.close()
+    if tables and "experiments" not in tables:
+        return f"{path} is a SQLite database but not an MLflow tracking store"
+    if not tables and not create:
+        return f"{path} is empty: not an MLflow tracking store yet"
+    return ""
+
+
+def _check_server(uri: str, timeout: float) -> str:
+    import socket
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError as exc:  # it answered: anything but a server error will do
+        if exc.code >= 500:
+            return f"the tracking server at {uri} answered {exc.code} {exc.reason}"
+    except (urllib.error.URLError, socket.timeout, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, socket.timeout) or "timed out" in str(reason):
+            return f"the tracking server at {uri} did not answer within {timeout:g} s"
+        return f"cannot reach the tracking server at {uri}: {getattr(reason, 'strerror', None) or reason}"
+    return ""
+
+
+def _check_database(uri: str, base: str, timeout: float) -> str:
+    import socket
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    try:
+        dialect = url.get_dialect()
+        (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()
+    except ImportError as exc:
+        return (f"tracking store {url.drivername}://...: its database driver is not installed ({exc}); "
+                f"install it, or name an installed one (e.g. {base}+psycopg2://, {base}+pymysql://)")
+    host = url.host or ("localhost" if "host" not in url.query else None)
+    if host is None:  # a unix socket named in the query: nothing to dial here
+        return ""
+    port = url.port or _SQL_PORTS[base]
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except socket.timeout:
+        return f"the tracking database at {host}:{port} did not answer within {timeout:g} s"
+    except OSError as exc:
+        return f"cannot reach the tracking database at {host}:{port}: {exc.strerror or exc}"
+    return ""
+
+
 # -- reading (CLI `runs`, tests, the API) ------------------------------------
 def client_for(uri: Optional[str] = None) -> MlflowClient:
-    return MlflowClient(tracking_uri=resolve_uri(uri))
+    """A client for reading. A local store (SQLite, a directory) must exist: StoreNotFound (or
+    TrackingError, for a file that is no store) otherwise; reading never creates a store."""
+    uri = resolve_uri(uri)
+    if uri.startswith(("sqlite:", "file:")):
+        problem = check_store(uri, create=False)
+        if problem:
+            raise (StoreNotFound if problem.startswith("no MLflow tracking store") else TrackingError)(problem)
+    return MlflowClient(tracking_uri=uri)
 
 
 def recent_parent_runs(uri: Optional[str] = None, experiment: Optional[str] = None, limit: int = 20):
+    """The newest parent runs (of ``experiment``, else of every experiment). ExperimentNotFound
+    names the experiments there are."""
     client = client_for(uri)
     if experiment:
         exp = client.get_experiment_by_name(experiment)
-        ids = [exp.experiment_id] if exp else []
+        if exp is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise ExperimentNotFound(f"no experiment {experiment!r} in {resolve_uri(uri)}; "
+                                     f"experiments: {', '.join(names) if names else '(none)'}")
+        ids = [exp.experiment_id]
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
     if not ids:
@@ -262,7 +570,8 @@ def load_array(run_id: str, artifact_path: str, uri: Optional[str] = None) -> np
 def ui_command(uri: Optional[str], host: str, port: int) -> List[str]:
     """The `mlflow ui` command line for this store."""
     uri = resolve_uri(uri)
-    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
+    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri, "--host", host,
+           "--port", str(port), "--workers", "1"]
     root = local_artifact_root(uri)
     if root:
         cmd += ["--default-artifact-root", root]

@@ -586,6 +586,28 @@ def test_tracking_store_down_is_503_not_500(tmp_path):
         assert c.post("/v1/aggregate", json={"predictions": [[[0.5, 0.5]]]}).status_code == 200
 
 
+def test_missing_store_is_503_and_never_created(tmp_path):
+    """A SQLite URI naming a file that does not exist: the server stays up (liveness), says the
+    store is unavailable, answers 503 where it would read it, and creates nothing."""
+    uri = f"sqlite:///{tmp_path}/nonexistent/dir/mlflow.db"
+    with TestClient(create_app(uri, Settings(preload=True))) as c:
+        health = c.get("/healthz")
+        assert health.status_code == 200
+        body = health.json()
+        assert body["status"] == "ok" and body["store"] == "unavailable"
+        assert body["store_detail"].startswith(f"no MLflow tracking store at {tmp_path}/nonexistent/dir/mlflow.db")
+        for r in (c.get("/v1/ensembles"), c.get("/v1/ensembles/alpha"),
+                  c.post("/v1/ensembles/alpha/predict", json={"inputs": GOOD_X})):
+            assert r.status_code == 503, r.text
+            assert r.json()["detail"].startswith("tracking store unavailable: no MLflow tracking store at ")
+        assert c.post("/v1/aggregate", json={"predictions": [[[0.5, 0.5]]]}).status_code == 200
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_healthz_reports_a_readable_store(client):
+    assert client.get("/healthz").json()["store"] == "ok"
+
+
 def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("ENSEMBLE_SERVE_MAX_BODY_BYTES", "123")
     monkeypatch.setenv("ENSEMBLE_SERVE_PRELOAD", "true")

@@ -50,3 +50,76 @@ def test_subprocess_bad_input_is_exit_2_on_stderr(tmp_path):
     assert proc.stderr.strip().count("\n") == 0
     assert "unknown data 'imagenet'; choose one of: arrays, cifar10, csv, custom, digits, fashion_mnist, image_folder, mnist, mnist1d, synthetic" in proc.stderr
     assert not list(tmp_path.iterdir())  # no mlflow.db, no checkpoints
+
+
+# -- `ensemble runs` reads, and only reads --------------------------------------------------
+
+
+def test_runs_on_a_missing_store_says_so_and_creates_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path}/nonexistent/dir/x.db"
+    result = runner.invoke(app, ["runs", "--tracking-uri", uri])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: no MLflow tracking store at {tmp_path}/nonexistent/dir/x.db")
+    assert "no ensembles yet" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def _store_with_parents(tmp_path, n: int = 2) -> str:
+    from ensemble_service.tracking import EnsembleTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for k in range(n):
+        t = EnsembleTracker(uri, "listed")
+        p = t.start_parent(f"independent-digits-20261128-05350{k}", {"strategy": {"name": "independent"}},
+                           {"ensemble.strategy": "independent", "ensemble.data": "digits",
+                            "ensemble.model": "mlp+lenet", "ensemble.members": "5"})
+        t.log_metrics(p, {"ensemble_mean_test_acc": 0.9712 + k / 10000, "ensemble_vote_test_acc": 0.96,
+                          "best_member_test_acc": 0.95, "ensemble_mean_test_nll": 0.1234})
+        t.end(p)
+    return uri
+
+
+def test_runs_names_an_unknown_experiment(tmp_path):
+    uri = _store_with_parents(tmp_path, 1)
+    result = runner.invoke(app, ["runs", "--tracking-uri", uri, "--experiment", "nope"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: no experiment 'nope' in {uri}; experiments: Default, listed"
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_runs_fits_the_terminal_width(tmp_path, monkeypatch, width):
+    from rich.console import Console
+
+    import ensemble_service.cli as cli
+
+    uri = _store_with_parents(tmp_path)
+    monkeypatch.setattr(cli, "console", Console(width=width, force_terminal=False))
+    result = runner.invoke(app, ["runs", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= width
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for run in client.search_runs([client.get_experiment_by_name("listed").experiment_id]):
+        row = next(line for line in lines if run.info.run_id in line)  # one line per ensemble
+        acc = f"{run.data.metrics['ensemble_mean_test_acc']:.4f}"
+        assert "FINISHED" in row and acc in row, row
+        if width >= 200:
+            assert run.info.run_name in row and "mlp+lenet" in row and "0.1234" in row
+    if width < 200:
+        assert "hidden (terminal too narrow): " in result.output
+
+
+def test_ui_on_a_port_in_use_exits_2(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                     "(another server is using it; choose one with --port)")
+    assert list(tmp_path.iterdir()) == []

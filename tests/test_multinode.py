@@ -51,21 +51,34 @@ def node_env() -> dict:
 
 
 def kill_processes_under(path: str) -> None:
-    """Stop the Ray processes of one node (their command lines name its temp dir); never `ray stop`,
-    which would stop every Ray on the machine."""
+    """Stop the Ray processes of one node (their command lines name its temp dir) and everything
+    they started: the raylet's agents rename themselves (ray::DashboardAgent, ray::RuntimeEnvAgent)
+    and would outlive it. Never `ray stop`, which would stop every Ray on the machine."""
     me = os.getpid()
+    children: dict[int, list[int]] = {}
+    roots = []
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
             continue
         try:
             cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
-        except OSError:
+            ppid = int((pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
+        children.setdefault(ppid, []).append(int(pid_dir.name))
         if path in cmd:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except OSError:
-                pass
+            roots.append(int(pid_dir.name))
+    victims, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in victims and pid != me:
+            victims.add(pid)
+            todo.extend(children.get(pid, []))
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):

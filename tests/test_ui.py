@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -133,3 +134,59 @@ def test_mlflow_ui_shows_the_parent_and_its_nested_member_runs(store, tmp_path):
         if browser is not None:
             browser.kill()
         os.killpg(ui.pid, 9)
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_ui_stops_its_server_on_sigterm_and_sigint(store, sig):
+    uri, _ = store
+    port = free_port()
+    ui = subprocess.Popen([str(Path(sys.executable).parent / "ensemble"), "ui", "--port", str(port),
+                           "--tracking-uri", uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = set()
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/health", 90).strip() == b"OK"
+        server = descendants(ui.pid)
+        assert server
+        ui.send_signal(sig)
+        out, err = ui.communicate(timeout=30)
+        assert ui.returncode == 0, err
+        time.sleep(0.5)
+        assert not [p for p in server if alive(p)]
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+        # start-up noise is gone: no Starlette deprecation warning, no MLflow security banner
+        assert "Deprecat" not in err and "Security middleware" not in err, err
+        assert "Registry store URI" not in out, out
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+        for p in server:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass

@@ -6,6 +6,11 @@ loaded ones in memory (:class:`EnsembleStore`): a version is downloaded and rebu
 an alias (``name`` = ``name@latest``, ``name@champion``) is re-resolved at most every
 ``alias_ttl_s`` seconds, so a moved alias is served from its new version after that.
 
+The tracking store is only read: a store that does not exist is not created (a SQLite URI
+naming a missing file stays missing); the endpoints that read it answer 503 until it can be
+read, and ``/healthz`` (liveness: always 200 while the process serves) reports it as
+``"store": "unavailable"`` with the reason.
+
 Limits (:class:`Settings`, also from ``ENSEMBLE_SERVE_*`` environment variables): a body
 over ``max_body_bytes`` is answered 413 before it is parsed; a body that stops arriving for
 ``body_timeout_s`` (shorter than its Content-Length) is answered 408 and the connection

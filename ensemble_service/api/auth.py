@@ -23,7 +23,7 @@ import hmac
 import ipaddress
 import json
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["OPEN_PATHS", "MIN_KEY_LENGTH", "ApiKeyMiddleware", "split_list", "check_keys", "check_origins",

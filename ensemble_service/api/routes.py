@@ -90,9 +90,15 @@ def _agg_field(message: str, default: str) -> str:
 
 @router.get("/healthz", response_model=Health, tags=["health"])
 def healthz(request: Request) -> Dict[str, Any]:
-    """Liveness: the process answers (the tracking store is not contacted)."""
+    """Liveness: 200 while the process serves, whatever the tracking store's state (restarting the
+    server would not bring a store back, and /v1/aggregate needs none). ``store`` says whether the
+    store can be read now: ``ok``, or ``unavailable`` with ``store_detail`` saying why (a SQLite
+    file that does not exist, a server that does not answer within 2 s); it is checked without
+    creating anything. While it is unavailable, the endpoints that read it answer 503."""
     store = _store(request)
-    return {"status": "ok", "tracking_uri": redact_uri(store.uri), "cached_ensembles": len(store)}
+    problem = store.tracking.check_store(store.uri, create=False, timeout=2.0)
+    return {"status": "ok", "tracking_uri": redact_uri(store.uri), "cached_ensembles": len(store),
+            "store": "unavailable" if problem else "ok", "store_detail": problem or None}
 
 
 @router.get("/v1/ensembles", response_model=EnsembleList, tags=["ensembles"], responses={503: _ERR})

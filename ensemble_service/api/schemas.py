@@ -97,6 +97,8 @@ class Health(BaseModel):
     status: Literal["ok"]
     tracking_uri: str
     cached_ensembles: int
+    store: Literal["ok", "unavailable"] = Field(..., description="Whether the tracking store can be read now.")
+    store_detail: Optional[str] = Field(None, description="Why the store is unavailable.")
 
 
 class VersionSummary(BaseModel):
