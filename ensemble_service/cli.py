@@ -413,13 +413,16 @@ RUN_COLUMNS = [  # header, justify; `ensemble runs` hides the last ones first wh
 _RUN_COLUMNS_KEPT = 3  # run id, status, mean acc: always shown
 
 
+def table_width(rows: List[List[str]], cols: List[int]) -> int:
+    """Width of the runs table with these columns and every cell on one line: one border, then
+    each column's widest cell, its padding and border."""
+    return 1 + sum(max([len(RUN_COLUMNS[i][0])] + [len(r[i]) for r in rows]) + 3 for i in cols)
+
+
 def fit_columns(rows: List[List[str]], width: int) -> List[int]:
     """Indices of RUN_COLUMNS shown: as many as fit ``width`` with every cell on one line."""
-    def need(cols: List[int]) -> int:  # one border, then each column's widest cell + padding and border
-        return 1 + sum(max([len(RUN_COLUMNS[i][0])] + [len(r[i]) for r in rows]) + 3 for i in cols)
-
     keep = list(range(len(RUN_COLUMNS)))
-    while len(keep) > _RUN_COLUMNS_KEPT and need(keep) > width:
+    while len(keep) > _RUN_COLUMNS_KEPT and table_width(rows, keep) > width:
         keep.pop()
     return keep
 
@@ -430,7 +433,8 @@ def runs(
     limit: int = typer.Option(20, min=1, help="How many ensembles to list."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
 ) -> None:
-    """List recent ensembles (parent runs) with their main metrics, as many columns as the terminal fits.
+    """List recent ensembles (parent runs) with their main metrics: as many columns as the terminal fits
+    (all of them into a pipe).
 
     Reads only: a store that does not exist, or an unknown --experiment, is an error (exit 2), never created."""
     from ensemble_service.tracking import ExperimentNotFound, StoreNotFound, recent_parent_runs, resolve_uri
@@ -452,14 +456,22 @@ def runs(
                      t.get("ensemble.members", ""), f("ensemble_vote_test_acc"), r.info.run_name or "",
                      t.get("ensemble.data", ""), t.get("ensemble.model", ""), f("best_member_test_acc"),
                      f("ensemble_mean_test_nll")])
-    shown = fit_columns(rows, console.width)
+    # a terminal gets what fits its width; a pipe or a log gets every column, however wide
+    terminal = console.is_terminal
+    shown = fit_columns(rows, console.width) if terminal else list(range(len(RUN_COLUMNS)))
     table = Table(title=f"Ensembles in {resolve_uri(tracking_uri)}", title_justify="left")
     for i in shown:
         header, justify = RUN_COLUMNS[i]
         table.add_column(header, justify=justify, no_wrap=i == 0, overflow="fold")
     for row in rows:
         table.add_row(*[row[i] for i in shown])
-    console.print(table)
+    width = console.width
+    if not terminal:
+        console.width = max(width, table_width(rows, shown))
+    try:
+        console.print(table)
+    finally:
+        console.width = width
     if len(shown) < len(RUN_COLUMNS):
         hidden = ", ".join(RUN_COLUMNS[i][0] for i in range(len(RUN_COLUMNS)) if i not in shown)
         console.print(f"hidden (terminal too narrow): {hidden}", highlight=False)
@@ -587,8 +599,11 @@ def main() -> None:
             print(exc.code, file=sys.stderr)
             code = 1
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`ensemble runs | head`): nothing more to say
+            pass
     os._exit(code)
 
 

@@ -93,7 +93,7 @@ def test_runs_fits_the_terminal_width(tmp_path, monkeypatch, width):
     import ensemble_service.cli as cli
 
     uri = _store_with_parents(tmp_path)
-    monkeypatch.setattr(cli, "console", Console(width=width, force_terminal=False))
+    monkeypatch.setattr(cli, "console", Console(width=width, force_terminal=True, color_system=None))
     result = runner.invoke(app, ["runs", "--tracking-uri", uri])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -109,6 +109,20 @@ def test_runs_fits_the_terminal_width(tmp_path, monkeypatch, width):
             assert run.info.run_name in row and "mlp+lenet" in row and "0.1234" in row
     if width < 200:
         assert "hidden (terminal too narrow): " in result.output
+
+
+def test_runs_into_a_pipe_shows_every_column(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    import ensemble_service.cli as cli
+
+    uri = _store_with_parents(tmp_path)
+    monkeypatch.setattr(cli, "console", Console(width=80, force_terminal=False))
+    result = runner.invoke(app, ["runs", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "FINISHED" in line]
+    assert len(rows) == 2 and all("independent-digits-2026112" in r and "0.1234" in r for r in rows)
+    assert "hidden" not in result.output
 
 
 def test_ui_on_a_port_in_use_exits_2(tmp_path):
