@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
 
-from ensemble_service.config import service_env_defaults
+from ensemble_service.environment import service_env_defaults
 from workers.member import train_member
 from workers.packed import train_packed
 from workers.state import MemberError, MemberResult

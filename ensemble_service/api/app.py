@@ -1,10 +1,7 @@
-"""The FastAPI app factory: settings, the ensemble cache, limits and error handling.
+"""The FastAPI app factory: routes, limits, authentication and error handling.
 
-``create_app(tracking_uri, settings)`` builds an app that reads registered ensembles from
-the MLflow store at ``tracking_uri`` (through ``ensemble_service.tracking``) and keeps the
-loaded ones in memory (:class:`EnsembleStore`): a version is downloaded and rebuilt once;
-an alias (``name`` = ``name@latest``, ``name@champion``) is re-resolved at most every
-``alias_ttl_s`` seconds, so a moved alias is served from its new version after that.
+``create_app(tracking_uri, settings)`` builds an app that serves the ensembles registered in
+the MLflow store at ``tracking_uri`` from an :class:`~ensemble_service.api.store.EnsembleStore`.
 
 The tracking store is only read: a store that does not exist is not created (a SQLite URI
 naming a missing file stays missing); the endpoints that read it answer 503 until it can be
@@ -24,14 +21,8 @@ import asyncio
 import json
 import logging
 import os
-import tempfile
-import threading
-import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -41,216 +32,12 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from ensemble_service import aggregation  # noqa: E402
-from ensemble_service.serving import Ensemble, ServingError, load_ensemble_dir  # noqa: E402
+from ensemble_service.api.store import ApiError, EnsembleStore, Settings, error_body  # noqa: E402
+from ensemble_service.serving import ServingError  # noqa: E402
 
 log = logging.getLogger("ensemble_service.api")
 
-__all__ = ["Settings", "EnsembleStore", "LoadedEnsemble", "create_app", "ApiError"]
-
-
-@dataclass
-class Settings:
-    """Serving limits and behaviour (env: ``ENSEMBLE_SERVE_<FIELD>``, e.g. ENSEMBLE_SERVE_MAX_BODY_BYTES)."""
-
-    max_body_bytes: int = 8 * 1024 * 1024   # larger request bodies: 413, before parsing
-    max_batch_items: int = 1024             # items per request (inputs / predictions' batch)
-    max_members: int = 64                   # members in /v1/aggregate
-    max_classes: int = 10000                # classes in /v1/aggregate (and num_classes)
-    body_timeout_s: float = 1.0             # a request body that stalls this long: 408, connection closed
-    alias_ttl_s: float = 2.0                # re-resolve name@alias after this many seconds
-    max_cached: int = 8                     # loaded ensemble versions kept in memory (LRU)
-    device: str = "cpu"                     # cpu | cuda | auto
-    preload: bool = False                   # load every ensemble's latest version at startup
-    gc_freeze: bool = False                 # after startup, exempt what is loaded from GC scans (`ensemble serve`)
-    # API keys clients send as `Authorization: Bearer <key>` (env ENSEMBLE_API_KEYS, comma-separated);
-    # none: no authentication (see api/auth.py). Origins CORS allows; none: CORS off.
-    api_keys: Tuple[str, ...] = field(default=(), repr=False)
-    cors_origins: Tuple[str, ...] = ()
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> "Settings":
-        from ensemble_service.api.auth import split_list
-
-        values: Dict[str, Any] = {}
-        for f in fields(cls):
-            raw = os.environ.get("ENSEMBLE_API_KEYS" if f.name == "api_keys" else f"ENSEMBLE_SERVE_{f.name.upper()}")
-            if raw is None:
-                continue
-            kind = type(f.default)
-            values[f.name] = (raw.lower() in ("1", "true", "yes") if kind is bool else
-                              split_list(raw) if kind is tuple else kind(raw))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-    def torch_device(self) -> str:
-        if self.device == "auto":
-            import torch
-
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
-
-class ApiError(Exception):
-    """An answer other than 200: status, one-line message, the field at fault."""
-
-    def __init__(self, status: int, message: str, field: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-
-
-def error_body(message: str, field: Optional[str] = None, errors: Optional[List[Dict[str, str]]] = None) -> Dict[str, Any]:
-    body: Dict[str, Any] = {"detail": f"{field}: {message}" if field and not message.startswith(field) else message}
-    if field:
-        body["field"] = field
-    if errors:
-        body["errors"] = errors
-    return body
-
-
-# --------------------------------------------------------------------------- the cache
-
-
-@dataclass
-class LoadedEnsemble:
-    """A loaded version. Its forwards run one at a time, in arrival order, on its own worker
-    thread (torch already uses every core; a FIFO queue keeps tail latency fair under load)."""
-
-    name: str
-    version: str
-    info: Dict[str, Any]            # registry.resolve_ensemble's dict (aliases at load time)
-    ensemble: Ensemble
-    metrics: Dict[str, float]       # the parent run's ensemble metrics
-    executor: ThreadPoolExecutor
-
-    def submit(self, inputs: Any, method: str, weights: Optional[List[float]], return_members: bool) -> Future:
-        return self.executor.submit(self.ensemble.predict, inputs, method, weights, return_members)
-
-    def predict(self, inputs: Any, method: str, weights: Optional[List[float]], return_members: bool):
-        return self.submit(inputs, method, weights, return_members).result()
-
-    # No explicit shutdown when a version leaves the cache: a request may still hold it. Once
-    # nothing refers to it, the executor is collected and its idle thread exits.
-
-
-class EnsembleStore:
-    """Registered ensembles loaded from MLflow once, kept (LRU) and re-resolved when aliases move."""
-
-    def __init__(self, tracking_uri: Optional[str], settings: Settings):
-        from ensemble_service import registry, tracking
-
-        self.registry = registry
-        self.tracking = tracking
-        self.uri = tracking.resolve_uri(tracking_uri)
-        self.settings = settings
-        self._lock = threading.Lock()
-        self._loading: Dict[Tuple[str, str], threading.Lock] = {}
-        self._cache: "OrderedDict[Tuple[str, str], LoadedEnsemble]" = OrderedDict()
-        self._refs: Dict[str, Tuple[float, Dict[str, Any]]] = {}
-        self.loads = 0  # how many versions were downloaded and rebuilt (tests, /healthz)
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def _call(self, fn, *args):
-        try:
-            return fn(*args)
-        except self.registry.EnsembleNotFound as exc:
-            raise ApiError(404, str(exc), "name") from None
-        except self.tracking.TrackingError as exc:
-            raise ApiError(503, f"tracking store unavailable: {exc}") from None
-        except Exception as exc:  # the store itself failed (database gone, ...): not the client's fault
-            log.exception("tracking store error")
-            raise ApiError(503, f"tracking store unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-
-    def list(self) -> List[Dict[str, Any]]:
-        return self._call(self.registry.list_registered_ensembles, self.uri)
-
-    def resolve(self, ref: str) -> Dict[str, Any]:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._refs.get(ref)
-        if hit is not None and now - hit[0] < self.settings.alias_ttl_s:
-            return hit[1]
-        info = self._call(self.registry.resolve_ensemble, self.uri, ref)
-        with self._lock:
-            self._refs[ref] = (now, info)
-            if len(self._refs) > 1024:
-                self._refs.pop(next(iter(self._refs)))
-        return info
-
-    def get(self, ref: str) -> LoadedEnsemble:
-        info = self.resolve(ref)
-        key = (info["name"], info["version"])
-        with self._lock:
-            loaded = self._cache.get(key)
-            if loaded is not None and loaded.info.get("source") == info.get("source"):
-                self._cache.move_to_end(key)
-                return loaded
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:
-            with self._lock:
-                loaded = self._cache.get(key)
-            if loaded is None or loaded.info.get("source") != info.get("source"):
-                loaded = self._load(info)
-                with self._lock:
-                    self._cache[key] = loaded
-                    self._cache.move_to_end(key)
-                    while len(self._cache) > max(1, self.settings.max_cached):
-                        self._cache.popitem(last=False)
-        return loaded
-
-    def peek(self, ref: str) -> Optional[LoadedEnsemble]:
-        """The loaded ensemble for ``ref`` if resolving and loading would both be cache hits (no I/O)."""
-        with self._lock:
-            hit = self._refs.get(ref)
-            if hit is None or time.monotonic() - hit[0] >= self.settings.alias_ttl_s:
-                return None
-            loaded = self._cache.get((hit[1]["name"], hit[1]["version"]))
-            if loaded is None or loaded.info.get("source") != hit[1].get("source"):
-                return None
-            self._cache.move_to_end((loaded.name, loaded.version))
-            return loaded
-
-    def _load(self, info: Dict[str, Any]) -> LoadedEnsemble:
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="ensemble-serve-") as tmp:
-            local = self._call(self.registry.download_ensemble, self.uri, info, tmp)
-            try:
-                ensemble = load_ensemble_dir(local, device=self.settings.torch_device())
-            except Exception as exc:  # a broken artifact, no CUDA for --device cuda, ...: the server's problem
-                log.exception("cannot load %s version %s", info["name"], info["version"])
-                raise ApiError(503, f"registered ensemble {info['name']} version {info['version']} "
-                                    f"cannot be loaded: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        metrics = {}
-        if info.get("run_id"):
-            raw = self.registry.run_metrics(self.uri, info["run_id"])
-            metrics = {k: float(v) for k, v in raw.items()
-                       if (k in self.tracking.PARENT_METRICS or k.startswith("ensemble_")) and _finite(v)}
-        self.loads += 1
-        log.info("loaded ensemble %s version %s (%d members) in %.2f s", info["name"], info["version"],
-                 ensemble.num_members, time.perf_counter() - t0)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ensemble-{info['name']}-v{info['version']}")
-        return LoadedEnsemble(info["name"], info["version"], info, ensemble, metrics, executor)
-
-    def preload(self) -> None:
-        try:
-            names = [e["name"] for e in self.list()]
-        except ApiError as exc:
-            log.warning("preload skipped: %s", exc.message)
-            return
-        for name in names[: self.settings.max_cached]:
-            try:
-                self.get(name)
-            except ApiError as exc:
-                log.warning("preload of %s failed: %s", name, exc.message)
-
-
-def _finite(v: Any) -> bool:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return False
-    return f == f and f not in (float("inf"), float("-inf"))
+__all__ = ["Settings", "create_app"]
 
 
 # --------------------------------------------------------------------------- limits

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from ensemble_service import aggregation
-from ensemble_service.api.app import ApiError, EnsembleStore, Settings
+from ensemble_service.api.store import ApiError, EnsembleStore, Settings
 from ensemble_service.api.auth import redact_uri
 from ensemble_service.api.schemas import (
     AggregateRequest, AggregateResponse, EnsembleInfo, EnsembleList, ErrorResponse, Health, PredictRequest,
