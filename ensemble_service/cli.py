@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ensemble_service import names  # noqa: E402
 from ensemble_service.environment import service_env_defaults  # noqa: E402  (light: no torch, Hydra, Ray or MLflow)
 
 service_env_defaults()
@@ -169,18 +170,18 @@ def result_tables(result) -> List[Table]:
     ens = Table(title="Ensemble (test set)", title_justify="left")
     ens.add_column("aggregation")
     ens.add_column("test acc", justify="right")
-    ens.add_row("mean (soft vote)", f"{e['ensemble_mean_test_acc']:.4f}")
-    ens.add_row("vote (majority)", f"{e['ensemble_vote_test_acc']:.4f}")
-    ens.add_row("weighted (by val acc)", f"{e['ensemble_weighted_test_acc']:.4f}")
-    ens.add_row("logit mean", f"{e['ensemble_logit_mean_test_acc']:.4f}")
-    ens.add_row("best member", f"{e['best_member_test_acc']:.4f}")
-    ens.add_row("mean member", f"{e['mean_member_test_acc']:.4f}")
-    ens.add_row("oracle (any member right)", f"{e['oracle_test_acc']:.4f}")
+    ens.add_row("mean (soft vote)", f"{e[names.ENSEMBLE_MEAN_TEST_ACC]:.4f}")
+    ens.add_row("vote (majority)", f"{e[names.ENSEMBLE_VOTE_TEST_ACC]:.4f}")
+    ens.add_row("weighted (by val acc)", f"{e[names.ENSEMBLE_WEIGHTED_TEST_ACC]:.4f}")
+    ens.add_row("logit mean", f"{e[names.ENSEMBLE_LOGIT_MEAN_TEST_ACC]:.4f}")
+    ens.add_row("best member", f"{e[names.BEST_MEMBER_TEST_ACC]:.4f}")
+    ens.add_row("mean member", f"{e[names.MEAN_MEMBER_TEST_ACC]:.4f}")
+    ens.add_row("oracle (any member right)", f"{e[names.ORACLE_TEST_ACC]:.4f}")
     extra = Table(title="Ensemble calibration and diversity (mean aggregation)", title_justify="left")
     for col in ("NLL", "Brier", "ECE (15 bins)", "disagreement"):
         extra.add_column(col, justify="right")
-    extra.add_row(f"{e['ensemble_mean_test_nll']:.4f}", f"{e['ensemble_mean_test_brier']:.4f}",
-                  f"{e['ensemble_mean_test_ece']:.4f}", f"{e['disagreement']:.4f}")
+    extra.add_row(f"{e[names.ENSEMBLE_MEAN_TEST_NLL]:.4f}", f"{e[names.ENSEMBLE_MEAN_TEST_BRIER]:.4f}",
+                  f"{e[names.ENSEMBLE_MEAN_TEST_ECE]:.4f}", f"{e[names.DISAGREEMENT]:.4f}")
     return [members, ens, extra]
 
 
@@ -453,10 +454,10 @@ def runs(
         def f(key: str) -> str:
             return f"{m[key]:.4f}" if key in m else "-"
 
-        rows.append([r.info.run_id, r.info.status, f("ensemble_mean_test_acc"), t.get("ensemble.strategy", ""),
-                     t.get("ensemble.members", ""), f("ensemble_vote_test_acc"), r.info.run_name or "",
-                     t.get("ensemble.data", ""), t.get("ensemble.model", ""), f("best_member_test_acc"),
-                     f("ensemble_mean_test_nll")])
+        rows.append([r.info.run_id, r.info.status, f(names.ENSEMBLE_MEAN_TEST_ACC), t.get(names.TAG_STRATEGY, ""),
+                     t.get(names.TAG_MEMBERS, ""), f(names.ENSEMBLE_VOTE_TEST_ACC), r.info.run_name or "",
+                     t.get(names.TAG_DATA, ""), t.get(names.TAG_MODEL, ""), f(names.BEST_MEMBER_TEST_ACC),
+                     f(names.ENSEMBLE_MEAN_TEST_NLL)])
     # a terminal gets what fits its width; a pipe or a log gets every column, however wide
     terminal = console.is_terminal
     shown = fit_columns(rows, console.width) if terminal else list(range(len(RUN_COLUMNS)))

@@ -29,10 +29,11 @@ import numpy as np  # noqa: E402
 from mlflow.entities import RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from ensemble_service import names  # noqa: E402
 from ensemble_service.tracking import TrackingError, _now_ms, client_for, resolve_uri, uninterrupted  # noqa: E402
 
 ENSEMBLE_MODEL_ARTIFACT = "ensemble_model"
-ENSEMBLE_MODEL_TAG = "ensemble.kind"      # registered-model tag marking our ensembles ("ensemble")
+ENSEMBLE_MODEL_TAG = names.TAG_KIND      # registered-model tag marking our ensembles (names.KIND_ENSEMBLE)
 _REF_ALIAS = re.compile(r"^[A-Za-z0-9_\-]+$")
 _REF_VERSION = re.compile(r"[0-9]{1,30}")  # ASCII digits only ('²'.isdigit() is True, int('²') fails)
 #: The largest model version number a registry can hold (MLflow stores versions as 32-bit SQL integers).
@@ -114,7 +115,7 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
             blob_meta=artifact.read_member(blob) if needs_meta else None))
     meta: Dict[str, Any] = {"name": model_name, "strategy": strategy, "parent_run_id": parent_run_id,
                             "experiment_id": run.info.experiment_id,
-                            "data": run.data.tags.get("ensemble.data", ""), "created": _now_ms()}
+                            "data": run.data.tags.get(names.TAG_DATA, ""), "created": _now_ms()}
     if class_names is not None:
         meta["class_names"] = [str(c) for c in class_names]
     if preprocessing is not None:
@@ -137,7 +138,7 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
         shutil.rmtree(model_dir, ignore_errors=True)
     source = f"{run.info.artifact_uri.rstrip('/')}/{ENSEMBLE_MODEL_ARTIFACT}"
     try:
-        client.create_registered_model(model_name, tags={ENSEMBLE_MODEL_TAG: "ensemble"},
+        client.create_registered_model(model_name, tags={ENSEMBLE_MODEL_TAG: names.KIND_ENSEMBLE},
                                        description="Ensemble registered by ensemble-service")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -147,7 +148,7 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
         archs[r["architecture"]] = archs.get(r["architecture"], 0) + 1
     mv = client.create_model_version(
         model_name, source, run_id=parent_run_id, description=description,
-        tags={"ensemble.strategy": strategy, "ensemble.members": str(len(member_blobs)),
+        tags={names.TAG_STRATEGY: strategy, names.TAG_MEMBERS: str(len(member_blobs)),
               "ensemble.architectures": json.dumps(archs), "ensemble.parent_run_id": parent_run_id,
               "ensemble.num_classes": str(manifest["num_classes"]),
               "ensemble.input_shape": json.dumps(manifest["input_shape"])})
@@ -157,8 +158,8 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
         except MlflowException:
             if alias.lower() != "latest":  # MLflow 3 reserves `latest`: it always means the newest version
                 raise
-    client.log_batch(parent_run_id, tags=[RunTag("ensemble.registered_model", model_name),
-                                          RunTag("ensemble.model_version", str(mv.version))])
+    client.log_batch(parent_run_id, tags=[RunTag(names.TAG_REGISTERED_MODEL, model_name),
+                                          RunTag(names.TAG_MODEL_VERSION, str(mv.version))])
     return RegisteredEnsemble(model_name, str(mv.version), source, parent_run_id, time.perf_counter() - t0)
 
 
@@ -211,7 +212,7 @@ def list_registered_ensembles(uri: Optional[str] = None) -> List[Dict[str, Any]]
     client = client_for(uri)
     out = []
     for rm in client.search_registered_models(max_results=1000):
-        if (rm.tags or {}).get(ENSEMBLE_MODEL_TAG) != "ensemble":
+        if (rm.tags or {}).get(ENSEMBLE_MODEL_TAG) != names.KIND_ENSEMBLE:
             continue
         versions = _ensemble_versions(client, rm.name)
         aliases: Dict[str, str] = {str(a): str(v) for a, v in (rm.aliases or {}).items()}
@@ -237,7 +238,7 @@ def resolve_ensemble(uri: Optional[str], ref: str) -> Dict[str, Any]:
     client = client_for(uri)
     try:
         rm = client.get_registered_model(name)
-        if (rm.tags or {}).get(ENSEMBLE_MODEL_TAG) != "ensemble":
+        if (rm.tags or {}).get(ENSEMBLE_MODEL_TAG) != names.KIND_ENSEMBLE:
             raise EnsembleNotFound(f"no registered ensemble named {name!r}")
         if version is not None:
             mv = client.get_model_version(name, version)

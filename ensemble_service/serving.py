@@ -409,9 +409,6 @@ class Ensemble:
         return Prediction(res.labels, res.probabilities, res.agreement,
                           torch.softmax(z, dim=-1) if return_members else None)
 
-    def predict_proba(self, x: Any) -> torch.Tensor:
-        """Mean-aggregated probabilities ``[B, C]`` (what the pyfunc model returns)."""
-        return self.predict(x, "mean").probabilities
 
 
 # --------------------------------------------------------------------------- on disk

@@ -36,16 +36,10 @@ import logging  # noqa: E402
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.tracking._tracking_service.utils"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 import numpy as np  # noqa: E402
+
+from ensemble_service import names  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-
-PARENT_METRICS = (
-    "ensemble_mean_test_acc", "ensemble_vote_test_acc", "ensemble_weighted_test_acc",
-    "ensemble_logit_mean_test_acc", "ensemble_mean_test_nll", "ensemble_mean_test_brier",
-    "ensemble_mean_test_ece", "best_member_test_acc", "mean_member_test_acc",
-    "disagreement", "oracle_test_acc",
-)
-
 
 class TrackingError(RuntimeError):
     pass
@@ -148,7 +142,7 @@ class EnsembleTracker:
     @uninterrupted
     def start_parent(self, run_name: str, config: Dict[str, Any], tags: Dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={"ensemble.kind": "parent", **tags})
+                                     tags={names.TAG_KIND: names.KIND_PARENT, **tags})
         self.parent_id = run.info.run_id
         self.open_runs.append(self.parent_id)
         params = [Param(k, v[:6000]) for k, v in sorted(flatten(config).items())]
@@ -163,13 +157,52 @@ class EnsembleTracker:
     def start_member(self, index: int, run_name: str, params: Dict[str, Any], tags: Dict[str, str]) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=run_name,
-            tags={"mlflow.parentRunId": self.parent_id, "ensemble.kind": "member",
-                  "ensemble.member_index": str(index), **tags},
+            tags={"mlflow.parentRunId": self.parent_id, names.TAG_KIND: names.KIND_MEMBER,
+                  names.TAG_MEMBER_INDEX: str(index), **tags},
         )
         rid = run.info.run_id
         self.open_runs.append(rid)
         self.client.log_batch(rid, params=[Param(k, v) for k, v in sorted(flatten(params).items())])
         return rid
+
+    # -- the project's terms ----------------------------------------------------------------
+    def log_data(self, parent: str, info: Dict[str, Any], test_labels) -> None:
+        """What the ensemble was trained on (data.json) and the test labels its metrics use."""
+        self.log_array(parent, test_labels, names.TEST_LABELS)
+        self.log_text(parent, json.dumps(info, indent=2), names.DATA_INFO)
+
+    def log_epochs(self, run_id: str, records: List[Dict[str, Any]]) -> None:
+        """Queue per-epoch metrics (step = epoch) of the records given."""
+        for rec in records:
+            values = {k: rec[k] for k in names.EPOCH_METRICS if k in rec}
+            self.queue_metrics(run_id, values, step=int(rec["epoch"]))
+
+    def log_member(self, run_id: str, result, tags: Dict[str, Any]) -> None:
+        """A finished member: its final metrics, tags, checkpoint and predictions; the run ends FINISHED."""
+        final = {k: v for k, v in result.metrics.items() if k in names.FINAL_METRICS}  # val_* are epoch series
+        self.queue_metrics(run_id, {**final, names.TRAIN_SECONDS: result.train_seconds})
+        self.queue_tags(run_id, tags)
+        self.log_bytes(run_id, result.weights, names.MEMBER_CHECKPOINT)
+        self.log_array(run_id, result.val_probs.numpy(), names.VAL_PROBS)
+        self.log_array(run_id, result.test_probs.numpy(), names.TEST_PROBS)
+        self.end(run_id, "FINISHED")
+
+    def fail_member(self, run_id: str, message: str) -> None:
+        self.set_tags(run_id, {names.TAG_ERROR: message[:4000]})
+        self.end(run_id, "FAILED")
+
+    def log_ensemble(self, parent: str, values: Dict[str, float], curve: Dict[str, List[float]],
+                     plots: Dict[str, bytes], table: List[Dict[str, Any]], mean_probs) -> None:
+        """The ensemble's metrics, its size curve (step k), plots, member table and mean probabilities."""
+        self.log_metrics(parent, values)
+        for k, acc, nll in zip(curve["k"], curve["acc"], curve["nll"]):
+            self.queue_metrics(parent, {names.SIZE_CURVE_ACC: acc, names.SIZE_CURVE_NLL: nll}, step=k)
+        self.flush(parent)
+        for path, png in plots.items():
+            self.log_bytes(parent, png, path)
+        self.log_text(parent, self.member_table_csv(table), names.MEMBER_TABLE_CSV)
+        self.log_text(parent, json.dumps(table, indent=2), names.MEMBER_TABLE_JSON)
+        self.log_array(parent, mean_probs, names.ENSEMBLE_TEST_PROBS)
 
     def log_metrics(self, run_id: str, values: Dict[str, float], step: int = 0) -> None:
         self.queue_metrics(run_id, values, step)
@@ -266,7 +299,7 @@ class EnsembleTracker:
                 return
             if reason:
                 for rid in ids:
-                    self.queue_tags(rid, {"ensemble.error": reason[:4000]})
+                    self.queue_tags(rid, {names.TAG_ERROR: reason[:4000]})
             try:
                 self._close_batched(ids, status)
             except Exception:
@@ -550,21 +583,6 @@ def recent_parent_runs(uri: Optional[str] = None, experiment: Optional[str] = No
         return []
     return client.search_runs(ids, filter_string="tags.`ensemble.kind` = 'parent'",
                               order_by=["attributes.start_time DESC"], max_results=limit)
-
-
-def member_runs(parent_run_id: str, uri: Optional[str] = None):
-    client = client_for(uri)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)
-    return sorted(runs, key=lambda r: int(r.data.tags.get("ensemble.member_index", 0)))
-
-
-def load_array(run_id: str, artifact_path: str, uri: Optional[str] = None) -> np.ndarray:
-    client = client_for(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, artifact_path, tmp)
-        return np.load(local, allow_pickle=False)
 
 
 def ui_command(uri: Optional[str], host: str, port: int) -> List[str]:

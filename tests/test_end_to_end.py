@@ -9,16 +9,19 @@ from typer.testing import CliRunner
 
 from ensemble_service import aggregation
 from ensemble_service.cli import app
-from ensemble_service.tracking import load_array
+from ensemble_service import names
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 
-PARENT_METRICS = [
-    "ensemble_mean_test_acc", "ensemble_vote_test_acc", "ensemble_weighted_test_acc",
-    "ensemble_mean_test_nll", "ensemble_mean_test_brier", "ensemble_mean_test_ece",
-    "best_member_test_acc", "mean_member_test_acc", "disagreement", "oracle_test_acc",
-]
+PARENT_METRICS = names.PARENT_METRICS
+
+
+def load_array(run_id: str, path: str, uri: str):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return np.load(MlflowClient(uri).download_artifacts(run_id, path, tmp), allow_pickle=False)
 
 
 ROOTED = ("data=mnist1d", "data=mnist", "data=fashion_mnist", "data=cifar10")  # the sources with a data.root

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
 
-from ensemble_service import aggregation
+from ensemble_service import aggregation, names
 from ensemble_service.api.store import ApiError, EnsembleStore, Settings
 from ensemble_service.api.auth import redact_uri
 from ensemble_service.api.schemas import (
@@ -109,10 +109,10 @@ def list_ensembles(request: Request) -> Dict[str, Any]:
         versions = []
         for v in e["versions"]:
             tags = v.get("tags") or {}
-            members = tags.get("ensemble.members")
+            members = tags.get(names.TAG_MEMBERS)
             versions.append({"version": v["version"], "aliases": v["aliases"], "run_id": v.get("run_id"),
                              "created": v.get("created", 0), "status": v.get("status"),
-                             "strategy": tags.get("ensemble.strategy"),
+                             "strategy": tags.get(names.TAG_STRATEGY),
                              "members": int(members) if members and members.isdecimal() else None})
         out.append({"name": e["name"], "latest_version": e["latest_version"], "aliases": e["aliases"],
                     "versions": versions})
@@ -136,7 +136,7 @@ def ensemble_info(request: Request, name: str = NamePath) -> Dict[str, Any]:
         members.append(d)
     return {"name": le.name, "version": le.version, "aliases": info.get("aliases", []),
             "run_id": info.get("run_id"), "created": info.get("created", 0),
-            "strategy": ens.meta.get("strategy") or (info.get("tags") or {}).get("ensemble.strategy"),
+            "strategy": ens.meta.get("strategy") or (info.get("tags") or {}).get(names.TAG_STRATEGY),
             "data": ens.meta.get("data") or None, "num_members": ens.num_members,
             "input_shape": list(ens.input_shape), "num_classes": ens.num_classes,
             "class_names": ens.class_names, "inputs": _inputs_doc(ens),

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from ensemble_service import names  # noqa: E402
 from ensemble_service.serving import Ensemble, load_ensemble_dir  # noqa: E402
 
 log = logging.getLogger("ensemble_service.api")
@@ -105,9 +106,6 @@ class LoadedEnsemble:
 
     def submit(self, inputs: Any, method: str, weights: Optional[List[float]], return_members: bool) -> Future:
         return self.executor.submit(self.ensemble.predict, inputs, method, weights, return_members)
-
-    def predict(self, inputs: Any, method: str, weights: Optional[List[float]], return_members: bool):
-        return self.submit(inputs, method, weights, return_members).result()
 
     # No explicit shutdown when a version leaves the cache: a request may still hold it. Once
     # nothing refers to it, the executor is collected and its idle thread exits.
@@ -206,7 +204,7 @@ class EnsembleStore:
         if info.get("run_id"):
             raw = self.registry.run_metrics(self.uri, info["run_id"])
             metrics = {k: float(v) for k, v in raw.items()
-                       if (k in self.tracking.PARENT_METRICS or k.startswith("ensemble_")) and _finite(v)}
+                       if (k in names.PARENT_METRICS or k.startswith("ensemble_")) and _finite(v)}
         self.loads += 1
         log.info("loaded ensemble %s version %s (%d members) in %.2f s", info["name"], info["version"],
                  ensemble.num_members, time.perf_counter() - t0)
