@@ -170,10 +170,12 @@ def test_job_on_two_nodes_survives_a_killed_worker(stack):
     proc = subprocess.Popen([str(BIN / "ensemble"), "submit", "--address", stack["address"], "--wait", *overrides],
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def training_member():
+        def training_member():  # one that has finished an epoch and is far from done (8 epochs)
             _, members = experiment_runs(client, "multinode")
             for m in members:
-                if "ensemble.pid" in m.data.tags and client.get_metric_history(m.info.run_id, "train_loss"):
+                epochs = len(client.get_metric_history(m.info.run_id, "train_loss"))
+                pid = m.data.tags.get("ensemble.pid")
+                if pid and 1 <= epochs <= 3 and m.info.status == "RUNNING" and Path(f"/proc/{pid}").exists():
                     return m
             return None
 
