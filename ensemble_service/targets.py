@@ -32,25 +32,24 @@ def locate(path: Any, where: str) -> Any:
     parts = path.strip().split(".")
     if any(not p.isidentifier() for p in parts):
         raise TargetError(f"{where}={path} is not a dotted import path (e.g. mypkg.nets.TinyNet)")
-    module = None
-    for i in range(len(parts), 0, -1):
+    module, attrs = None, []
+    for i in range(1, len(parts) + 1):
         name = ".".join(parts[:i])
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            missing = exc.name or ""
-            if name == missing or name.startswith(missing + "."):
-                continue  # this prefix is not a module; try a shorter one
-            raise TargetError(f"{where}={path}: importing {name} failed: {first_line(exc)}") from None
+            if exc.name != name:  # the module exists but something it imports does not
+                raise TargetError(f"{where}={path}: importing {name} failed: {first_line(exc)}") from None
+            if module is None:
+                raise TargetError(f"{where}={path}: no module named {parts[0]!r} (run from the directory that holds "
+                                  "it, or add that directory to PYTHONPATH)") from None
+            attrs = parts[i - 1:]  # the rest are attributes of the last module
+            break
         except Exception as exc:  # the user's module raised while importing
             raise TargetError(f"{where}={path}: importing {name} raised {type(exc).__name__}: "
                               f"{first_line(exc)}") from None
-        break
-    if module is None:
-        raise TargetError(f"{where}={path}: no module named {parts[0]!r} (run from the directory that holds it, "
-                          "or add that directory to PYTHONPATH)")
     obj: Any = module
-    for depth, attr in enumerate(parts[i:], start=i):
+    for depth, attr in enumerate(attrs, start=len(parts) - len(attrs)):
         if not hasattr(obj, attr):
             owner = ".".join(parts[:depth])
             raise TargetError(f"{where}={path}: {owner} has no attribute {attr!r}")

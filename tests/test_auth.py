@@ -425,11 +425,12 @@ def test_ui_binds_loopback_and_says_how_to_tunnel(monkeypatch, tmp_path):
 
     monkeypatch.setattr(subprocess, "Popen", FakeServer)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    r = runner.invoke(cli_app, ["ui", "--port", "5055", "--tracking-uri", uri])
+    port = free_port()
+    r = runner.invoke(cli_app, ["ui", "--port", str(port), "--tracking-uri", uri])
     assert r.exit_code == 0, r.output
     assert calls[0][calls[0].index("--host") + 1] == "127.0.0.1"
-    assert f"ssh -N -L 5055:127.0.0.1:5055 {socket.gethostname()}" in r.output and "warning" not in r.output
-    r = runner.invoke(cli_app, ["ui", "--host", "0.0.0.0", "--port", "5055", "--tracking-uri", uri])
+    assert f"ssh -N -L {port}:127.0.0.1:{port} {socket.gethostname()}" in r.output and "warning" not in r.output
+    r = runner.invoke(cli_app, ["ui", "--host", "0.0.0.0", "--port", str(port), "--tracking-uri", uri])
     assert r.exit_code == 0 and "warning: the MLflow UI has no login" in r.output and "ssh -N" not in r.output
 
 

@@ -5,9 +5,7 @@ Also holds the helpers the API / registry tests share (`Spec`, `train_members`, 
 from __future__ import annotations
 
 import io
-import json
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +13,10 @@ import pytest
 import torch
 
 from ensemble_service import aggregation
-from ensemble_service.artifact import ArtifactError, member_blob, member_record, read_member, write_ensemble_dir
+from ensemble_service.artifact import member_blob, member_record, read_member
 from ensemble_service.data import load_dataset
 from ensemble_service.models import create_model
-from ensemble_service.serving import Ensemble, ServingError, as_input_tensor, load_ensemble_dir
+from ensemble_service.serving import Ensemble, ServingError, as_input_tensor
 from workers.member import train_member
 
 SHAPES = {"mlp": (1, 8, 8), "lenet": (1, 8, 8), "alexnet": (1, 8, 8), "vgg": (1, 8, 8), "resnet": (1, 8, 8),
@@ -288,73 +286,6 @@ def test_mixed_mc_and_stacked_members():
     x = torch.randn(3, 64)
     z = ens.logits(x)
     torch.testing.assert_close(z[[0, 3]], loop_logits(plain, x.view(3, 1, 8, 8)), rtol=1e-4, atol=1e-5)
-
-
-def test_member_record_mc_seed_sources():
-    assert member_record(0, extra={"role": "mc_sample", "sample": 1, "sample_seed": 9, "mc_seed": 5})["sample_seed"] == 9
-    from_base = [member_record(s, extra={"role": "mc_sample", "sample": s, "mc_seed": 5})["sample_seed"] for s in range(3)]
-    assert len(set(from_base)) == 3  # one seed per pass, never shared
-    derived = member_record(0, extra={"role": "mc_sample", "sample": 2}, blob_meta={"mc_dropout": {"seed": 3}})
-    from ensemble_service.models import derive_seed
-
-    assert derived["sample_seed"] == derive_seed(3, "mc_dropout", 2)
-    assert from_base[1] == derive_seed(5, "mc_dropout", 1)
-    with pytest.raises(ArtifactError):
-        member_record(0, extra={"role": "mc_sample", "sample": 2})
-    with pytest.raises(ArtifactError):
-        member_record(0, extra={"role": "mc_sample", "mc_seed": 4})
-    rec = member_record(4, "mlp", {"name": "mlp"}, {"val_acc": 0.5, "bad": float("nan"), "flag": True})
-    assert rec == {"index": 4, "role": "member", "architecture": "mlp", "model": {"name": "mlp"},
-                   "metrics": {"val_acc": 0.5}}
-
-
-# --------------------------------------------------------------------------- on disk
-
-
-def test_write_and_load_ensemble_dir_round_trip(tmp_path):
-    mc = blob_of("mlp", 0, dropout=0.5)
-    blobs = [blob_of("lenet", 1), mc, mc, mc]
-    records = [member_record(0, "lenet", metrics={"val_acc": 0.9})] + _mc_records(3)
-    for k in range(1, 4):
-        records[k]["index"] = k
-    manifest = write_ensemble_dir(tmp_path / "ens", blobs, records, {"strategy": "mixed", "name": "x"})
-    assert manifest["num_members"] == 4 and manifest["input_shape"] == [1, 8, 8] and manifest["num_classes"] == 3
-    assert len(list((tmp_path / "ens" / "members").iterdir())) == 2  # MC samples share one file
-    on_disk = json.loads((tmp_path / "ens" / "manifest.json").read_text())
-    assert on_disk["members"][1]["file"] == on_disk["members"][3]["file"]
-    loaded = load_ensemble_dir(tmp_path / "ens")
-    direct = Ensemble.from_blobs(blobs, records)
-    x = torch.randn(4, 64)
-    torch.testing.assert_close(loaded.logits(x), direct.logits(x))
-    assert loaded.meta["strategy"] == "mixed"
-    assert [m.record["index"] for m in loaded.members] == [0, 1, 2, 3]
-
-
-def test_manifest_cannot_point_outside_its_directory(tmp_path):
-    write_ensemble_dir(tmp_path / "ens", [blob_of("mlp", 0)], [member_record(0, "mlp")])
-    manifest = json.loads((tmp_path / "ens" / "manifest.json").read_text())
-    manifest["members"][0]["file"] = "../../etc/passwd"
-    (tmp_path / "ens" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ServingError, match="outside"):
-        load_ensemble_dir(tmp_path / "ens")
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-def test_blobs_are_never_unpickled():
-    buf = io.BytesIO()
-    torch.save({"model": {"name": "mlp"}, "input_shape": [1], "num_classes": 2, "state_dict": {}, "x": _Evil()}, buf)
-    with pytest.raises(ArtifactError, match="cannot read member checkpoint"):
-        read_member(buf.getvalue())
-    with pytest.raises(ArtifactError):
-        read_member(b"not a checkpoint")
-    with pytest.raises(ArtifactError, match="lacks"):
-        buf = io.BytesIO()
-        torch.save({"model": {"name": "mlp"}}, buf)
-        read_member(buf.getvalue())
 
 
 def test_members_must_agree_on_shape_and_classes():
