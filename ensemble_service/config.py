@@ -188,6 +188,9 @@ def compose(overrides: List[str] | None = None):
     for o in overrides:
         if o.startswith("-"):
             raise ConfigError(f"unknown option {o!r}; overrides look like key=value (see `ensemble submit --help`)")
+        if not _override_key(o).strip():
+            raise ConfigError(f"malformed override {o!r}: no key before '='; overrides look like key=value, "
+                              "e.g. strategy.members=5")
     overrides = _select_custom_groups(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
@@ -429,6 +432,13 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     # tracking
     if not cfg.tracking.experiment.strip():
         raise ConfigError("tracking.experiment must not be empty")
+    name = cfg.tracking.model_name
+    if name is not None:
+        bad = [c for c in "/:@" if c in name]
+        if not name.strip() or bad or name != name.strip():
+            why = (f"must not contain {' or '.join(repr(c) for c in bad)} (they separate names, versions and "
+                   "aliases in models:/name@alias)") if bad else "must not be empty or start/end with spaces"
+            raise ConfigError(f"tracking.model_name={name!r} {why}; leave it null to use the experiment name")
 
 
 def _validate_strategy(cfg: Config, model) -> None:
