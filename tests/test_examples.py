@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
+from processes import free_port, serving
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +29,6 @@ def readme_block(n: int) -> list:
     """The lines of the n-th ```bash block of the example's README."""
     blocks = re.findall(r"```bash\n(.*?)```", (EXAMPLE / "README.md").read_text(), flags=re.S)
     return [line for line in blocks[n].splitlines() if line.strip() and not line.startswith("#")]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -81,17 +74,7 @@ def test_served_and_loaded_where_the_users_module_is_not_importable(project):
     env = project["env"]
     assert subprocess.run([sys.executable, "-c", "import nets"], cwd=elsewhere, env=env,
                           capture_output=True).returncode != 0
-    port = free_port()
-    server = subprocess.Popen([str(BIN / "ensemble"), "serve", "--port", str(port)], cwd=elsewhere, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with serving(elsewhere, env, free_port()) as url:
         project_dir = project["dir"]
         # the README's predict commands (second block), run from the example's folder
         predict = [line for line in readme_block(1) if line.startswith("ensemble predict")]
@@ -127,9 +110,3 @@ def test_served_and_loaded_where_the_users_module_is_not_importable(project):
         with open(project_dir / "digit_images" / "5" / "0005.png", "rb") as f:
             r = httpx.post(f"{url}/v1/ensembles/digit-images/predict", files=[("files", ("x.png", f.read()))])
         assert r.status_code == 200 and r.json()["class_names"] == [str(r.json()["labels"][0])]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from processes import free_port, serving
 
 pytestmark = pytest.mark.slow
 
@@ -48,23 +46,10 @@ def demo(tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "registered model: demo/versions/1" in proc.stdout
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env["ENSEMBLE_URL"] = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([str(BIN / "ensemble"), "serve", "--port", str(port)], cwd=folder, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"{env['ENSEMBLE_URL']}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with serving(folder, env, port):
         yield {"dir": folder, "env": env, "port": port}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=20)
 
 
 def test_the_serving_sections_commands_run_as_written_after_make_demo(demo):
