@@ -137,3 +137,89 @@ def test_ui_on_a_port_in_use_exits_2(tmp_path):
     assert result.output.strip() == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
                                      "(another server is using it; choose one with --port)")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the user's own model and data: every problem is one line, exit 2, nothing started -----------
+
+
+USER_MODULE = '''
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self, input_shape, num_classes, hidden=8):
+        super().__init__()
+        self.fc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, hidden), torch.nn.ReLU(),
+                                      torch.nn.Linear(hidden, num_classes))
+    def forward(self, x):
+        return self.fc(x)
+
+class Raises(torch.nn.Module):
+    def __init__(self, num_classes):
+        raise RuntimeError("no weights file found")
+
+def returns_int(num_classes):
+    return 3
+
+def bad_loader():
+    return "not data"
+'''
+
+
+@pytest.fixture
+def user_project(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "usermod.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "usermod", raising=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)).astype("float32"), np.arange(40) % 2
+    np.savez(tmp_path / "good.npz", x=x, y=y)
+    np.savez(tmp_path / "no_y.npz", x=x)
+    np.savez(tmp_path / "frac.npz", x=x, y=y + 0.5)
+    np.savez(tmp_path / "nan.npz", x=np.where(np.arange(160).reshape(40, 4) == 7, np.nan, x), y=y)
+    np.savez(tmp_path / "one_class.npz", x=x, y=np.zeros(40, dtype=int))
+    np.savez(tmp_path / "short.npz", x=x, y=y[:30])
+    (tmp_path / "t.csv").write_text("a,b,label\n1,2,x\n3,,y\n" + "".join(f"{i},{i},{'xy'[i % 2]}\n" for i in range(20)))
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (4, 4), color=i * 40).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+USER_BAD = [
+    (["model._target_=nosuchpkg.Net"], "model._target_=nosuchpkg.Net: no module named 'nosuchpkg'"),
+    (["model._target_=usermod.Nope"], "model._target_=usermod.Nope: usermod has no attribute 'Nope'"),
+    (["model._target_=usermod.returns_int"], "returned a int, not a torch.nn.Module"),
+    (["model._target_=usermod.Raises"], "model._target_=usermod.Raises raised RuntimeError: no weights file found"),
+    (["model._target_=usermod.Net", "+model.hiden=3"], "unexpected keyword argument 'hiden'"),
+    (["data=digits", "model._target_=usermod.Net"], "a forward pass on a batch of shape [2, 1, 8, 8]"),
+    (["data=arrays", "data.path=missing.npz"], "data.path=missing.npz: no such file"),
+    (["data=arrays", "data.path=no_y.npz"], "has 'x' but no 'y'"),
+    (["data=arrays", "data.path=frac.npz"], "must hold integer class labels 0..C-1"),
+    (["data=arrays", "data.path=nan.npz"], "NaN or infinite"),
+    (["data=arrays", "data.path=one_class.npz"], "at least 2"),
+    (["data=arrays", "data.path=short.npz"], "x has 40 rows but y has 30 labels"),
+    (["data=csv", "data.path=t.csv", "data.target=nope"], "data.target='nope' is not a column of t.csv"),
+    (["data=csv", "data.path=t.csv", "data.target=label"], "missing values (first: line 3, column 'b')"),
+    (["data=image_folder", "data.root=imgs"], "broken.png is not an image Pillow can read"),
+    (["data._target_=usermod.bad_loader"], "returned a str"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", USER_BAD, ids=[" ".join(o) for o, _ in USER_BAD])
+def test_bad_user_models_and_data_exit_2_with_one_line_and_leave_no_run(overrides, needle, user_project):
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    if not any(o.startswith("data") for o in overrides):
+        overrides = ["data=arrays", "data.path=good.npz", *overrides]
+    result = runner.invoke(app, ["submit", *overrides, f"tracking.uri=sqlite:///{user_project}/m.db"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
+    assert not (user_project / "m.db").exists() and ray.is_initialized() == ray_was_up
