@@ -389,14 +389,13 @@ def _submit_multirun(overrides: List[str], address: Optional[str], wait: bool) -
         fail(f"tracking.sweep={tag!r} must be one tag (letters, digits, -, _, .)")
     if not given:
         combos = [c + [f"tracking.sweep={tag}"] for c in combos]
+    varied = [[o for o in combo if o not in overrides and not o.startswith("tracking.sweep=")] for combo in combos]
     configs = []
-    for combo in combos:
+    for combo, v in zip(combos, varied):
         try:
             configs.append(load_config(combo, check_files=address is None))
         except ConfigError as exc:
-            shown = " ".join(o for o in combo if not o.startswith("tracking.sweep="))
-            fail(f"{shown}: {exc}")
-    varied = [[o for o in combo if o not in overrides and not o.startswith("tracking.sweep=")] for combo in combos]
+            fail(f"{' '.join(v) + ': ' if v else ''}{exc}")
     console.print(f"sweep {tag}: {len(combos)} ensembles ({'; '.join(' '.join(v) or '(no sweep)' for v in varied)})",
                   highlight=False, soft_wrap=True)
     if address:

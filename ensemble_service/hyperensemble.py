@@ -96,8 +96,7 @@ def select(*, experiments: List[str] = (), runs: List[str] = (), sweep: Optional
         weights = [counts[p] / len(sel.picks) for p in counts]
         for m in chosen:                                     # read now: the reader's downloads go when it closes
             m.weights  # noqa: B018
-        where = experiment or (experiments[0] if experiments else
-                               reader.client.get_experiment(reader.run(pool.parents[0]).info.experiment_id).name)
+        where = experiment or (experiments[0] if experiments else reader.experiment_name(reader.run(pool.parents[0])))
         uri = reader.uri
 
     w = torch.tensor(weights, dtype=torch.float64)

@@ -649,6 +649,10 @@ class RunReader:
             ids.append(exp.experiment_id)
         return ids
 
+    def experiment_name(self, run) -> str:
+        """The name of the experiment ``run`` belongs to."""
+        return self.client.get_experiment(run.info.experiment_id).name
+
     def _search(self, experiment_ids: Optional[List[str]], filters: List[str]):
         ids = experiment_ids if experiment_ids is not None else [e.experiment_id for e in self.client.search_experiments()]
         if not ids:

@@ -20,6 +20,8 @@ from workers.state import MemberError
 from workers.student import distillation_loss, train_student
 from workers.trajectory import train_trajectory
 
+slow = pytest.mark.slow   # these train (in-process, tiny): end-to-end through MLflow and the registry
+
 SMALL = ["data=synthetic", "model=mlp", "model.depth=1", "model.width=16", "trainer.epochs=2",
          "trainer.batch_size=16", "trainer.device=cpu"]
 
@@ -77,6 +79,7 @@ def all_runs(tmp_path):
 # --------------------------------------------------------------------------- grow
 
 
+@slow
 def test_grow_by_two_reuses_the_three_members_and_registers_version_two(tmp_path):
     first = submit(tmp_path, "grow", "strategy.members=3")
     assert first.model_version == "grow/versions/1"
@@ -120,6 +123,7 @@ def test_grow_by_two_reuses_the_three_members_and_registers_version_two(tmp_path
     assert curve[5] == pytest.approx(m["mean_nll"], abs=1e-9)
 
 
+@slow
 def test_growing_twice_keeps_every_earlier_member(tmp_path):
     submit(tmp_path, "twice", "strategy.members=2")
     grow.grow("twice", 1, [], uri(tmp_path), scheduler=InProcess())
@@ -130,6 +134,7 @@ def test_growing_twice_keeps_every_earlier_member(tmp_path):
     assert [r["seed"] for r in third.members] == [0, 1, 2, 3]
 
 
+@slow
 @pytest.mark.parametrize("args,message", [
     (("nope", 2, []), "no registered ensemble 'nope'"),
     (("bad", 0, []), "--members must be at least 1"),
@@ -145,12 +150,14 @@ def test_grow_bad_input_is_one_line_and_leaves_no_run(tmp_path, args, message):
     assert len(all_runs(tmp_path)) == before
 
 
+@slow
 def test_only_independent_ensembles_grow(tmp_path):
     submit(tmp_path, "snap", "strategy=snapshot", "strategy.cycles=2", "optimizer=sgd", "tracking.register=true")
     with pytest.raises(ConfigError, match="snap/versions/1 is a strategy=snapshot ensemble; grow adds independent"):
         grow.prepare("snap", 1, [], uri(tmp_path))
 
 
+@slow
 def test_cli_grow_unknown_ensemble_is_exit_2_one_line(tmp_path):
     submit(tmp_path, "cli", "strategy.members=1")
     result = CliRunner().invoke(app, ["grow", "nope", "--members", "2", "--tracking-uri", uri(tmp_path)])
@@ -175,6 +182,7 @@ def pool(tmp_path_factory):
     return tmp
 
 
+@slow
 def test_selection_beats_the_best_member_and_the_pool_on_validation(pool):
     res = hyperensemble.select(experiments=["pool"], size=12, metric="val_nll", uri=uri(pool))
     v = res.values
@@ -213,6 +221,7 @@ def test_selection_beats_the_best_member_and_the_pool_on_validation(pool):
     assert [m["run_id"] for m in man["members"]] == [r["run_id"] for r in res.members]
 
 
+@slow
 def test_select_by_runs_and_val_acc(pool):
     client = MlflowClient(uri(pool))
     parents = client.search_runs([client.get_experiment_by_name("pool").experiment_id],
@@ -223,6 +232,7 @@ def test_select_by_runs_and_val_acc(pool):
     assert res.values[names.ENSEMBLE_MEAN_VAL_ACC] >= res.values[names.BEST_MEMBER_VAL_ACC]
 
 
+@slow
 @pytest.mark.parametrize("kwargs,message", [
     (dict(experiments=["pool", "other"], size=3), "the pool mixes data sets or splits"),
     (dict(experiments=["nope"], size=3), "no experiment 'nope'"),
@@ -239,6 +249,7 @@ def test_select_bad_input(pool, kwargs, message):
     assert len(all_runs(pool)) == before
 
 
+@slow
 def test_select_an_empty_pool_is_exit_2(pool):
     MlflowClient(uri(pool)).create_experiment("empty")
     result = CliRunner().invoke(app, ["select", "--experiment", "empty", "--size", "3", "--tracking-uri", uri(pool)])
@@ -260,6 +271,7 @@ def test_distillation_loss_by_hand():
     assert distillation_loss(z, q, torch.tensor([0]), T, 0.0).item() == pytest.approx(ce.item(), rel=1e-6)
 
 
+@slow
 def test_distill_trains_a_student_and_a_baseline_and_registers_the_student(tmp_path):
     teacher = submit(tmp_path, "kd", "strategy.members=3", "data.n_train=192")
     res = distill.distill("kd", ["trainer.epochs=3"], uri(tmp_path), scheduler=InProcess(), temperature=2.0, alpha=0.5)
@@ -293,6 +305,7 @@ def test_distill_trains_a_student_and_a_baseline_and_registers_the_student(tmp_p
     assert np.abs(mlflow.pyfunc.load_model("models:/kd-distilled/1").predict(x) - probs).max() < 1e-5
 
 
+@slow
 @pytest.mark.parametrize("args,kwargs,message", [
     (("nope",), {}, "no registered ensemble 'nope'"),
     (("kd2", ["data.split_seed=2"]), {}, "the data set differs"),
@@ -315,3 +328,23 @@ def test_data_digest_tells_splits_apart():
     b = load(load_config(SMALL + ["data.split_seed=1"]).data)
     assert lineage.data_digest(a) == lineage.data_digest(load(load_config(SMALL).data))
     assert lineage.data_digest(a) != lineage.data_digest(b)
+
+
+def test_a_multirun_with_a_bad_combination_trains_nothing(tmp_path):
+    import ray
+
+    up = ray.is_initialized()
+    res = CliRunner().invoke(app, ["submit", "--multirun", "model=mlp,nope", "optimizer.lr=0.1,0.2",
+                                   f"tracking.uri={uri(tmp_path)}", "data=synthetic"])
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: model=nope optimizer.lr=0.1: unknown model 'nope'; choose one of:"), res.output
+    assert not (tmp_path / "mlflow.db").exists() and ray.is_initialized() == up
+    res = CliRunner().invoke(app, ["submit", "--multirun", "optimizer.lr=interval(0,1)", "data=synthetic"])
+    assert res.exit_code == 2 and "continuous sweep" in res.output
+
+
+@pytest.mark.parametrize("cmd", [["grow"], ["select"], ["distill"]])
+def test_help_of_the_new_commands(cmd):
+    res = CliRunner().invoke(app, cmd + ["--help"])
+    assert res.exit_code == 0 and "Usage" in res.output

@@ -12,8 +12,8 @@ where it has them, else uniform). The student's loss per batch is
 (T^2 keeps the soft term's gradients on the hard term's scale as T changes). Everything else is
 the member loop's (``workers.member``): seed, data order, per-epoch validation, checkpoint, events.
 The result carries, in ``extra``, the teacher's test metrics and the forward time of the teacher
-and of the student over the test split, measured here on the same device and threads (the best
-of ``TIMING_REPEATS``).
+and of the student over the test split, both run as ``ensemble_service.serving`` serves them, on
+the same device and threads (the best of ``TIMING_REPEATS``).
 """
 from __future__ import annotations
 
@@ -119,10 +119,11 @@ def train_student(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned:
 
     result = evaluate(spec, spec.index, spec.seed, model, data, progress, device, history=progress.history,
                       extra={"role": "student"})
+    served = Ensemble.from_blobs([result.weights], None, {}, device=device)   # as the student will be served
     with torch.inference_mode():
         taught = metrics.member_metrics(teacher_probs(teacher, data.x_test), data.y_test)
         teacher_s = _best_time(lambda: teacher.logits(data.x_test), device)
-        student_s = _best_time(lambda: predict_logits(model, data.x_test, device), device)
+        student_s = _best_time(lambda: served.logits(data.x_test), device)
     result.extra.update(teacher_test_acc=taught["acc"], teacher_test_nll=taught["nll"], teacher_test_ece=taught["ece"],
                         teacher_members=teacher.num_members, teacher_forward_seconds=teacher_s,
                         student_forward_seconds=student_s)
