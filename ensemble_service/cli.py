@@ -565,8 +565,8 @@ def distill(
     ensemble: str = typer.Argument(..., help="Registered ensemble (the teacher): name, name@alias or name/versions/N."),
     overrides: Optional[List[str]] = typer.Argument(
         None, help="The student: model=M, trainer.* and optimizer.* over the ensemble's own config."),
-    temperature: float = typer.Option(4.0, "--temperature", "-T", help="Softmax temperature of the soft targets."),
-    alpha: float = typer.Option(0.9, "--alpha", help="Share of the soft-target term in the loss (1 - alpha: the "
+    temperature: float = typer.Option(2.0, "--temperature", "-T", help="Softmax temperature of the soft targets."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Share of the soft-target term in the loss (1 - alpha: the "
                                                      "hard labels' cross-entropy)."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also train the student's architecture "
                                                                           "alone on the labels, for comparison."),
