@@ -183,7 +183,7 @@ def pool(tmp_path_factory):
 
 
 @slow
-def test_selection_beats_the_best_member_and_the_pool_on_validation(pool):
+def test_selection_beats_the_best_member_and_the_pool_on_validation(pool, monkeypatch):
     res = hyperensemble.select(experiments=["pool"], size=12, metric="val_nll", uri=uri(pool))
     v = res.values
     assert res.pool_size == 12 and res.model_version == "pool-selected/versions/1"
@@ -212,7 +212,7 @@ def test_selection_beats_the_best_member_and_the_pool_on_validation(pool):
 
     from ensemble_service.data import load
 
-    mlflow.set_tracking_uri(uri(pool))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri(pool))   # not mlflow.set_tracking_uri: it outlives the test
     model = mlflow.pyfunc.load_model("models:/pool-selected/1")
     x_test = load(load_config(SMALL + ["data.n_train=192"]).data).x_test.numpy()
     assert np.abs(model.predict(x_test) - sel_test.numpy()).max() < 1e-5
@@ -272,7 +272,7 @@ def test_distillation_loss_by_hand():
 
 
 @slow
-def test_distill_trains_a_student_and_a_baseline_and_registers_the_student(tmp_path):
+def test_distill_trains_a_student_and_a_baseline_and_registers_the_student(tmp_path, monkeypatch):
     teacher = submit(tmp_path, "kd", "strategy.members=3", "data.n_train=192")
     res = distill.distill("kd", ["trainer.epochs=3"], uri(tmp_path), scheduler=InProcess(), temperature=2.0, alpha=0.5)
     assert res.model_version == "kd-distilled/versions/1"
@@ -299,7 +299,7 @@ def test_distill_trains_a_student_and_a_baseline_and_registers_the_student(tmp_p
 
     from ensemble_service.data import load
 
-    mlflow.set_tracking_uri(uri(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri(tmp_path))
     x = load(load_config(SMALL + ["data.n_train=192"]).data).x_test.numpy()
     probs = array(client, res.run_id, names.TEST_PROBS, tmp_path)
     assert np.abs(mlflow.pyfunc.load_model("models:/kd-distilled/1").predict(x) - probs).max() < 1e-5
