@@ -78,8 +78,12 @@ def read_member(blob: bytes) -> Dict[str, Any]:
 
 def member_record(index: int, architecture: Optional[str] = None, model: Optional[Mapping[str, Any]] = None,
                   metrics: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None,
-                  *, blob_meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                  *, blob_meta: Optional[Mapping[str, Any]] = None, weight: Optional[float] = None,
+                  run_id: Optional[str] = None) -> Dict[str, Any]:
     """The manifest entry of one member (JSON-safe), from what the runner has about it.
+
+    ``weight`` (a selection's share of the picks, ``ensemble select``) is the member's aggregation
+    weight when the ensemble is served; ``run_id`` names the member's MLflow run.
 
     ``extra`` is the worker result's ``extra``: ``{"role": "mc_sample", "sample": s, ...}`` marks
     MC-dropout pass ``s``. Its seed is ``sample_seed`` (the pass's own seed, as the trajectory worker
@@ -95,6 +99,12 @@ def member_record(index: int, architecture: Optional[str] = None, model: Optiona
         rec["model"] = json.loads(json.dumps(dict(model), default=str))
     rec["metrics"] = {k: float(v) for k, v in (metrics or {}).items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ArtifactError(f"member {index}: weight must be a finite number >= 0, got {weight!r}")
+        rec["weight"] = float(weight)
+    if run_id:
+        rec["run_id"] = str(run_id)
     for key in ("sample", "cycle", "epoch", "head", "trajectory", "n_averaged"):
         if isinstance(extra.get(key), int) and not isinstance(extra.get(key), bool):
             rec[key] = int(extra[key])

@@ -120,8 +120,12 @@ class ProgressObserver:
             f"ensemble {plan.ensemble_id}: {len(plan.slots)} members from {len(plan.tasks)} Ray tasks, "
             f"strategy '{plan.strategy}' on '{plan.data}'; Ray cluster with {cpus:g} CPUs, {gpus:g} GPUs",
             highlight=False)
+        self.tasks, self.done = {}, set()   # a sweep runs one plan after another through one observer
+        roles = {slot.task: slot.tags.get(names.TAG_ROLE, "") for slot in plan.slots}
         for spec in plan.tasks:
-            if spec.kind == "packed":
+            if roles.get(spec.index) in (names.ROLE_STUDENT, names.ROLE_BASELINE):
+                label = f"{roles[spec.index]} ({spec.architecture}, seed {spec.seed})"
+            elif spec.kind == "packed":
                 label = f"members {', '.join(map(str, spec.member_indices))} packed ({spec.architecture})"
             elif spec.kind == "trajectory":
                 label = (f"trajectory {spec.index} ({spec.architecture}, seed {spec.seed}) "
@@ -246,50 +250,16 @@ def _submit_remote(address: str, overrides: List[str], wait: bool) -> None:
     raise typer.Exit(jobs.exit_code(final))
 
 
-@app.command(context_settings={"ignore_unknown_options": False})
-def submit(
-    overrides: Optional[List[str]] = typer.Argument(
-        None, help="Hydra overrides, e.g. data=mnist1d model=cnn1d strategy.members=3 trainer.epochs=5 "
-                   "(groups: data, model, strategy, optimizer, trainer, cluster, tracking, experiment)."),
-    address: Optional[str] = typer.Option(
-        None, "--address", help="Ray Jobs API of a remote cluster, e.g. http://HEAD:8265: the job runs there "
-                                "(also taken from an http cluster.address override or RAY_ADDRESS)."),
-    wait: bool = typer.Option(False, "--wait", help="With --address: follow the job's logs until it ends and "
-                                                    "exit with its outcome (0 succeeded, 1 failed, 130 stopped)."),
-    resolved: bool = typer.Option(False, "--resolved", hidden=True,
-                                  help="Train the resolved config in ENSEMBLE_RESOLVED_CONFIG (a remote job's driver)."),
-) -> None:
-    """Train an ensemble: on an embedded local Ray cluster (default), on the cluster at cluster.address,
-    or as a job on a remote cluster's Jobs API (--address http://HEAD:8265)."""
-    overrides = list(overrides or [])
-    address, overrides = _jobs_address(address, overrides)
-    if address:
-        _submit_remote(address, overrides, wait)
-        return
-    if wait:
-        fail("--wait needs --address (a remote cluster's Jobs API)")
-
-    from ensemble_service.config import ConfigError, config_from_dict, load_config, validate
-
-    try:
-        if resolved:  # a job's driver: the client composed and checked the config
-            if overrides:
-                fail("--resolved takes no overrides")
-            from ensemble_service.jobs import CONFIG_ENV
-
-            try:
-                cfg = config_from_dict(json.loads(os.environ.get(CONFIG_ENV, "")))
-            except ValueError:
-                fail(f"--resolved needs the resolved config as JSON in {CONFIG_ENV}")
-            validate(cfg)
-        else:
-            cfg = load_config(overrides)
-    except ConfigError as exc:
-        fail(str(exc))
-    _warn_without_token(cfg.cluster.address)
+def _on_ray(cluster_address: Optional[str], work):
+    """Run ``work(observer)`` (training on Ray) with one progress bar per Ray task. Every exit path
+    prints at most one line and exits with the service's codes: bad input 2, a failure 1, a signal
+    128 + its number (the runs it opened closed as KILLED); an embedded Ray this command started goes
+    down with all its processes."""
     from ensemble_service import scheduler
-    from ensemble_service.runner import EnsembleFailed, submit as run_submit
+    from ensemble_service.config import ConfigError
+    from ensemble_service.runner import EnsembleFailed
 
+    _warn_without_token(cluster_address)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("epochs"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                         console=console, transient=False)
@@ -298,7 +268,7 @@ def submit(
     observer = ProgressObserver(progress, interrupt)
     try:
         with progress:
-            result = run_submit(cfg, observer)
+            return work(observer)
     except ConfigError as exc:
         fail(str(exc))
     except EnsembleFailed as exc:
@@ -322,6 +292,9 @@ def submit(
                 traceback.print_exc()
         finally:
             interrupt.restore()
+
+
+def _print_result(result) -> None:
     for table in result_tables(result):
         console.print(table)
     if result.degraded:
@@ -332,6 +305,305 @@ def submit(
     if result.model_version:
         console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False)
     console.print(f"wall time: {result.wall_seconds:.1f} s; open the MLflow UI with: ensemble ui", highlight=False)
+
+
+@app.command(context_settings={"ignore_unknown_options": False})
+def submit(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Hydra overrides, e.g. data=mnist1d model=cnn1d strategy.members=3 trainer.epochs=5 "
+                   "(groups: data, model, strategy, optimizer, trainer, cluster, tracking, experiment)."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray Jobs API of a remote cluster, e.g. http://HEAD:8265: the job runs there "
+                                "(also taken from an http cluster.address override or RAY_ADDRESS)."),
+    wait: bool = typer.Option(False, "--wait", help="With --address: follow the job's logs until it ends and "
+                                                    "exit with its outcome (0 succeeded, 1 failed, 130 stopped)."),
+    multirun: bool = typer.Option(
+        False, "--multirun", "-m", help="A sweep in Hydra's syntax (optimizer.lr=0.01,0.1 model=lenet,resnet; "
+                                        "choice(...), range(...)): one ensemble per combination, one after another "
+                                        "on the same Ray cluster (with --address: one job each), all with one "
+                                        "sweep tag (tracking.sweep=TAG names it; default: generated). Then: "
+                                        "ensemble select --sweep TAG."),
+    resolved: bool = typer.Option(False, "--resolved", hidden=True,
+                                  help="Train the resolved config in ENSEMBLE_RESOLVED_CONFIG (a remote job's driver)."),
+) -> None:
+    """Train an ensemble: on an embedded local Ray cluster (default), on the cluster at cluster.address,
+    or as a job on a remote cluster's Jobs API (--address http://HEAD:8265); --multirun trains one per
+    combination of a sweep."""
+    overrides = list(overrides or [])
+    address, overrides = _jobs_address(address, overrides)
+    if multirun:
+        if resolved:
+            fail("--resolved takes no --multirun")
+        _submit_multirun(overrides, address, wait)
+        return
+    if address:
+        _submit_remote(address, overrides, wait)
+        return
+    if wait:
+        fail("--wait needs --address (a remote cluster's Jobs API)")
+
+    from ensemble_service.config import ConfigError, config_from_dict, load_config, validate
+
+    try:
+        if resolved:  # a job's driver: the client composed and checked the config
+            if overrides:
+                fail("--resolved takes no overrides")
+            from ensemble_service.jobs import CONFIG_ENV
+
+            try:
+                cfg = config_from_dict(json.loads(os.environ.get(CONFIG_ENV, "")))
+            except ValueError:
+                fail(f"--resolved needs the resolved config as JSON in {CONFIG_ENV}")
+            validate(cfg)
+        else:
+            cfg = load_config(overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+    from ensemble_service.runner import submit as run_submit
+
+    result = _on_ray(cfg.cluster.address, lambda observer: run_submit(cfg, observer))
+    _print_result(result)
+
+
+def sweep_tag() -> str:
+    """A new sweep tag: sweep-<date>-<time>-<4 hex>."""
+    import secrets
+    import time
+
+    return f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def _submit_multirun(overrides: List[str], address: Optional[str], wait: bool) -> None:
+    """One ensemble per combination of the sweep, all tagged with one sweep tag; every combination's
+    config is composed and checked before anything trains."""
+    from ensemble_service.config import ConfigError, load_config
+    from ensemble_service.overrides import expand_multirun
+
+    try:
+        combos = expand_multirun(overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+    given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "tracking.sweep"]
+    tag = given[-1] if given else sweep_tag()
+    if given and ("," in tag or not tag.strip() or tag.strip().lower() == "null"):
+        fail(f"tracking.sweep={tag!r} must be one tag (letters, digits, -, _, .)")
+    if not given:
+        combos = [c + [f"tracking.sweep={tag}"] for c in combos]
+    varied = [[o for o in combo if o not in overrides and not o.startswith("tracking.sweep=")] for combo in combos]
+    configs = []
+    for combo, v in zip(combos, varied):
+        try:
+            configs.append(load_config(combo, check_files=address is None))
+        except ConfigError as exc:
+            fail(f"{' '.join(v) + ': ' if v else ''}{exc}")
+    console.print(f"sweep {tag}: {len(combos)} ensembles ({'; '.join(' '.join(v) or '(no sweep)' for v in varied)})",
+                  highlight=False, soft_wrap=True)
+    if address:
+        _multirun_remote(address, combos, configs, tag, wait)
+        return
+    if wait:
+        fail("--wait needs --address (a remote cluster's Jobs API)")
+    from ensemble_service.runner import submit as run_submit
+
+    def work(observer):
+        results = []
+        for v, cfg in zip(varied, configs):
+            observer.progress.console.print(f"-- {' '.join(v) or '(no sweep)'}", highlight=False)
+            results.append(run_submit(cfg, observer))
+        return results
+
+    results = _on_ray(configs[0].cluster.address, work)
+    table = Table(title=f"Sweep {tag}", title_justify="left")
+    for col in ("overrides", "parent run", "members", "mean acc", "NLL", "registered"):
+        table.add_column(col, justify="right" if col in ("members", "mean acc", "NLL") else "left", overflow="fold")
+    for v, r in zip(varied, results):
+        table.add_row(" ".join(v), r.parent_run_id, str(len(r.members)), f"{r.ensemble[names.ENSEMBLE_MEAN_TEST_ACC]:.4f}",
+                      f"{r.ensemble[names.ENSEMBLE_MEAN_TEST_NLL]:.4f}", r.model_version or "-")
+    console.print(table)
+    console.print(f"sweep tag: {tag} ({names.TAG_SWEEP} on {len(results)} parent runs)", highlight=False)
+    console.print(f"tracking URI: {results[0].tracking_uri}", highlight=False)
+    console.print(f"the hyper-ensemble: ensemble select --sweep {tag} --size N", highlight=False)
+
+
+def _multirun_remote(address: str, combos: List[List[str]], configs, tag: str, wait: bool) -> None:
+    """One job per combination on the remote cluster (they run concurrently as its resources allow)."""
+    from ensemble_service import jobs
+
+    _warn_without_token(address)
+    submitted = []
+    for combo, cfg in zip(combos, configs):
+        try:
+            submitted.append(jobs.submit(address, combo, json.dumps(cfg.to_dict())))
+        except jobs.JobsError as exc:
+            fail(f"{str(exc)} ({len(submitted)} of {len(combos)} jobs submitted: {', '.join(submitted) or 'none'})",
+                 EXIT_FAILED)
+        console.print(f"submitted job {submitted[-1]}: {' '.join(combo)}", highlight=False, soft_wrap=True)
+    console.print(f"sweep tag: {tag}; when they are done: ensemble select --sweep {tag} --size N", highlight=False)
+    if not wait:
+        return
+    worst = 0
+    try:
+        for job_id in submitted:
+            final = jobs.wait(address, job_id)
+            console.print(f"job {job_id} {final}", highlight=False)
+            worst = max(worst, jobs.exit_code(final))
+    except jobs.JobsError as exc:
+        fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        fail("stopped waiting; the jobs keep running (ensemble cancel JOB to stop one)", 130)
+    raise typer.Exit(worst)
+
+
+# -- ensembles built from tracked runs: grow, select, distill ------------------------------
+
+
+def _lookup_errors(exc: Exception, uri: Optional[str]) -> None:
+    """Bad input found while reading the store (an unknown ensemble, run or experiment, no store):
+    one line, exit 2; anything else the store says: exit 1."""
+    from ensemble_service.config import ConfigError
+    from ensemble_service.tracking import TrackingError, resolve_uri
+
+    if isinstance(exc, (ConfigError, LookupError)):
+        fail(str(exc))
+    if isinstance(exc, TrackingError):
+        fail(str(exc), EXIT_FAILED)
+    if _debug():
+        traceback.print_exc()
+    fail(f"cannot read {resolve_uri(uri)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+         EXIT_FAILED)
+
+
+TRACKING_URI_HELP = "MLflow tracking URI of the ensemble (default: MLFLOW_TRACKING_URI or ./mlflow.db)."
+
+
+@app.command()
+def grow(
+    ensemble: str = typer.Argument(..., help="Registered ensemble: name, name@alias or name/versions/N."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Overrides of the ensemble's own config for the new members, e.g. model=lenet "
+                   "optimizer.lr=0.01 trainer.epochs=20 (not its data set, strategy or registry name)."),
+    members: int = typer.Option(..., "--members", "-k", help="How many members to add (K >= 1)."),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_URI_HELP),
+) -> None:
+    """Add K members to a registered ensemble: trained with the ensemble's own config (seeds continue after
+    the existing members'; overrides allowed), the existing members reused without training, registered
+    as a new version of the same model. The new parent run has the metrics and size curve of all members
+    and links the ensemble and the member runs it reused (tags ensemble.grown_from, ensemble.reused_members)."""
+    from ensemble_service.grow import describe, prepare
+    from ensemble_service.runner import submit as run_submit
+
+    if members < 1:
+        fail(f"--members must be at least 1, got {members}")
+    try:
+        cfg, reuse = prepare(ensemble, members, list(overrides or []), tracking_uri)
+    except Exception as exc:
+        _lookup_errors(exc, tracking_uri)
+    what, how = describe(cfg, reuse)
+    console.print(f"growing {what}: {how}", highlight=False)
+    result = _on_ray(cfg.cluster.address, lambda observer: run_submit(cfg, observer, reuse=reuse))
+    _print_result(result)
+
+
+@app.command("select")
+def select_cmd(
+    size: int = typer.Option(..., "--size", "-n", help="Greedy picks at most (with replacement); the selection "
+                                                       "is the best ensemble along the path."),
+    metric: str = typer.Option("val_nll", "--metric", help="What the picks optimize on the validation split: "
+                                                           "val_nll or val_acc."),
+    experiment: Optional[List[str]] = typer.Option(None, "--experiment", "-e", help="Pool: the members of every "
+                                                                                    "finished ensemble in this experiment (repeat for several)."),
+    runs: Optional[List[str]] = typer.Option(None, "--runs", "-r", help="Pool: this parent run's members, or "
+                                                                        "this member run (repeat for several)."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="Pool: the members of the ensembles of this sweep "
+                                                              "(submit --multirun)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model of the selection "
+                                                                        "(default: the first experiment's name + -selected)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
+) -> None:
+    """Greedy ensemble selection with replacement (Caruana et al. 2004) over tracked member runs of any
+    strategies and architectures (one data set and split), on their validation predictions; registers
+    the selection with its pick shares as weights. Trains nothing."""
+    from ensemble_service.hyperensemble import select
+
+    try:
+        result = select(experiments=experiment or [], runs=runs or [], sweep=sweep, size=size, metric=metric,
+                        model_name=model_name, uri=tracking_uri)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as exc:
+        _lookup_errors(exc, tracking_uri)
+    for line in result.skipped:
+        err.print(f"[yellow]left out:[/] {line}", highlight=False, soft_wrap=True)
+    table = Table(title=f"Selected from a pool of {result.pool_size} members", title_justify="left")
+    for col in ("member", "run", "architecture", "picks", "weight", "val NLL", "val acc", "test acc"):
+        table.add_column(col, justify="left" if col in ("run", "architecture") else "right", overflow="fold")
+    for r in result.members:
+        table.add_row(str(r["member"]), r["run_id"], r["architecture"], str(r["picks"]), f"{r['weight']:.3f}",
+                      f"{r['val_nll']:.4f}", f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}")
+    console.print(table)
+    v = result.values
+    cmp = Table(title="Validation NLL (what the selection optimizes) and test", title_justify="left")
+    for col in ("", "val NLL", "val acc", "test NLL", "test acc"):
+        cmp.add_column(col, justify="left" if not col else "right")
+    cmp.add_row("selection", f"{v[names.ENSEMBLE_MEAN_VAL_NLL]:.4f}", f"{v[names.ENSEMBLE_MEAN_VAL_ACC]:.4f}",
+                f"{v[names.ENSEMBLE_MEAN_TEST_NLL]:.4f}", f"{v[names.ENSEMBLE_MEAN_TEST_ACC]:.4f}")
+    cmp.add_row("best pool member", f"{v[names.BEST_MEMBER_VAL_NLL]:.4f}", f"{v[names.BEST_MEMBER_VAL_ACC]:.4f}", "", "")
+    cmp.add_row("whole pool averaged", f"{v[names.POOL_MEAN_VAL_NLL]:.4f}", f"{v[names.POOL_MEAN_VAL_ACC]:.4f}",
+                f"{v[names.POOL_MEAN_TEST_NLL]:.4f}", f"{v[names.POOL_MEAN_TEST_ACC]:.4f}")
+    console.print(cmp)
+    console.print(f"picks kept: {result.best_step} of {len(result.path_nll)} (the best ensemble along the greedy path)",
+                  highlight=False)
+    console.print(f"parent run: {result.parent_run_id}", highlight=False)
+    console.print(f"experiment: {result.experiment}", highlight=False)
+    console.print(f"tracking URI: {result.tracking_uri}", highlight=False)
+    if result.model_version:
+        console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False)
+
+
+@app.command()
+def distill(
+    ensemble: str = typer.Argument(..., help="Registered ensemble (the teacher): name, name@alias or name/versions/N."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="The student: model=M, trainer.* and optimizer.* over the ensemble's own config."),
+    temperature: float = typer.Option(2.0, "--temperature", "-T", help="Softmax temperature of the soft targets."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Share of the soft-target term in the loss (1 - alpha: the "
+                                                     "hard labels' cross-entropy)."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also train the student's architecture "
+                                                                          "alone on the labels, for comparison."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model of the student "
+                                                                        "(default: the ensemble's name + -distilled)."),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_URI_HELP),
+) -> None:
+    """Distil a registered ensemble into one model (Hinton et al. 2015): trained on the training split
+    against the ensemble's soft targets, as a Ray task with its own MLflow run (ensemble.role=student,
+    ensemble.distilled_from), registered as an ensemble of one. Reports student vs ensemble vs the same
+    architecture trained alone (acc, NLL, ECE) and the forward-time ratio."""
+    from ensemble_service.distill import prepare, run
+
+    try:
+        plan = prepare(ensemble, list(overrides or []), tracking_uri, temperature=temperature, alpha=alpha,
+                       model_name=model_name, baseline=baseline)
+    except Exception as exc:
+        _lookup_errors(exc, tracking_uri)
+    console.print(f"distilling {plan.teacher_ref} ({len(plan.blobs)} members) at T={plan.temperature:g}, "
+                  f"alpha={plan.alpha:g}", highlight=False)
+    result = _on_ray(plan.cfg.cluster.address, lambda observer: run(plan, observer))
+    table = Table(title="Test set", title_justify="left")
+    for col in ("model", "acc", "NLL", "ECE", "forward s"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    labels = {"teacher": f"ensemble ({result.comparison['teacher']['members']} members)", "student": "student (distilled)",
+              "baseline": "same architecture alone"}
+    for key in ("teacher", "student", "baseline"):
+        c = result.comparison.get(key)
+        if c:
+            fwd = f"{c['forward_seconds']:.4f}" if "forward_seconds" in c else "-"
+            table.add_row(labels[key], f"{c['acc']:.4f}", f"{c['nll']:.4f}", f"{c['ece']:.4f}", fwd)
+    console.print(table)
+    console.print(f"forward-time ratio (ensemble / student): {result.forward_time_ratio:.1f}", highlight=False)
+    console.print(f"student run: {result.run_id}", highlight=False)
+    console.print(f"experiment: {result.experiment}", highlight=False)
+    console.print(f"tracking URI: {result.tracking_uri}", highlight=False)
+    console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False)
 
 
 def _default_address(address: Optional[str]) -> str:

@@ -54,6 +54,7 @@ class TrackingConfig:
     run_name: Optional[str] = None
     model_name: Optional[str] = None   # registry name of the ensemble (default: the experiment name)
     register: bool = True              # register the finished ensemble in the MLflow Model Registry
+    sweep: Optional[str] = None        # tag (ensemble.sweep) grouping the ensembles of one sweep (submit --multirun)
 
 
 @dataclass

@@ -39,6 +39,32 @@ PARENT_METRIC_OF: Dict[str, str] = {
 #: every ensemble metric of the parent run
 PARENT_METRICS: Tuple[str, ...] = tuple(PARENT_METRIC_OF.values()) + (LAST_MEMBER_TEST_ACC, LAST_MEMBER_TEST_NLL)
 
+# -- a selection's parent run (`ensemble select`): the selection and its pool on the validation split
+ENSEMBLE_MEAN_VAL_NLL = "ensemble_mean_val_nll"      # the selected (count-weighted) ensemble
+ENSEMBLE_MEAN_VAL_ACC = "ensemble_mean_val_acc"
+BEST_MEMBER_VAL_NLL = "best_member_val_nll"          # the pool's best member
+BEST_MEMBER_VAL_ACC = "best_member_val_acc"
+POOL_MEAN_VAL_NLL = "pool_mean_val_nll"              # the whole pool averaged
+POOL_MEAN_VAL_ACC = "pool_mean_val_acc"
+POOL_MEAN_TEST_NLL = "pool_mean_test_nll"
+POOL_MEAN_TEST_ACC = "pool_mean_test_acc"
+POOL_SIZE = "pool_size"
+SELECTION_PICKS = "selection_picks"                  # members picked (with repetitions) = the weights' denominator
+#: the validation NLL and accuracy of the greedy path's ensemble after step k (step k)
+SELECTION_VAL_NLL_AT_K = "selection_val_nll_at_k"
+SELECTION_VAL_ACC_AT_K = "selection_val_acc_at_k"
+
+# -- a distilled student's run (`ensemble distill`): the student's own metrics are the member's
+TEACHER_TEST_ACC = "teacher_test_acc"
+TEACHER_TEST_NLL = "teacher_test_nll"
+TEACHER_TEST_ECE = "teacher_test_ece"
+BASELINE_TEST_ACC = "baseline_test_acc"              # the student's architecture trained alone on the labels
+BASELINE_TEST_NLL = "baseline_test_nll"
+BASELINE_TEST_ECE = "baseline_test_ece"
+TEACHER_FORWARD_SECONDS = "teacher_forward_seconds"  # one forward over the test split
+STUDENT_FORWARD_SECONDS = "student_forward_seconds"
+FORWARD_TIME_RATIO = "forward_time_ratio"            # teacher / student
+
 # -- member runs --------------------------------------------------------------------------------
 TRAIN_LOSS = "train_loss"
 VAL_ACC = "val_acc"
@@ -57,6 +83,7 @@ TRAIN_SECONDS = "train_seconds"
 # -- tags ---------------------------------------------------------------------------------------
 TAG_KIND = "ensemble.kind"                 # parent | member (runs); ensemble (registered models)
 KIND_PARENT, KIND_MEMBER, KIND_ENSEMBLE = "parent", "member", "ensemble"
+KIND_STUDENT = "student"                   # a distilled student's run (top-level, like a parent)
 TAG_ID = "ensemble.id"
 TAG_STRATEGY = "ensemble.strategy"
 TAG_DATA = "ensemble.data"
@@ -81,12 +108,26 @@ TAG_NODE_ID = "ensemble.node_id"
 TAG_PID = "ensemble.pid"
 TAG_HOST = "ensemble.host"
 TAG_COLLECTED_EPOCH = "ensemble.collected_epoch"
+TAG_SWEEP = "ensemble.sweep"                         # parent runs of one `submit --multirun` (tracking.sweep)
+TAG_GROWN_FROM = "ensemble.grown_from"               # `ensemble grow`: the grown ensemble's parent run
+TAG_GROWN_FROM_VERSION = "ensemble.grown_from_version"   # ... and its registered version (name/versions/N)
+TAG_REUSED_MEMBERS = "ensemble.reused_members"       # member run ids reused, comma-separated, in member order
+TAG_SELECTED_FROM = "ensemble.selected_from"         # `ensemble select`: the pool's sources
+TAG_SELECTED_MEMBERS = "ensemble.selected_members"   # run_id:count,... in member order
+TAG_DISTILLED_FROM = "ensemble.distilled_from"       # `ensemble distill`: the teacher's parent run
+TAG_DISTILLED_FROM_VERSION = "ensemble.distilled_from_version"
+ROLE_STUDENT, ROLE_BASELINE = "student", "baseline"
+STRATEGY_SELECTION, STRATEGY_DISTILLED = "selection", "distilled"   # ensemble.strategy of those runs
 
 # -- artifacts ----------------------------------------------------------------------------------
 MEMBER_CHECKPOINT = "checkpoint/member.pt"
 VAL_PROBS = "predictions/val_probs.npy"
 TEST_PROBS = "predictions/test_probs.npy"
 TEST_LABELS = "predictions/test_labels.npy"
+VAL_LABELS = "predictions/val_labels.npy"
+CONFIG_YAML = "config.yaml"
+SELECTION_JSON = "selection.json"          # a selection's pool, picks, counts and weights
+DISTILLATION_JSON = "distillation.json"    # student vs teacher vs baseline, forward times
 ENSEMBLE_TEST_PROBS = "predictions/ensemble_mean_test_probs.npy"
 DATA_INFO = "data.json"
 MEMBER_TABLE_CSV = "members.csv"

@@ -134,10 +134,16 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(root).expanduser().resolve()
 
 
-def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
+def plan(cfg: Config, *, ensemble: Optional[str] = None, start: int = 0) -> EnsemblePlan:
+    """The tasks and member slots of ``cfg``. ``start`` > 0 (``ensemble grow``): members 0..start-1
+    exist already; only members ``start``..``strategy.members``-1 are planned, with the indices,
+    seeds (``trainer.seed`` + index) and architectures (``strategy.models`` cycled) they have in
+    the whole ensemble."""
     eid = ensemble or ensemble_id(cfg)
     ckdir = checkpoint_root(cfg) / eid
     if STRATEGIES.get(cfg.strategy.name).trajectory:
+        if start:
+            raise ValueError(f"strategy={cfg.strategy.name} trains trajectories: its members cannot be planned from {start}")
         return _plan_trajectories(cfg, eid, ckdir)
     members = [
         MemberSpec(
@@ -151,7 +157,7 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
             device=cfg.trainer.device,
             checkpoint_path=str(ckdir / f"member_{i:03d}.ckpt"),
         )
-        for i, ms in enumerate(member_settings(cfg))
+        for i, ms in enumerate(member_settings(cfg)) if i >= start
     ]
     tasks: List[Any] = list(members)
     if cfg.cluster.pack > 1:
@@ -204,3 +210,35 @@ def _plan_trajectories(cfg: Config, eid: str, ckdir: Path) -> EnsemblePlan:
                                     tags={"ensemble.trajectory": str(t), **tags}))
     return EnsemblePlan(ensemble_id=eid, strategy=cfg.strategy.name, data=cfg.data.name,
                         tasks=tasks, slots=slots, checkpoint_dir=str(ckdir))
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """One student distilled from an ensemble (``ensemble distill``): trained on the training split
+    against the teacher's soft targets at ``temperature``, mixed with the hard labels by ``alpha``
+    (``workers.student``). The teacher travels as its member checkpoints and manifest records
+    (their ``weight``, where the ensemble has weights, weights its members)."""
+    index: int                          # task index (and member index of the student: 0)
+    seed: int
+    model: Dict[str, Any]
+    optimizer: Dict[str, Any]
+    epochs: int
+    batch_size: int
+    device: str
+    checkpoint_path: str
+    teacher_blobs: Tuple[bytes, ...]
+    teacher_records: Tuple[Dict[str, Any], ...]
+    temperature: float
+    alpha: float
+
+    @property
+    def architecture(self) -> str:
+        return _architecture(self.model)
+
+    @property
+    def member_indices(self) -> Tuple[int, ...]:
+        return (self.index,)
+
+    @property
+    def kind(self) -> str:
+        return "student"

@@ -84,7 +84,8 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
 
     ``member_info[i]`` describes ``member_blobs[i]``: ``index``, ``architecture``, ``model``
     (its spec), ``metrics`` (``val_acc`` ... ; ``val_acc`` gives the weights of method
-    ``weighted``) and ``extra`` (the worker result's ``extra``: MC-dropout samples carry ``role``,
+    ``weighted`` unless ``weight`` is given), optional ``weight`` (every member's or none: the
+    served ensemble's aggregation weights, e.g. a selection's pick shares), optional ``run_id`` and ``extra`` (the worker result's ``extra``: MC-dropout samples carry ``role``,
     ``sample`` and their seed). ``class_names`` and ``preprocessing`` (the data set's fitted
     pipeline) go into the manifest; the user code the member models need is shipped with it.
     Sets ``alias`` on the new version (see above for `latest`) and tags the parent run with
@@ -103,6 +104,8 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
         raise TrackingError("model name must not be empty")
     if len(member_blobs) != len(member_info):
         raise TrackingError(f"{len(member_blobs)} member blobs but {len(member_info)} member descriptions")
+    if len({info.get("weight") is None for info in member_info}) > 1:
+        raise TrackingError("give a weight for every member or for none")
     uri = resolve_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(parent_run_id)
@@ -112,7 +115,8 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
         needs_meta = extra.get("role") == "mc_sample" and "sample_seed" not in extra and "mc_seed" not in extra
         records.append(artifact.member_record(
             int(info.get("index", k)), info.get("architecture"), info.get("model"), info.get("metrics"), extra,
-            blob_meta=artifact.read_member(blob) if needs_meta else None))
+            blob_meta=artifact.read_member(blob) if needs_meta else None, weight=info.get("weight"),
+            run_id=info.get("run_id")))
     meta: Dict[str, Any] = {"name": model_name, "strategy": strategy, "parent_run_id": parent_run_id,
                             "experiment_id": run.info.experiment_id,
                             "data": run.data.tags.get(names.TAG_DATA, ""), "created": _now_ms()}

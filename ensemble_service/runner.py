@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -92,16 +92,26 @@ class Runs:
     members: Dict[int, str]
 
 
-def open_runs(tracker, cfg: Config, plan: EnsemblePlan, data: DataBundle) -> Runs:
+def data_info(data: DataBundle) -> Dict[str, Any]:
+    """data.json: what the ensemble was trained on, with the digest that identifies the data set and split."""
+    from ensemble_service.lineage import data_digest
+
+    return {"name": data.label, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "class_names": data.class_names, "sizes": data.sizes(), "preprocessing": data.preprocessing,
+            "digest": data_digest(data)}
+
+
+def open_runs(tracker, cfg: Config, plan: EnsemblePlan, data: DataBundle,
+              tags: Optional[Dict[str, str]] = None) -> Runs:
+    """The parent run (``tags`` added to, or replacing, its usual tags) and one run per planned member."""
     run_name = cfg.tracking.run_name or f"{cfg.strategy.name}-{data.name}-{plan.ensemble_id[:15]}"
+    sweep = {names.TAG_SWEEP: cfg.tracking.sweep} if getattr(cfg.tracking, "sweep", None) else {}
     parent = tracker.start_parent(run_name, cfg.to_dict(), {
         names.TAG_STRATEGY: cfg.strategy.name, names.TAG_DATA: data.label, names.TAG_MODEL: model_label(cfg),
         names.TAG_ID: plan.ensemble_id, names.TAG_MEMBERS: str(len(plan.slots)),
-        names.TAG_TASKS: str(len(plan.tasks)),
+        names.TAG_TASKS: str(len(plan.tasks)), **sweep, **(tags or {}),
     })
-    tracker.log_data(parent, {"name": data.label, "input_shape": list(data.input_shape),
-                              "num_classes": data.num_classes, "class_names": data.class_names,
-                              "sizes": data.sizes(), "preprocessing": data.preprocessing}, data.y_test.numpy())
+    tracker.log_data(parent, data_info(data), data.y_test.numpy(), data.y_val.numpy())
     tasks = {t.index: t for t in plan.tasks}
     members = {}
     for slot in plan.slots:
@@ -120,8 +130,9 @@ class Collector:
     """The scheduler's callbacks: worker events and results become MLflow writes (queued per-epoch
     metrics; a finished member's metrics, tags and artifacts) and observer calls."""
 
-    def __init__(self, tracker, runs: Runs, plan: EnsemblePlan, observer: Observer):
+    def __init__(self, tracker, runs: Runs, plan: EnsemblePlan, observer: Observer, keep_open=()):
         self.tracker, self.runs, self.plan, self.observer = tracker, runs, plan, observer
+        self.keep_open = set(keep_open)   # members whose run stays open after its result (a student's)
         self.logged = {i: 0 for i in runs.members}          # member index -> last epoch logged
         self.open: Dict[int, List[int]] = {}                 # task index -> members still collecting epochs
         for slot in plan.slots:
@@ -159,8 +170,9 @@ class Collector:
             self.tracker.log_member(rid, r, {
                 names.TAG_RESTARTS: r.restarts, names.TAG_RESUMED_FROM: r.resumed_from, names.TAG_DEVICE: r.device,
                 names.TAG_NODE_ID: r.extra.get("node_id", ""), names.TAG_HOST: r.host,
-                names.TAG_COLLECTED_EPOCH: len(r.history)})
-            self.rows[r.index] = member_row(r, rid, self.plan.slots[r.index].tags.get(names.TAG_ROLE, ""))
+                names.TAG_COLLECTED_EPOCH: len(r.history)}, end=r.index not in self.keep_open)
+            slot = next(s for s in self.plan.slots if s.index == r.index)
+            self.rows[r.index] = member_row(r, rid, slot.tags.get(names.TAG_ROLE, ""))
             self.observer.member_done(self.rows[r.index])
         self.observer.task_done(spec.index, len(results))
 
@@ -178,16 +190,17 @@ def member_row(r, run_id: str, role: str) -> Dict[str, Any]:
             "train_seconds": round(r.train_seconds, 3), "restarts": r.restarts, "device": r.device, "run_id": run_id}
 
 
-def check_failures(cfg: Config, plan: EnsemblePlan, results, failures) -> str:
+def check_failures(cfg: Config, plan: EnsemblePlan, results, failures, reused: int = 0) -> str:
     """'' when every task finished; a note when ``cluster.min_members`` lets the ensemble finish
-    with fewer members; EnsembleFailed otherwise."""
+    with fewer members; EnsembleFailed otherwise. ``reused`` members (grow) count as finished."""
     if not failures:
         return ""
     failed = ", ".join(f"task {f.task}: {f.message}" for f in sorted(failures, key=lambda f: f.task))
     need = cfg.cluster.min_members
-    if need is None or len(results) < need:
+    finished, planned = reused + len(results), reused + len(plan.slots)
+    if need is None or finished < need:
         raise EnsembleFailed(f"{len(failures)} of {len(plan.tasks)} tasks failed ({failed})")
-    return f"finished with {len(results)} of {len(plan.slots)} members (cluster.min_members={need}); failed: {failed}"
+    return f"finished with {finished} of {planned} members (cluster.min_members={need}); failed: {failed}"
 
 
 @dataclass
@@ -199,18 +212,24 @@ class Summary:
     plots: Dict[str, bytes]               # artifact path -> PNG
 
 
-def summarize(results, targets: torch.Tensor, title: str) -> Summary:
+def summarize(results, targets: torch.Tensor, title: str, picks: Optional[List[int]] = None) -> Summary:
+    """The ensemble of ``results`` (members in index order). ``picks`` (``ensemble select``) are
+    positions in that order, with repetitions, in the order they were picked: the ensemble is then
+    the picks' (a member picked twice counts twice: its weight is its share of the picks), and the
+    size curve follows the picks. ``member_probs`` stay one per distinct member."""
     results = sorted(results, key=lambda r: r.index)
-    member_probs = torch.stack([r.test_probs for r in results])
-    m = metrics.ensemble_metrics(member_probs, targets, val_accuracies=[r.metrics[names.VAL_ACC] for r in results])
+    member_probs = torch.stack([torch.as_tensor(r.test_probs) for r in results])
+    order = list(range(len(results))) if picks is None else list(picks)
+    picked = member_probs[order]
+    m = metrics.ensemble_metrics(picked, targets, val_accuracies=[results[i].metrics[names.VAL_ACC] for i in order])
     values = {names.PARENT_METRIC_OF[k]: v for k, v in m.items() if k in names.PARENT_METRIC_OF}
-    values[names.LAST_MEMBER_TEST_ACC] = results[-1].metrics[names.TEST_ACC]
-    values[names.LAST_MEMBER_TEST_NLL] = results[-1].metrics[names.TEST_NLL]
-    curve = plots.size_curve(member_probs, targets)
-    member_accs = [r.metrics[names.TEST_ACC] for r in results]
-    best = max(range(len(results)), key=lambda i: member_accs[i])
+    values[names.LAST_MEMBER_TEST_ACC] = results[order[-1]].metrics[names.TEST_ACC]
+    values[names.LAST_MEMBER_TEST_NLL] = results[order[-1]].metrics[names.TEST_NLL]
+    curve = plots.size_curve(picked, targets)
+    member_accs = [results[i].metrics[names.TEST_ACC] for i in order]
+    best = max(order, key=lambda i: results[i].metrics[names.TEST_ACC])
     pngs = {names.PLOT_ACCURACY_VS_SIZE: plots.accuracy_vs_size_png(curve, member_accs, title),
-            names.PLOT_RELIABILITY: plots.reliability_png(mean(member_probs), member_probs[best], targets, title)}
+            names.PLOT_RELIABILITY: plots.reliability_png(mean(picked), member_probs[best], targets, title)}
     return Summary(values, member_probs, curve, pngs)
 
 
@@ -218,14 +237,28 @@ def register(cfg: Config, tracker, parent: str, results, data: DataBundle) -> st
     """Register the ensemble (``tracking.register``); ``<name>/versions/<N>`` or ''."""
     if not cfg.tracking.register:
         return ""
+    return register_members(tracker, parent, cfg.tracking.model_name or cfg.tracking.experiment, results,
+                            cfg.strategy.name, data.class_names, data.preprocessing)
+
+
+def register_members(tracker, parent: str, model_name: str, results, strategy: str, class_names, preprocessing,
+                     weights: Optional[List[float]] = None) -> str:
+    """Register ``results`` (members in index order; ``weights``, one per member, go into the manifest
+    and become the served ensemble's aggregation weights) under ``model_name``; ``<name>/versions/<N>``."""
     from ensemble_service.registry import register_ensemble
 
     results = sorted(results, key=lambda r: r.index)
-    registered = register_ensemble(
-        tracker.uri, parent, cfg.tracking.model_name or cfg.tracking.experiment, [r.weights for r in results],
-        [{"index": r.index, "architecture": r.architecture, "model": r.model, "metrics": r.metrics, "extra": r.extra}
-         for r in results],
-        strategy=cfg.strategy.name, class_names=data.class_names, preprocessing=data.preprocessing)
+    infos = []
+    for k, r in enumerate(results):
+        info = {"index": r.index, "architecture": r.architecture, "model": r.model, "metrics": r.metrics,
+                "extra": r.extra}
+        if getattr(r, "run_id", ""):
+            info["run_id"] = r.run_id
+        if weights is not None:
+            info["weight"] = float(weights[k])
+        infos.append(info)
+    registered = register_ensemble(tracker.uri, parent, model_name, [r.weights for r in results], infos,
+                                   strategy=strategy, class_names=class_names, preprocessing=preprocessing)
     tracker.log_metrics(parent, {names.REGISTRATION_SECONDS: registered.seconds})
     return f"{registered.name}/versions/{registered.version}"
 
@@ -249,8 +282,21 @@ def closing_runs(tracker, observer: Observer) -> Iterator[None]:
 # --------------------------------------------------------------------------- the pipeline
 
 
-def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None) -> SubmitResult:
-    """Train, track and register the ensemble ``cfg`` describes (see the module docstring)."""
+@dataclass
+class Reuse:
+    """What an ensemble starts from (``ensemble grow``): finished members tracked already, which are
+    members 0..n-1 of the new ensemble (not trained again: their checkpoints, predictions and
+    runs are reused), the new parent run's extra tags, and the check that the data set loaded for
+    the new members is the one they were trained on (a ConfigError otherwise)."""
+    members: List[Any]                                  # lineage.TrackedMember, index 0..n-1
+    tags: Dict[str, str] = field(default_factory=dict)
+    check_data: Callable[[DataBundle], None] = lambda data: None
+
+
+def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None,
+           reuse: Optional[Reuse] = None) -> SubmitResult:
+    """Train, track and register the ensemble ``cfg`` describes (see the module docstring). With
+    ``reuse``, members 0..n-1 are ``reuse.members`` and only members n.. are trained."""
     from ensemble_service import preflight
     from ensemble_service.tracking import EnsembleTracker
 
@@ -258,9 +304,12 @@ def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None) 
         from ensemble_service import scheduler
     observer = observer or Observer()
     t0 = time.perf_counter()
-    plan = make_plan(cfg)
+    reused = sorted(reuse.members, key=lambda r: r.index) if reuse else []
+    plan = make_plan(cfg, start=len(reused))
     preflight.check(cfg)                       # tracking store, cluster address, resources -> ConfigError
     data = load_data(cfg)                      # bad data -> ConfigError, before Ray and MLflow
+    if reuse:
+        reuse.check_data(data)
     observer.loaded(describe(data))
     resources = scheduler.connect(cfg.cluster)
     problem = unschedulable(cfg, scheduler.node_resources())
@@ -272,21 +321,25 @@ def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None) 
 
     tracker = EnsembleTracker(cfg.tracking.uri, cfg.tracking.experiment)
     with closing_runs(tracker, observer):
-        runs = open_runs(tracker, cfg, plan, data)
+        runs = open_runs(tracker, cfg, plan, data, reuse.tags if reuse else None)
         collector = Collector(tracker, runs, plan, observer)
+        for r in reused:
+            collector.rows[r.index] = member_row(r, r.run_id, r.extra.get("role", "member"))
         results, failures = scheduler.run_tasks(
             plan.tasks, data, cfg.cluster, on_event=collector.on_event, on_result=collector.on_result,
             on_failure=collector.on_failure, on_tick=lambda: tracker.flush(every=FLUSH_SECONDS))
         tracker.flush()
-        degraded = check_failures(cfg, plan, results, failures)
+        degraded = check_failures(cfg, plan, results, failures, reused=len(reused))
         if degraded:
             tracker.set_tags(runs.parent, {names.TAG_DEGRADED: degraded[:4000]})
+        results = reused + list(results)
         summary = summarize(results, data.y_test, f"{cfg.strategy.name} on {data.label}")
         wall = time.perf_counter() - t0
         table = [collector.rows[i] for i in sorted(collector.rows)]
         tracker.log_ensemble(runs.parent, {
             **summary.metrics, names.WALL_SECONDS: wall, names.MEMBERS_FINISHED: len(results),
-            names.MEMBERS_PLANNED: len(plan.slots), names.TRAIN_SECONDS_TOTAL: sum(collector.task_seconds.values()),
+            names.MEMBERS_PLANNED: len(reused) + len(plan.slots),
+            names.TRAIN_SECONDS_TOTAL: sum(collector.task_seconds.values()),
         }, summary.curve, summary.plots, table, mean(summary.member_probs).numpy())
         model_version = register(cfg, tracker, runs.parent, results, data)  # a failed registration fails the run
         tracker.end(runs.parent, "FINISHED")

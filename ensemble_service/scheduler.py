@@ -36,6 +36,7 @@ from ensemble_service.environment import service_env_defaults
 from workers.member import train_member
 from workers.packed import train_packed
 from workers.state import MemberError, MemberResult
+from workers.student import train_student
 from workers.trajectory import train_trajectory
 
 POLL_SECONDS = 1.0  # longest the driver waits for worker events before it wakes up anyway
@@ -254,7 +255,8 @@ def _inbox():
 
 
 def _task(spec, data, inbox, run_token: str) -> List[MemberResult]:
-    """One Ray task: one independent member (MemberSpec) or one trajectory (TrajectorySpec)."""
+    """One Ray task: one independent member (MemberSpec), one trajectory (TrajectorySpec), a pack of
+    members (PackedSpec) or a distilled student (StudentSpec)."""
     t_start = time.time()
     ctx = ray.get_runtime_context()
     cpus = ctx.get_assigned_resources().get("CPU", 1.0)
@@ -264,7 +266,8 @@ def _task(spec, data, inbox, run_token: str) -> List[MemberResult]:
     def report(event: Dict[str, Any]) -> None:
         inbox.put.remote({**event, "node_id": node_id, "pid": os.getpid(), "gpu_ids": gpu_ids, "run": run_token})
 
-    train = {"member": train_member, "trajectory": train_trajectory, "packed": train_packed}[spec.kind]
+    train = {"member": train_member, "trajectory": train_trajectory, "packed": train_packed,
+             "student": train_student}[spec.kind]
     out = train(spec, data, num_threads=max(1, int(cpus)), gpu_assigned=bool(gpu_ids), report=report)
     results = out if isinstance(out, list) else [out]
     for r in results:

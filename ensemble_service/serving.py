@@ -37,7 +37,9 @@ Members are grouped before the first request:
 Member outputs (logits ``[M, B, C]``, member order) are combined with
 ``ensemble_service.aggregation.aggregate(kind="logits")``: ``mean`` (softmax, then
 average), ``vote``, ``weighted`` (weights from the members' validation accuracy unless
-given) and ``logit_mean``.
+given) and ``logit_mean``. An ensemble whose manifest gives every member a ``weight`` (a
+selection's share of the picks, ``ensemble select``) uses those weights for every method unless
+the caller gives others: its ``mean`` is the weighted mean, its ``vote`` a weighted vote.
 """
 from __future__ import annotations
 
@@ -280,6 +282,9 @@ class Ensemble:
                                         positions, first.architecture))
         for g in self.groups:
             g.to(self.device)
+        stored = [m.record.get("weight") for m in self.members]
+        self.stored_weights: Optional[torch.Tensor] = (
+            torch.tensor([float(w) for w in stored], dtype=torch.float32) if all(w is not None for w in stored) else None)
         order = [p for g in self.groups for p in g.positions]
         self._inverse = torch.empty(len(order), dtype=torch.long)
         self._inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
@@ -342,7 +347,10 @@ class Ensemble:
                 for g in self.groups]
 
     def default_weights(self) -> Optional[torch.Tensor]:
-        """Weights of method ``weighted``: proportional to the members' validation accuracy."""
+        """Weights of method ``weighted``: the ensemble's own (``stored_weights``), else proportional to
+        the members' validation accuracy."""
+        if self.stored_weights is not None:
+            return self.stored_weights
         accs = [m.record.get("metrics", {}).get("val_acc") for m in self.members]
         if any(a is None for a in accs):
             return None
@@ -392,6 +400,8 @@ class Ensemble:
         """Combine the members' predictions for ``x`` with ``method`` (see the module docstring)."""
         if method not in aggregation.METHODS:
             raise ServingError(f"unknown method {method!r}; choose one of: {', '.join(aggregation.METHODS)}", "method")
+        if weights is None and self.stored_weights is not None:
+            weights = self.stored_weights
         if weights is None and method == "weighted":
             weights = self.default_weights()
             if weights is None:

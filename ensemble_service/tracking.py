@@ -150,7 +150,7 @@ class EnsembleTracker:
             self.client.log_batch(self.parent_id, params=params[i:i + 100])
         import yaml
 
-        self.log_text(self.parent_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
+        self.log_text(self.parent_id, yaml.safe_dump(config, sort_keys=False), names.CONFIG_YAML)
         return self.parent_id
 
     @uninterrupted
@@ -166,9 +166,12 @@ class EnsembleTracker:
         return rid
 
     # -- the project's terms ----------------------------------------------------------------
-    def log_data(self, parent: str, info: Dict[str, Any], test_labels) -> None:
-        """What the ensemble was trained on (data.json) and the test labels its metrics use."""
+    def log_data(self, parent: str, info: Dict[str, Any], test_labels, val_labels=None) -> None:
+        """What the ensemble was trained on (data.json) and the test labels its metrics use (and the
+        validation labels, which selecting members on their validation predictions needs)."""
         self.log_array(parent, test_labels, names.TEST_LABELS)
+        if val_labels is not None:
+            self.log_array(parent, val_labels, names.VAL_LABELS)
         self.log_text(parent, json.dumps(info, indent=2), names.DATA_INFO)
 
     def log_epochs(self, run_id: str, records: List[Dict[str, Any]]) -> None:
@@ -177,15 +180,19 @@ class EnsembleTracker:
             values = {k: rec[k] for k in names.EPOCH_METRICS if k in rec}
             self.queue_metrics(run_id, values, step=int(rec["epoch"]))
 
-    def log_member(self, run_id: str, result, tags: Dict[str, Any]) -> None:
-        """A finished member: its final metrics, tags, checkpoint and predictions; the run ends FINISHED."""
+    def log_member(self, run_id: str, result, tags: Dict[str, Any], end: bool = True) -> None:
+        """A finished member: its final metrics, tags, checkpoint and predictions; the run ends FINISHED
+        (unless ``end=False``: a distilled student's run stays open until it is registered)."""
         final = {k: v for k, v in result.metrics.items() if k in names.FINAL_METRICS}  # val_* are epoch series
         self.queue_metrics(run_id, {**final, names.TRAIN_SECONDS: result.train_seconds})
         self.queue_tags(run_id, tags)
         self.log_bytes(run_id, result.weights, names.MEMBER_CHECKPOINT)
         self.log_array(run_id, result.val_probs.numpy(), names.VAL_PROBS)
         self.log_array(run_id, result.test_probs.numpy(), names.TEST_PROBS)
-        self.end(run_id, "FINISHED")
+        if end:
+            self.end(run_id, "FINISHED")
+        else:
+            self.flush(run_id)
 
     def fail_member(self, run_id: str, message: str) -> None:
         self.set_tags(run_id, {names.TAG_ERROR: message[:4000]})
@@ -594,3 +601,110 @@ def ui_command(uri: Optional[str], host: str, port: int) -> List[str]:
     if root:
         cmd += ["--default-artifact-root", root]
     return cmd
+
+
+# -- reading tracked ensembles (grow, select, distill) ------------------------
+class RunNotFound(TrackingError, LookupError):
+    """No run of that id in the store."""
+
+
+class RunReader:
+    """Reads runs and their artifacts from a store that exists (``client_for``): what ``ensemble grow``,
+    ``select`` and ``distill`` build on. Artifacts are downloaded under one temporary directory,
+    removed by :meth:`close` (or leaving the ``with`` block)."""
+
+    def __init__(self, uri: Optional[str] = None):
+        self.uri = resolve_uri(uri)
+        self.client = client_for(self.uri)
+        self._tmp = tempfile.TemporaryDirectory(prefix="ensemble-runs-")
+        self._count = 0
+
+    def __enter__(self) -> "RunReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def run(self, run_id: str):
+        """The run ``run_id`` (RunNotFound when there is none)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(str(run_id))
+        except MlflowException as exc:
+            raise RunNotFound(f"no run {run_id!r} in {self.uri}") from exc
+
+    def experiment_ids(self, experiments: List[str]) -> List[str]:
+        """The ids of the experiments named (ExperimentNotFound names those there are)."""
+        ids = []
+        for name in experiments:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                known = sorted(e.name for e in self.client.search_experiments())
+                raise ExperimentNotFound(f"no experiment {name!r} in {self.uri}; "
+                                         f"experiments: {', '.join(known) if known else '(none)'}")
+            ids.append(exp.experiment_id)
+        return ids
+
+    def experiment_name(self, run) -> str:
+        """The name of the experiment ``run`` belongs to."""
+        return self.client.get_experiment(run.info.experiment_id).name
+
+    def _search(self, experiment_ids: Optional[List[str]], filters: List[str]):
+        ids = experiment_ids if experiment_ids is not None else [e.experiment_id for e in self.client.search_experiments()]
+        if not ids:
+            return []
+        out, token = [], None
+        while True:
+            page = self.client.search_runs(ids, filter_string=" and ".join(filters), max_results=1000,
+                                           page_token=token, order_by=["attributes.start_time ASC"])
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def parents(self, experiment_ids: Optional[List[str]] = None, sweep: Optional[str] = None):
+        """FINISHED parent runs (of those experiments, else of every one; with that sweep tag), oldest first."""
+        filters = [f"tags.`{names.TAG_KIND}` = '{names.KIND_PARENT}'", "attributes.status = 'FINISHED'"]
+        if sweep is not None:
+            filters.append(f"tags.`{names.TAG_SWEEP}` = '{_quote(sweep)}'")
+        return self._search(experiment_ids, filters)
+
+    def members(self, parent_run):
+        """The FINISHED member runs nested under ``parent_run``, in member order."""
+        found = self._search([parent_run.info.experiment_id], [
+            f"tags.`mlflow.parentRunId` = '{_quote(parent_run.info.run_id)}'",
+            f"tags.`{names.TAG_KIND}` = '{names.KIND_MEMBER}'", "attributes.status = 'FINISHED'"])
+        return sorted(found, key=lambda r: int(r.data.tags.get(names.TAG_MEMBER_INDEX, 0)))
+
+    def has_artifact(self, run_id: str, path: str) -> bool:
+        folder = str(Path(path).parent)
+        listed = self.client.list_artifacts(run_id, None if folder == "." else folder)
+        return any(f.path == path for f in listed)
+
+    def artifact(self, run_id: str, path: str) -> bytes:
+        """The bytes of artifact ``path`` of run ``run_id`` (TrackingError when it is missing)."""
+        self._count += 1
+        dest = Path(self._tmp.name) / str(self._count)
+        dest.mkdir()
+        try:
+            local = self.client.download_artifacts(run_id, path, str(dest))
+            return Path(local).read_bytes()
+        except Exception as exc:
+            raise TrackingError(f"run {run_id} has no artifact {path} ({_one_line(exc)})") from None
+
+    def array(self, run_id: str, path: str) -> np.ndarray:
+        return np.load(io.BytesIO(self.artifact(run_id, path)), allow_pickle=False)
+
+    def json(self, run_id: str, path: str) -> Any:
+        return json.loads(self.artifact(run_id, path).decode())
+
+    def text(self, run_id: str, path: str) -> str:
+        return self.artifact(run_id, path).decode()
+
+
+def _quote(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")

@@ -186,6 +186,28 @@ def test_predict_member_logits_whose_mean_overflows_float32(store):
                                                atol=1e-7)
 
 
+def test_a_weighted_ensemble_answers_with_its_own_weights(store):
+    # a selection (ensemble select) registers its pick shares as weights: every method uses them
+    uri, results = store["uri"], store["results"]
+    own = [0.5, 0.0, 0.5]
+    registry.register_ensemble(uri, _parent(uri), "picked", [r.weights for r in results],
+                               [{**i, "weight": w} for i, w in zip(infos(results), own)], "selection")
+    x = store["x"]
+    with TestClient(create_app(uri, Settings())) as c:
+        info = c.get("/v1/ensembles/picked").json()
+        assert [m["weight"] for m in info["members"]] == own
+        r = c.post("/v1/ensembles/picked/predict", json={"inputs": _inputs(x)})
+        assert r.status_code == 200 and r.json()["method"] == "weighted"
+        close(r.json()["probabilities"], _ensemble(results).predict(x, "mean", weights=own).probabilities)
+        r = c.post("/v1/ensembles/picked/predict", json={"inputs": _inputs(x), "method": "vote"})
+        close(r.json()["probabilities"], _ensemble(results).predict(x, "vote", weights=own).probabilities)
+        r = c.post("/v1/ensembles/picked/predict", json={"inputs": _inputs(x), "weights": [1, 1, 1]})
+        close(r.json()["probabilities"], _ensemble(results).predict(x, "mean").probabilities)
+    with pytest.raises(tracking.TrackingError, match="a weight for every member or for none"):
+        registry.register_ensemble(uri, _parent(uri), "half", [r.weights for r in results[:2]],
+                                   [{**infos(results)[0], "weight": 1.0}, infos(results)[1]], "selection")
+
+
 def test_mc_dropout_ensemble_is_deterministic_over_http(client, store):
     inputs = _inputs(store["x"])
     a = client.post("/v1/ensembles/mc/predict", json={"inputs": inputs, "return_members": True}).json()

@@ -191,6 +191,23 @@ def test_explicit_weights_and_bad_weights():
     torch.testing.assert_close(ens.predict(x, "weighted").probabilities, ens.predict(x, "mean").probabilities)
 
 
+@pytest.mark.parametrize("method", aggregation.METHODS)
+def test_an_ensembles_own_weights_apply_to_every_method_unless_the_caller_gives_others(method):
+    blobs = [blob_of("mlp", s) for s in range(3)]
+    own = [0.5, 0.25, 0.25]   # a selection's pick shares (ensemble select)
+    records = [member_record(i, "mlp", metrics={"val_acc": 0.9}, weight=w) for i, w in enumerate(own)]
+    ens = Ensemble.from_blobs(blobs, records)
+    x = torch.randn(5, 64)
+    z = loop_logits(blobs, x)
+    ref = aggregation.aggregate(z, method=method, kind="logits", weights=own)
+    torch.testing.assert_close(ens.predict(x, method).probabilities, ref.probabilities, rtol=1e-5, atol=1e-6)
+    given = aggregation.aggregate(z, method=method, kind="logits", weights=[0.0, 1.0, 1.0])
+    torch.testing.assert_close(ens.predict(x, method, weights=[0.0, 1.0, 1.0]).probabilities, given.probabilities,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ArtifactError, match="weight must be a finite number >= 0"):
+        member_record(0, "mlp", weight=-1.0)
+
+
 # --------------------------------------------------------------------------- inputs
 
 

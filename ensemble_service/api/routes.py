@@ -133,6 +133,8 @@ def ensemble_info(request: Request, name: str = NamePath) -> Dict[str, Any]:
              "metrics": {k: v for k, v in (m.record.get("metrics") or {}).items() if math.isfinite(v)}}
         if "sample_seed" in m.record:
             d["sample_seed"] = int(m.record["sample_seed"])
+        if m.record.get("weight") is not None:
+            d["weight"] = float(m.record["weight"])
         members.append(d)
     return {"name": le.name, "version": le.version, "aliases": info.get("aliases", []),
             "run_id": info.get("run_id"), "created": info.get("created", 0),
@@ -217,7 +219,7 @@ async def predict(request: Request, name: str = NamePath) -> Dict[str, Any]:
         raise ApiError(422, f"{len(body.weights)} weights for {le.ensemble.num_members} members", "weights")
     if files and (le.ensemble.pipeline is None or le.ensemble.pipeline.kind != "image"):
         raise ApiError(422, "this ensemble was not trained on images: send its inputs as JSON", "files")
-    method = _method_used(body.method, body.weights)
+    method = _method_used(body.method, body.weights if body.weights is not None else le.ensemble.stored_weights)
     try:  # the forward runs on the ensemble's own worker thread
         pred = await asyncio.wrap_future(le.submit(inputs, method, body.weights, body.return_members))
     except ServingError as exc:

@@ -47,8 +47,9 @@ class PredictRequest(BaseModel):
     weights: Optional[List[StrictNumber]] = Field(
         None, description="Per-member weights (finite, non-negative, one per member), used by every method "
                           "(a weighted vote, a weighted mean of logits); method 'mean' with weights is the "
-                          "weighted mean and is answered as 'weighted'. Default for method 'weighted': "
-                          "proportional to the members' validation accuracy.")
+                          "weighted mean and is answered as 'weighted'. Default: the ensemble's own "
+                          "weights where it has them (a selection's, `ensemble select`), for every method; "
+                          "else, for method 'weighted', proportional to the members' validation accuracy.")
 
 
 class PredictResponse(BaseModel):
@@ -129,6 +130,8 @@ class MemberDescription(BaseModel):
     model: Dict[str, Any]
     metrics: Dict[str, float]
     sample_seed: Optional[int] = None
+    weight: Optional[float] = Field(None, description="The member's aggregation weight, where the ensemble has "
+                                                      "weights (a selection's share of the picks).")
 
 
 class GroupDescription(BaseModel):
