@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ensemble_service import aggregation
-from ensemble_service.artifact import member_blob, member_record, read_member
+from ensemble_service.artifact import ArtifactError, member_blob, member_record, read_member
 from ensemble_service.data import load_dataset
 from ensemble_service.models import create_model
 from ensemble_service.serving import Ensemble, ServingError, as_input_tensor
