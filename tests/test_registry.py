@@ -49,7 +49,7 @@ def test_register_creates_a_version_with_alias_latest(registered):
 
 
 def test_model_is_logged_with_explicit_requirements(registered):
-    src = registered["reg"].source
+    src = registered["reg"].location
     root = Path(src[len("file://"):])
     reqs = (root / "requirements.txt").read_text().split()
     assert any(r.startswith("mlflow==") for r in reqs)
@@ -175,7 +175,7 @@ def test_mc_dropout_members_register_and_predict(registered):
     info = [{"index": s, "architecture": "mlp", "model": {"name": "mlp"}, "metrics": {"val_acc": 0.5},
              "extra": {"role": "mc_sample", "sample": s, "mc_seed": 100}} for s in range(3)]
     reg = registry.register_ensemble(uri, _parent(uri), "mc", [blob] * 3, info, "mc_dropout")
-    root = Path(reg.source[len("file://"):]) / "artifacts" / "ensemble"
+    root = Path(reg.location[len("file://"):]) / "artifacts" / "ensemble"
     assert len(list((root / "members").iterdir())) == 1
     import mlflow.pyfunc
 
