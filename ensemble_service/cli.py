@@ -580,6 +580,7 @@ def ui(
         err.print(f"[yellow]warning:[/] the MLflow UI has no login: anyone who can reach {host}:{port} can read, change "
                   f"and delete every run and model (the default --host 127.0.0.1 and an SSH tunnel avoid this)",
                   highlight=False, soft_wrap=True)
+    sys.stdout.flush()  # the address reaches a log or a pipe now, not when the server stops
     bind_failed: List[str] = []
 
     def relay(stream) -> None:

@@ -183,7 +183,7 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
             if alias.lower() != "latest":  # MLflow 3 reserves `latest`: it always means the newest version
                 raise
     client.set_logged_model_tags(logged.model_id, {MODEL_VERSIONS_TAG: json.dumps(
-        [{"name": model_name, "version": str(mv.version)}])})  # the logged model's page lists the version
+        [{"name": model_name, "version": mv.version}])})  # the logged model's page lists the version
     client.log_batch(parent_run_id, tags=[RunTag(names.TAG_REGISTERED_MODEL, model_name),
                                           RunTag(names.TAG_MODEL_VERSION, str(mv.version))])
     return RegisteredEnsemble(model_name, str(mv.version), mv.source, parent_run_id, time.perf_counter() - t0,
