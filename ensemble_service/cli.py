@@ -3,7 +3,7 @@
     ensemble submit [OVERRIDES...]   train an ensemble (Hydra overrides, e.g. data=mnist1d strategy.members=3);
                                      --address http://HEAD:8265 [--wait] submits it as a job to a remote cluster
     ensemble runs                    recent ensembles and their main metrics, from MLflow
-    ensemble ui [--port]             the MLflow UI on the same tracking store
+    ensemble ui [--port]             the MLflow UI on the same tracking store; prints the newest ensemble's page
     ensemble serve / predict         the prediction API on the registered ensembles, and its client
     ensemble jobs / status / logs / cancel   the jobs of a remote cluster
 
@@ -546,8 +546,8 @@ def ui(
                                                           "parent run or one of its member runs)."),
 ) -> None:
     """Start the MLflow UI on the same tracking store and print the page to open: the newest ensemble's
-    runs (or --ensemble's, --run's), the ensemble and each member one row with test_acc, test_nll,
-    member index, strategy, dataset and registered model, and a second address for its charts.
+    runs (or --ensemble's, --run's), the ensemble and each of its members as one row with test_acc,
+    test_nll, member index, strategy, datasets and registered model; and the address of its charts.
     It binds 127.0.0.1 unless --host says otherwise (it has no login): reach it over an SSH tunnel.
     A port already in use, an unknown --ensemble or --run is an error (exit 2). Ctrl-C or SIGTERM
     stops the UI's server process with it."""

@@ -1,15 +1,17 @@
 """All MLflow code: one parent run per ensemble, one nested run per member.
 
-Layout in the tracking store (experiment ``tracking.experiment``):
+Layout in the tracking store (experiment ``tracking.experiment``, marked a model-training
+experiment; its tags hold one saved view of the runs page per ensemble, ``runs_view``):
 - parent run (tags ``ensemble.strategy``, ``ensemble.data``, ``ensemble.model``,
-  ``ensemble.id``, ``ensemble.kind=parent``): the resolved config as params and as
-  ``config.yaml``; ensemble metrics (``ensemble_mean_test_acc`` ...); ``members.csv``
-  and ``members.json`` (the member table); ``predictions/test_labels.npy``.
-- member runs (tag ``mlflow.parentRunId``, ``ensemble.member_index``,
-  ``ensemble.kind=member``): seed and architecture as params, per-epoch ``train_loss``,
-  ``val_acc``, ``val_nll`` (step = epoch), final ``test_*`` metrics, the checkpoint
-  ``checkpoint/member.pt`` (config + weights, a ``torch.load(weights_only=True)`` file)
-  and ``predictions/{val,test}_probs.npy``.
+  ``ensemble.id``, ``ensemble.kind=parent``; a markdown description): the resolved config as
+  params and as ``config.yaml``; the data splits as dataset inputs; ensemble metrics
+  (``ensemble_mean_test_acc`` ..., and ``test_acc``/``test_nll``, the names members use);
+  ``members.csv`` and ``members.json`` (the member table); ``predictions/test_labels.npy``.
+- member runs (tag ``mlflow.parentRunId``, ``ensemble.member_index``, ``ensemble.kind=member``,
+  the parent's ``ensemble.id`` and ``ensemble.strategy``; a description): the same dataset
+  inputs, seed and architecture as params, per-epoch ``train_loss``, ``val_acc``, ``val_nll``
+  (step = epoch), final ``test_*`` metrics, the checkpoint ``checkpoint/member.pt`` (config +
+  weights, a ``torch.load(weights_only=True)`` file) and ``predictions/{val,test}_probs.npy``.
 
 The default store is a SQLite file ``mlflow.db`` in the working directory (made
 absolute on the driver), unless ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` says
