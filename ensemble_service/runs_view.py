@@ -89,6 +89,9 @@ def member_description(index: int, members: int, strategy: str, architecture: st
     return text + "."
 
 
+MAX_TABLE_ROWS = 50  # members listed in the parent's description (MLflow keeps 8000 characters of it)
+
+
 def _f(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
@@ -112,9 +115,11 @@ def parent_description(*, strategy: str, data: str, model: str, table: Sequence[
     if extra:
         lines += ["", "Test accuracy of " + ", ".join(f"{label} {_f(v)}" for label, v in extra) + "."]
     lines += ["", "| member | role | architecture | seed | val acc | test acc | test NLL |", "|---|---|---|---|---|---|---|"]
-    for r in table:
+    for r in table[:MAX_TABLE_ROWS]:
         lines.append(f"| {r['member']} | {r.get('role') or 'member'} | {r.get('architecture', '')} | {r.get('seed', '')} "
                      f"| {_f(r.get(names.VAL_ACC))} | {_f(r.get(names.TEST_ACC))} | {_f(r.get(names.TEST_NLL))} |")
+    if len(table) > MAX_TABLE_ROWS:
+        lines.append(f"| ... | {len(table) - MAX_TABLE_ROWS} more members: the run's `{names.MEMBER_TABLE_CSV}` | | | | | |")
     if model_version:
         name, _, version = model_version.partition("/versions/")
         lines += ["", f"**Serve it**: registered as `{model_version}`; `ensemble serve`, then "

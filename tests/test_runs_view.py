@@ -114,6 +114,14 @@ def test_parent_description():
     assert "*finished with 1 of 2 members*" in degraded and "Serve it" not in degraded
 
 
+def test_a_large_ensemble_lists_its_first_members_and_points_at_the_table():
+    table = [{**TABLE[0], "member": i} for i in range(1000)]
+    text = runs_view.parent_description(strategy="independent", data="d", model="mlp", table=table,
+                                        metrics={names.ENSEMBLE_MEAN_TEST_ACC: 0.5}, model_version="m/versions/1")
+    assert len(text) < 8000 and "| 49 | member |" in text and "| 50 | member |" not in text
+    assert "| ... | 950 more members: the run's `members.csv` |" in text and text.splitlines()[-1].startswith("**Serve it**")
+
+
 def test_member_description():
     assert runs_view.member_description(2, 5, "independent", "mlp", 44, {names.TAG_ROLE: "member"}, bagging=True) == (
         "Member 2 of 5 of a `independent` ensemble: mlp, seed 44, role `member`; "

@@ -124,9 +124,17 @@ def ensemble_ui(uri: str, *args: str):
             lines.append(ui.stdout.readline().rstrip("\n"))
             assert lines[-1] or ui.poll() is None, lines
         yield port, lines
-    finally:
-        os.killpg(ui.pid, signal.SIGKILL)
-        ui.wait()
+    finally:  # SIGTERM: `ensemble ui` stops its server (its own process group) and exits
+        server = descendants(ui.pid)
+        ui.send_signal(signal.SIGTERM)
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            ui.kill()
+            ui.wait()
+        for pid in server:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # every grid row as {column id: cell}: its text, whether the cell is on screen and not covered, and
