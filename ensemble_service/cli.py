@@ -3,7 +3,7 @@
     ensemble submit [OVERRIDES...]   train an ensemble (Hydra overrides, e.g. data=mnist1d strategy.members=3);
                                      --address http://HEAD:8265 [--wait] submits it as a job to a remote cluster
     ensemble runs                    recent ensembles and their main metrics, from MLflow
-    ensemble ui [--port]             the MLflow UI on the same tracking store
+    ensemble ui [--port]             the MLflow UI on the same tracking store; prints the newest ensemble's page
     ensemble serve / predict         the prediction API on the registered ensembles, and its client
     ensemble jobs / status / logs / cancel   the jobs of a remote cluster
 
@@ -775,37 +775,84 @@ def port_problem(host: str, port: int) -> str:
     return ""
 
 
+def ui_pages(tracking_uri: Optional[str], base: str, ensemble: Optional[str], run: Optional[str]) -> List[str]:
+    """The lines `ensemble ui` prints about what to open: the ensemble's runs page and its charts, or
+    the experiment list when the store holds no ensemble. Bad --ensemble / --run: exit 2."""
+    from ensemble_service import runs_view
+    from ensemble_service.tracking import TrackingError, ensemble_page
+
+    try:
+        if ensemble:
+            from ensemble_service.registry import resolve_ensemble
+
+            run = resolve_ensemble(tracking_uri, ensemble)["run_id"]
+        page = ensemble_page(tracking_uri, run)
+    except TrackingError as exc:
+        if ensemble or run:
+            fail(str(exc))
+        page = None
+    except Exception as exc:  # a store that cannot be read now: the UI may still show why
+        if ensemble or run:
+            fail(f"cannot read {ensemble or run} from the tracking store: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        page = None
+    if page is None:
+        return [f"open {runs_view.runs_url(base)} (no ensemble yet: run `ensemble submit`)"]
+    where = dict(view=page["view"]) if page["view"] else dict(ensemble_id=page["ensemble_id"] or None)
+    lines = [f"open {runs_view.runs_url(base, page['experiment_id'], **where)}",
+             f"  ensemble {page['run_name']} (parent run {page['run_id']}): the ensemble and one row per member",
+             f"  its charts: {runs_view.runs_url(base, page['experiment_id'], charts=True, **where)}"]
+    if not page["view"]:
+        lines.append("  (this ensemble has no saved view: the columns are the UI's defaults)")
+    return lines
+
+
 @app.command()
 def ui(
     port: int = typer.Option(5000, min=1, max=65535, help="Port of the MLflow UI."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (the UI has no login: keep loopback and "
                                                "use an SSH tunnel from other machines)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
+    ensemble: Optional[str] = typer.Option(None, "--ensemble", help="Open this registered ensemble's runs: NAME "
+                                                                    "(its newest version), NAME@ALIAS or NAME/versions/N."),
+    run: Optional[str] = typer.Option(None, "--run", help="Open the runs of the ensemble this run belongs to (its "
+                                                          "parent run or one of its member runs)."),
 ) -> None:
-    """Start the MLflow UI on the same tracking store: one parent run per ensemble, nested member runs.
+    """Start the MLflow UI on the same tracking store and print the page to open: the newest ensemble's
+    runs (or --ensemble's, --run's), the ensemble and each of its members as one row with test_acc,
+    test_nll, member index, strategy, datasets and registered model; and the address of its charts.
     It binds 127.0.0.1 unless --host says otherwise (it has no login): reach it over an SSH tunnel.
-    A port already in use is an error (exit 2). Ctrl-C or SIGTERM stops the UI's server process with it."""
+    A port already in use, an unknown --ensemble or --run is an error (exit 2). Ctrl-C or SIGTERM
+    stops the UI's server process with it."""
     import socket
 
     from ensemble_service.api.auth import is_loopback, redact_uri
     from ensemble_service.tracking import resolve_uri, ui_command
 
+    if ensemble and run:
+        fail("give --ensemble or --run, not both")
     problem = port_problem(host, port)
     if problem:
         fail(problem)
+    shown = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    base = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}"
+    pages = ui_pages(tracking_uri, base, ensemble, run)
     cmd = [sys.executable, "-m"] + ui_command(tracking_uri, host, port)
     # a UI for people: one web worker, no background job runners (MLflow's GenAI jobs), no start-up noise
     quiet = "ignore:starlette.middleware.wsgi is deprecated"
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+               MLFLOW_LOGGING_LEVEL=os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),
                PYTHONWARNINGS=",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w))
     console.print(f"MLflow UI for {redact_uri(resolve_uri(tracking_uri))} on http://{host}:{port}", highlight=False)
+    for line in pages:
+        console.print(line, highlight=False, soft_wrap=True)
     if is_loopback(host):
         console.print(f"from another machine, tunnel to it: ssh -N -L {port}:{host}:{port} {socket.gethostname()} "
-                      f"and open http://127.0.0.1:{port}", highlight=False, soft_wrap=True)
+                      f"and open the same address", highlight=False, soft_wrap=True)
     else:
         err.print(f"[yellow]warning:[/] the MLflow UI has no login: anyone who can reach {host}:{port} can read, change "
                   f"and delete every run and model (the default --host 127.0.0.1 and an SSH tunnel avoid this)",
                   highlight=False, soft_wrap=True)
+    sys.stdout.flush()  # the address reaches a log or a pipe now, not when the server stops
     bind_failed: List[str] = []
 
     def relay(stream) -> None:

@@ -79,6 +79,9 @@ TEST_ECE = "test_ece"
 #: logged once, at the end
 FINAL_METRICS: Tuple[str, ...] = (TEST_ACC, TEST_NLL, TEST_BRIER, TEST_ECE)
 TRAIN_SECONDS = "train_seconds"
+#: the metric pair parent and member runs share, so that one column of the MLflow UI compares the
+#: ensemble with its members: on the parent it is the ensemble's mean aggregation (parent metric -> shared name)
+SHARED_METRIC_OF: Dict[str, str] = {ENSEMBLE_MEAN_TEST_ACC: TEST_ACC, ENSEMBLE_MEAN_TEST_NLL: TEST_NLL}
 
 # -- tags ---------------------------------------------------------------------------------------
 TAG_KIND = "ensemble.kind"                 # parent | member (runs); ensemble (registered models)
@@ -118,6 +121,11 @@ TAG_DISTILLED_FROM = "ensemble.distilled_from"       # `ensemble distill`: the t
 TAG_DISTILLED_FROM_VERSION = "ensemble.distilled_from_version"
 ROLE_STUDENT, ROLE_BASELINE = "student", "baseline"
 STRATEGY_SELECTION, STRATEGY_DISTILLED = "selection", "distilled"   # ensemble.strategy of those runs
+TAG_SAMPLING = "ensemble.sampling"         # a member's dataset input: "bootstrap" (bagging) or "all"
+# MLflow's own tags (the UI reads them)
+MLFLOW_DESCRIPTION = "mlflow.note.content"           # a run's (or experiment's) markdown description
+MLFLOW_DATA_CONTEXT = "mlflow.data.context"          # a dataset input's split: train, validation, test
+MLFLOW_VIEW_PREFIX = "mlflow.sharedViewState."       # an experiment tag holding a saved view of its runs page
 
 # -- artifacts ----------------------------------------------------------------------------------
 MEMBER_CHECKPOINT = "checkpoint/member.pt"

@@ -1,11 +1,14 @@
 """The MLflow Model Registry side: register a finished ensemble, find and download registered ones.
 
 A finished ensemble becomes one version of a registered model (name: ``tracking.model_name``,
-default the experiment name): a pyfunc model (``ensemble_service.pyfunc_model``) logged under the
-parent run's artifact path ``ensemble_model``, holding the ensemble directory
+default the experiment name): a pyfunc model (``ensemble_service.pyfunc_model``) logged as an
+MLflow 3 logged model ``ensemble_model`` of the parent run (its output: the UI's Models column),
+holding the ensemble directory
 (``ensemble_service.artifact``: manifest with class names and preprocessing, member checkpoints,
 the user's model code) as its artifact ``ensemble`` and a copy of the ``ensemble_service``
-package as code, with explicit pip requirements (nothing inferred). ``models:/<name>@latest``
+package as code, with explicit pip requirements (nothing inferred). The version's description
+and tags say what it is: strategy, members, architectures and the parent's test metrics.
+``models:/<name>@latest``
 resolves to the newest version: MLflow 3 reserves the alias ``latest`` for exactly that (it cannot
 be set by hand there); on a registry that does not, it is set explicitly. Any other alias is set
 with ``MlflowClient.set_registered_model_alias``.
@@ -14,25 +17,27 @@ MLflow is imported here, in ``tracking.py`` and in the pyfunc model only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
-from mlflow.entities import RunTag  # noqa: E402
+from mlflow.entities import LoggedModelOutput, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from ensemble_service import names  # noqa: E402
 from ensemble_service.tracking import TrackingError, _now_ms, client_for, resolve_uri, uninterrupted  # noqa: E402
 
 ENSEMBLE_MODEL_ARTIFACT = "ensemble_model"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # a logged model's registered versions (as mlflow.register_model writes it)
 ENSEMBLE_MODEL_TAG = names.TAG_KIND      # registered-model tag marking our ensembles (names.KIND_ENSEMBLE)
 _REF_ALIAS = re.compile(r"^[A-Za-z0-9_\-]+$")
 _REF_VERSION = re.compile(r"[0-9]{1,30}")  # ASCII digits only ('²'.isdigit() is True, int('²') fails)
@@ -45,10 +50,13 @@ class EnsembleNotFound(TrackingError, LookupError):
 
 
 class RegisteredEnsemble:
-    """What ``register_ensemble`` made: ``name``, ``version`` (str), ``source``, ``run_id``, ``seconds``."""
+    """What ``register_ensemble`` made: ``name``, ``version`` (str), ``source`` (``models:/<model_id>``),
+    ``run_id``, ``seconds``, ``location`` (where the model's files are) and ``model_id`` (the logged model)."""
 
-    def __init__(self, name: str, version: str, source: str, run_id: str, seconds: float):
+    def __init__(self, name: str, version: str, source: str, run_id: str, seconds: float, location: str = "",
+                 model_id: str = ""):
         self.name, self.version, self.source, self.run_id, self.seconds = name, version, source, run_id, seconds
+        self.location, self.model_id = location or source, model_id
 
     def __repr__(self) -> str:
         return f"RegisteredEnsemble({self.name!r}, version={self.version!r}, seconds={self.seconds:.2f})"
@@ -138,9 +146,20 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
                 pip_requirements=_pip_requirements(preprocessing), signature=pyfunc_model.signature(),
                 metadata={"ensemble_members": len(member_blobs), "ensemble_strategy": strategy,
                           "ensemble_parent_run_id": parent_run_id})
-        client.log_artifacts(parent_run_id, str(model_dir), ENSEMBLE_MODEL_ARTIFACT)
+        test_tags = {k: f"{run.data.metrics[k]:.4f}" for k in _VERSION_METRICS if k in run.data.metrics}
+        # an MLflow 3 logged model of the parent run: the UI's Models column, the experiment's Models tab
+        logged = client.create_logged_model(run.info.experiment_id, name=ENSEMBLE_MODEL_ARTIFACT,
+                                            source_run_id=parent_run_id, model_type="pyfunc ensemble",
+                                            tags={names.TAG_STRATEGY: strategy, names.TAG_MEMBERS: str(len(member_blobs)),
+                                                  **test_tags})
+        try:
+            client.log_model_artifacts(logged.model_id, str(model_dir))
+        except BaseException:
+            client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        client.finalize_logged_model(logged.model_id, "READY")
         shutil.rmtree(model_dir, ignore_errors=True)
-    source = f"{run.info.artifact_uri.rstrip('/')}/{ENSEMBLE_MODEL_ARTIFACT}"
+    client.log_outputs(parent_run_id, [LoggedModelOutput(logged.model_id, 0)])
     try:
         client.create_registered_model(model_name, tags={ENSEMBLE_MODEL_TAG: names.KIND_ENSEMBLE},
                                        description="Ensemble registered by ensemble-service")
@@ -150,21 +169,71 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
     archs: Dict[str, int] = {}
     for r in manifest["members"]:
         archs[r["architecture"]] = archs.get(r["architecture"], 0) + 1
-    mv = client.create_model_version(
-        model_name, source, run_id=parent_run_id, description=description,
-        tags={names.TAG_STRATEGY: strategy, names.TAG_MEMBERS: str(len(member_blobs)),
-              "ensemble.architectures": json.dumps(archs), "ensemble.parent_run_id": parent_run_id,
-              "ensemble.num_classes": str(manifest["num_classes"]),
-              "ensemble.input_shape": json.dumps(manifest["input_shape"])})
+    if description is None:
+        description = version_description(strategy, archs, meta["data"], parent_run_id, run.data.metrics)
+    # source models:/<model_id>, as mlflow.register_model makes it: the registry links the version to the
+    # logged model (its files stay at the logged model's artifact location)
+    tags = {names.TAG_STRATEGY: strategy, names.TAG_MEMBERS: str(len(member_blobs)),
+            "ensemble.architectures": json.dumps(archs), "ensemble.parent_run_id": parent_run_id,
+            "ensemble.num_classes": str(manifest["num_classes"]),
+            "ensemble.input_shape": json.dumps(manifest["input_shape"]), **test_tags}
+    with _global_tracking_uri(uri):
+        mv = client.create_model_version(model_name, f"models:/{logged.model_id}", run_id=parent_run_id,
+                                         description=description, model_id=logged.model_id, tags=tags)
     if alias:
         try:
             client.set_registered_model_alias(model_name, alias, mv.version)
         except MlflowException:
             if alias.lower() != "latest":  # MLflow 3 reserves `latest`: it always means the newest version
                 raise
+    client.set_logged_model_tags(logged.model_id, {MODEL_VERSIONS_TAG: json.dumps(
+        [{"name": model_name, "version": mv.version}])})  # the logged model's page lists the version
     client.log_batch(parent_run_id, tags=[RunTag(names.TAG_REGISTERED_MODEL, model_name),
                                           RunTag(names.TAG_MODEL_VERSION, str(mv.version))])
-    return RegisteredEnsemble(model_name, str(mv.version), source, parent_run_id, time.perf_counter() - t0)
+    return RegisteredEnsemble(model_name, str(mv.version), mv.source, parent_run_id, time.perf_counter() - t0,
+                              logged.artifact_location, logged.model_id)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's SQL registry looks a ``models:/<model_id>`` source up through the process's global
+    tracking URI (not the client's): point it at ``uri`` for the call, then put back the URI and
+    the ``MLFLOW_TRACKING_URI`` variable as they were."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    utils.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+#: the parent run's metrics a model version carries as tags (4 decimals) and names in its description
+_VERSION_METRICS = (names.ENSEMBLE_MEAN_TEST_ACC, names.ENSEMBLE_MEAN_TEST_NLL, names.ENSEMBLE_VOTE_TEST_ACC,
+                    names.BEST_MEMBER_TEST_ACC, names.MEAN_MEMBER_TEST_ACC)
+
+
+def version_description(strategy: str, archs: Mapping[str, int], data: str, parent_run_id: str,
+                        metrics: Mapping[str, float]) -> str:
+    """A model version's description (markdown): what the ensemble is and how good it is."""
+    members = sum(archs.values())
+    made_of = ", ".join(f"{n} x {a}" for a, n in archs.items())
+    text = f"Ensemble of {members} members (`{strategy}`: {made_of})" + (f" trained on {data}" if data else "")
+    text += f"; parent run `{parent_run_id}`."
+    if names.ENSEMBLE_MEAN_TEST_ACC in metrics:
+        text += f" Test accuracy {metrics[names.ENSEMBLE_MEAN_TEST_ACC]:.4f} (mean of the members' probabilities"
+        if names.BEST_MEMBER_TEST_ACC in metrics:
+            text += f"; best member {metrics[names.BEST_MEMBER_TEST_ACC]:.4f}"
+        text += ")"
+        if names.ENSEMBLE_MEAN_TEST_NLL in metrics:
+            text += f", NLL {metrics[names.ENSEMBLE_MEAN_TEST_NLL]:.4f}"
+        text += "."
+    return text
 
 
 def parse_ensemble_ref(ref: str):
@@ -268,7 +337,10 @@ def download_ensemble(uri: Optional[str], resolved: Dict[str, Any], dest: str) -
 
     from ensemble_service.pyfunc_model import ARTIFACT
 
-    local = download_artifacts(artifact_uri=f"{resolved['source'].rstrip('/')}/artifacts/{ARTIFACT}",
+    # where the version's files are: its logged model's artifact location (the source is models:/<model_id>),
+    # or, for a version registered from run artifacts, the source itself
+    location = client_for(uri).get_model_version_download_uri(resolved["name"], resolved["version"])
+    local = download_artifacts(artifact_uri=f"{location.rstrip('/')}/artifacts/{ARTIFACT}",
                                dst_path=dest, tracking_uri=resolve_uri(uri))
     return Path(local)
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from ensemble_service import metrics, names, plots
+from ensemble_service import metrics, names, plots, runs_view
 from ensemble_service.aggregation import mean
 from ensemble_service.config import Config, ConfigError, check_members, model_variants
 from ensemble_service.data import DataBundle, DataError, describe, load
@@ -92,6 +92,10 @@ class Runs:
     members: Dict[int, str]
 
 
+def parent_run_name(cfg: Config, plan: EnsemblePlan, data: DataBundle) -> str:
+    return cfg.tracking.run_name or f"{cfg.strategy.name}-{data.name}-{plan.ensemble_id[:15]}"
+
+
 def data_info(data: DataBundle) -> Dict[str, Any]:
     """data.json: what the ensemble was trained on, with the digest that identifies the data set and split."""
     from ensemble_service.lineage import data_digest
@@ -104,25 +108,30 @@ def data_info(data: DataBundle) -> Dict[str, Any]:
 def open_runs(tracker, cfg: Config, plan: EnsemblePlan, data: DataBundle,
               tags: Optional[Dict[str, str]] = None) -> Runs:
     """The parent run (``tags`` added to, or replacing, its usual tags) and one run per planned member."""
-    run_name = cfg.tracking.run_name or f"{cfg.strategy.name}-{data.name}-{plan.ensemble_id[:15]}"
+    run_name = parent_run_name(cfg, plan, data)
     sweep = {names.TAG_SWEEP: cfg.tracking.sweep} if getattr(cfg.tracking, "sweep", None) else {}
     parent = tracker.start_parent(run_name, cfg.to_dict(), {
         names.TAG_STRATEGY: cfg.strategy.name, names.TAG_DATA: data.label, names.TAG_MODEL: model_label(cfg),
         names.TAG_ID: plan.ensemble_id, names.TAG_MEMBERS: str(len(plan.slots)),
         names.TAG_TASKS: str(len(plan.tasks)), **sweep, **(tags or {}),
     })
-    tracker.log_data(parent, data_info(data), data.y_test.numpy(), data.y_val.numpy())
+    tracker.log_data(parent, data_info(data), data.y_test.numpy(), data.y_val.numpy(),
+                     datasets=runs_view.dataset_inputs(data))
     tasks = {t.index: t for t in plan.tasks}
     members = {}
     for slot in plan.slots:
         spec = tasks[slot.task]
         if spec.kind == "packed":  # the member's own spec (its seed and bagging)
             spec = next(m for m in spec.members if m.index == slot.index)
+        bagging = bool(getattr(spec, "bagging", False))
         members[slot.index] = tracker.start_member(
             slot.index, f"member-{slot.index}",
             {"seed": slot.seed, "architecture": slot.architecture, "model": spec.model,
-             "bagging": getattr(spec, "bagging", False), "epochs": spec.epochs},
-            {names.TAG_ARCHITECTURE: slot.architecture, **slot.tags})
+             "bagging": bagging, "epochs": spec.epochs},
+            {names.TAG_ARCHITECTURE: slot.architecture, **slot.tags},
+            description=runs_view.member_description(slot.index, len(plan.slots), cfg.strategy.name, slot.architecture,
+                                                     slot.seed, slot.tags, bagging),
+            sampling="bootstrap" if bagging else "")
     return Runs(parent, members)
 
 
@@ -263,6 +272,15 @@ def register_members(tracker, parent: str, model_name: str, results, strategy: s
     return f"{registered.name}/versions/{registered.version}"
 
 
+def overview(tracker, cfg: Config, plan: EnsemblePlan, data: DataBundle, parent: str, table, values: Dict[str, float],
+             model_version: str, degraded: str) -> None:
+    """The parent's description and the experiment's saved view of this ensemble (``runs_view``)."""
+    text = runs_view.parent_description(strategy=cfg.strategy.name, data=data.label, model=model_label(cfg),
+                                        table=table, metrics=values, model_version=model_version, degraded=degraded)
+    tracker.log_overview(parent, text, runs_view.view_key(plan.ensemble_id),
+                         runs_view.saved_view(parent_run_name(cfg, plan, data), plan.ensemble_id, len(table), int(time.time() * 1000)))
+
+
 @contextlib.contextmanager
 def closing_runs(tracker, observer: Observer) -> Iterator[None]:
     """Every run still open when the body leaves early ends KILLED (Ctrl-C, SIGTERM) or FAILED."""
@@ -342,6 +360,7 @@ def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None,
             names.TRAIN_SECONDS_TOTAL: sum(collector.task_seconds.values()),
         }, summary.curve, summary.plots, table, mean(summary.member_probs).numpy())
         model_version = register(cfg, tracker, runs.parent, results, data)  # a failed registration fails the run
+        overview(tracker, cfg, plan, data, runs.parent, table, summary.metrics, model_version, degraded)
         tracker.end(runs.parent, "FINISHED")
     # the members' weights are in MLflow now; their resume checkpoints are not needed any more
     shutil.rmtree(plan.checkpoint_dir, ignore_errors=True)

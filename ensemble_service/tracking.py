@@ -1,15 +1,17 @@
 """All MLflow code: one parent run per ensemble, one nested run per member.
 
-Layout in the tracking store (experiment ``tracking.experiment``):
+Layout in the tracking store (experiment ``tracking.experiment``, marked a model-training
+experiment; its tags hold one saved view of the runs page per ensemble, ``runs_view``):
 - parent run (tags ``ensemble.strategy``, ``ensemble.data``, ``ensemble.model``,
-  ``ensemble.id``, ``ensemble.kind=parent``): the resolved config as params and as
-  ``config.yaml``; ensemble metrics (``ensemble_mean_test_acc`` ...); ``members.csv``
-  and ``members.json`` (the member table); ``predictions/test_labels.npy``.
-- member runs (tag ``mlflow.parentRunId``, ``ensemble.member_index``,
-  ``ensemble.kind=member``): seed and architecture as params, per-epoch ``train_loss``,
-  ``val_acc``, ``val_nll`` (step = epoch), final ``test_*`` metrics, the checkpoint
-  ``checkpoint/member.pt`` (config + weights, a ``torch.load(weights_only=True)`` file)
-  and ``predictions/{val,test}_probs.npy``.
+  ``ensemble.id``, ``ensemble.kind=parent``; a markdown description): the resolved config as
+  params and as ``config.yaml``; the data splits as dataset inputs; ensemble metrics
+  (``ensemble_mean_test_acc`` ..., and ``test_acc``/``test_nll``, the names members use);
+  ``members.csv`` and ``members.json`` (the member table); ``predictions/test_labels.npy``.
+- member runs (tag ``mlflow.parentRunId``, ``ensemble.member_index``, ``ensemble.kind=member``,
+  the parent's ``ensemble.id`` and ``ensemble.strategy``; a description): the same dataset
+  inputs, seed and architecture as params, per-epoch ``train_loss``, ``val_acc``, ``val_nll``
+  (step = epoch), final ``test_*`` metrics, the checkpoint ``checkpoint/member.pt`` (config +
+  weights, a ``torch.load(weights_only=True)`` file) and ``predictions/{val,test}_probs.npy``.
 
 The default store is a SQLite file ``mlflow.db`` in the working directory (made
 absolute on the driver), unless ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` says
@@ -43,6 +45,10 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 class TrackingError(RuntimeError):
     pass
+
+
+# MLflow 3's experiment kind: a model-training experiment (not GenAI development)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_uri(uri: Optional[str] = None) -> str:
@@ -114,6 +120,9 @@ def uninterrupted(fn):
     return wrapper
 
 
+MAX_DESCRIPTION = 8000  # MLflow's limit on a tag's value
+
+
 class EnsembleTracker:
     """Driver-side writer of one ensemble's runs."""
 
@@ -123,6 +132,8 @@ class EnsembleTracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._experiment(experiment)
         self.parent_id: Optional[str] = None
+        self.shared_tags: Dict[str, str] = {}  # the parent's tags every member carries too (the UI filters on them)
+        self.datasets: List[Any] = []           # the parent's dataset inputs (log_data), reused by members
         self.open_runs: List[str] = []
         self._metrics: Dict[str, List[Metric]] = {}   # buffered, written in one log_batch per run
         self._tags: Dict[str, Dict[str, str]] = {}
@@ -133,10 +144,11 @@ class EnsembleTracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
+            if EXPERIMENT_KIND_TAG not in (exp.tags or {}):  # one made elsewhere (or before this tag was set)
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
-        # "custom_model_development": the UI opens the experiment on its training runs, not the GenAI overview
         return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri),
-                                             tags={"mlflow.experimentKind": "custom_model_development"})
+                                             tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
     # -- runs -------------------------------------------------------------
     @uninterrupted
@@ -144,6 +156,7 @@ class EnsembleTracker:
         run = self.client.create_run(self.experiment_id, run_name=run_name,
                                      tags={names.TAG_KIND: names.KIND_PARENT, **tags})
         self.parent_id = run.info.run_id
+        self.shared_tags = {k: str(tags[k]) for k in (names.TAG_ID, names.TAG_STRATEGY) if k in tags}
         self.open_runs.append(self.parent_id)
         params = [Param(k, v[:6000]) for k, v in sorted(flatten(config).items())]
         for i in range(0, len(params), 100):
@@ -154,25 +167,65 @@ class EnsembleTracker:
         return self.parent_id
 
     @uninterrupted
-    def start_member(self, index: int, run_name: str, params: Dict[str, Any], tags: Dict[str, str]) -> str:
+    def start_member(self, index: int, run_name: str, params: Dict[str, Any], tags: Dict[str, str],
+                     description: str = "", sampling: str = "") -> str:
+        """A nested run under the parent, with the parent's ensemble id and strategy tags, the
+        ``description`` (markdown, the UI's Description) and the parent's dataset inputs (the
+        training split's input tagged ``ensemble.sampling=sampling`` when given, e.g. bootstrap)."""
         run = self.client.create_run(
             self.experiment_id, run_name=run_name,
             tags={"mlflow.parentRunId": self.parent_id, names.TAG_KIND: names.KIND_MEMBER,
-                  names.TAG_MEMBER_INDEX: str(index), **tags},
+                  names.TAG_MEMBER_INDEX: str(index), **self.shared_tags, **tags,
+                  **({names.MLFLOW_DESCRIPTION: description} if description else {})},
         )
         rid = run.info.run_id
         self.open_runs.append(rid)
         self.client.log_batch(rid, params=[Param(k, v) for k, v in sorted(flatten(params).items())])
+        if self.datasets:
+            self.client.log_inputs(rid, datasets=self._inputs(sampling))
         return rid
 
     # -- the project's terms ----------------------------------------------------------------
-    def log_data(self, parent: str, info: Dict[str, Any], test_labels, val_labels=None) -> None:
-        """What the ensemble was trained on (data.json) and the test labels its metrics use (and the
-        validation labels, which selecting members on their validation predictions needs)."""
+    def log_data(self, parent: str, info: Dict[str, Any], test_labels, val_labels=None,
+                 datasets: Optional[List[Dict[str, Any]]] = None) -> None:
+        """What the ensemble was trained on (data.json), the test labels its metrics use (and the
+        validation labels, which selecting members on their validation predictions needs) and its
+        splits as MLflow dataset inputs (``runs_view.dataset_inputs``: the UI's Dataset column);
+        members started after this get the same inputs."""
         self.log_array(parent, test_labels, names.TEST_LABELS)
         if val_labels is not None:
             self.log_array(parent, val_labels, names.VAL_LABELS)
         self.log_text(parent, json.dumps(info, indent=2), names.DATA_INFO)
+        if datasets:
+            self.datasets = list(datasets)
+            self._log_inputs(parent, self._inputs())
+
+    @uninterrupted
+    def _log_inputs(self, run_id: str, inputs) -> None:
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    def _inputs(self, sampling: str = ""):
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        out = []
+        for d in self.datasets:
+            tags = [InputTag(names.MLFLOW_DATA_CONTEXT, d["context"])]
+            if sampling and d["context"] == "train":
+                tags.append(InputTag(names.TAG_SAMPLING, sampling))
+            out.append(DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"],
+                                            d.get("schema"), d.get("profile")), tags))
+        return out
+
+    def log_overview(self, parent: str, description: str, view_key: str = "", view: str = "") -> None:
+        """The parent's description (markdown; written with its next flush) and, with ``view``, the
+        experiment's saved view ``view_key`` of this ensemble's runs (``runs_view.saved_view``)."""
+        self.queue_tags(parent, {names.MLFLOW_DESCRIPTION: description[:MAX_DESCRIPTION]})
+        if view_key and view:
+            self._set_experiment_tag(names.MLFLOW_VIEW_PREFIX + view_key, view)
+
+    @uninterrupted
+    def _set_experiment_tag(self, key: str, value: str) -> None:
+        self.client.set_experiment_tag(self.experiment_id, key, value)
 
     def log_epochs(self, run_id: str, records: List[Dict[str, Any]]) -> None:
         """Queue per-epoch metrics (step = epoch) of the records given."""
@@ -200,8 +253,10 @@ class EnsembleTracker:
 
     def log_ensemble(self, parent: str, values: Dict[str, float], curve: Dict[str, List[float]],
                      plots: Dict[str, bytes], table: List[Dict[str, Any]], mean_probs) -> None:
-        """The ensemble's metrics, its size curve (step k), plots, member table and mean probabilities."""
-        self.log_metrics(parent, values)
+        """The ensemble's metrics (and the pair it shares with its members: ``names.SHARED_METRIC_OF``),
+        its size curve (step k), plots, member table and mean probabilities."""
+        shared = {name: values[key] for key, name in names.SHARED_METRIC_OF.items() if key in values}
+        self.log_metrics(parent, {**values, **shared})
         for k, acc, nll in zip(curve["k"], curve["acc"], curve["nll"]):
             self.queue_metrics(parent, {names.SIZE_CURVE_ACC: acc, names.SIZE_CURVE_NLL: nll}, step=k)
         self.flush(parent)
@@ -592,11 +647,59 @@ def recent_parent_runs(uri: Optional[str] = None, experiment: Optional[str] = No
                               order_by=["attributes.start_time DESC"], max_results=limit)
 
 
+class RunNotFound(TrackingError, LookupError):
+    """No run of that id in the store."""
+
+
+def ensemble_page(uri: Optional[str] = None, run_id: Optional[str] = None) -> Optional[Dict[str, str]]:
+    """What the UI should open: the ensemble of ``run_id`` (its parent run, or one of its member
+    runs), else the newest ensemble in the store; None when the store holds none (or does not
+    exist and no run was asked for). A dict with ``experiment_id``, ``run_id`` (the parent),
+    ``run_name``, ``ensemble_id`` and ``view`` (the key of its saved view, '' when the experiment
+    has none, e.g. for an ensemble trained before views were written). RunNotFound for an unknown
+    ``run_id``."""
+    from ensemble_service import runs_view
+
+    try:
+        client = client_for(uri)
+    except StoreNotFound:
+        if run_id:
+            raise
+        return None
+    if run_id:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise RunNotFound(f"no run {run_id!r} in {resolve_uri(uri)}") from None
+            raise
+        if run.data.tags.get(names.TAG_KIND) == names.KIND_MEMBER and run.data.tags.get("mlflow.parentRunId"):
+            run = client.get_run(run.data.tags["mlflow.parentRunId"])
+        if run.data.tags.get(names.TAG_KIND) != names.KIND_PARENT:
+            raise RunNotFound(f"run {run_id} is not an ensemble's parent or member run")
+    else:
+        found = recent_parent_runs(uri, limit=1)
+        if not found:
+            return None
+        run = found[0]
+    ensemble_id = run.data.tags.get(names.TAG_ID, "")
+    key = runs_view.view_key(ensemble_id) if ensemble_id else ""
+    tags = client.get_experiment(run.info.experiment_id).tags or {}
+    return {"experiment_id": run.info.experiment_id, "run_id": run.info.run_id, "run_name": run.info.run_name or "",
+            "ensemble_id": ensemble_id, "view": key if names.MLFLOW_VIEW_PREFIX + key in tags else ""}
+
+
+#: `mlflow ui` start-up and access logs say nothing to someone opening the UI: warnings and errors only
+UI_SERVER_OPTIONS = "--log-level warning --no-access-log"
+
+
 def ui_command(uri: Optional[str], host: str, port: int) -> List[str]:
-    """The `mlflow ui` command line for this store."""
+    """The `mlflow ui` command line for this store (one web worker, warnings and errors only)."""
     uri = resolve_uri(uri)
     cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--registry-store-uri", uri, "--host", host,
-           "--port", str(port), "--workers", "1"]
+           "--port", str(port), "--workers", "1", "--uvicorn-opts", UI_SERVER_OPTIONS]
     root = local_artifact_root(uri)
     if root:
         cmd += ["--default-artifact-root", root]

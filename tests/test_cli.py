@@ -223,3 +223,78 @@ def test_bad_user_models_and_data_exit_2_with_one_line_and_leave_no_run(override
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
     assert not (user_project / "m.db").exists() and ray.is_initialized() == ray_was_up
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ensembles(tmp_path):
+    """An older ensemble with a saved view (one member) and a newer one without (as before views existed)."""
+    import time
+
+    from ensemble_service import names
+    from ensemble_service.tracking import EnsembleTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ids = {}
+    for eid, view in (("e-old", True), ("e-new", False)):
+        tr = EnsembleTracker(uri, "ui")
+        ids[eid] = tr.start_parent(f"run-{eid}", {}, {names.TAG_ID: eid, names.TAG_STRATEGY: "independent"})
+        ids[f"{eid}/member"] = tr.start_member(0, "member-0", {}, {})
+        if view:
+            tr.log_overview(ids[eid], "summary", eid, '{"name": "x", "createdAt": 1, "state": "{}"}')
+        tr.end_all("FINISHED")
+        time.sleep(0.01)
+    return uri, tr.experiment_id, ids
+
+
+def test_ui_pages_open_the_newest_ensemble_or_the_one_asked_for(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from ensemble_service import names
+    from ensemble_service.cli import ui_pages
+
+    uri, exp, ids = _two_ensembles(tmp_path)
+    runs = f"http://h:1/#/experiments/{exp}/runs?workflowType=machine_learning"
+    newest = ui_pages(uri, "http://h:1", None, None)
+    assert newest[0] == (f"open {runs}&searchFilter=tags.%60ensemble.id%60+%3D+%27e-new%27"
+                         "&orderByKey=metrics.%60test_acc%60&orderByAsc=false")
+    assert newest[1] == f"  ensemble run-e-new (parent run {ids['e-new']}): the ensemble and one row per member"
+    assert "&compareRunsMode=CHART" in newest[2] and "no saved view" in newest[3]
+    by_member = ui_pages(uri, "http://h:1", None, ids["e-old/member"])
+    assert by_member[0] == f"open {runs}&viewStateShareKey=e-old" and ids["e-old"] in by_member[1]
+    assert by_member[2] == f"  its charts: {runs}&viewStateShareKey=e-old&compareRunsMode=CHART" and len(by_member) == 3
+    client = MlflowClient(uri)
+    client.create_registered_model("ens", tags={names.TAG_KIND: names.KIND_ENSEMBLE})
+    client.create_model_version("ens", "file:///nowhere", run_id=ids["e-old"])
+    assert ui_pages(uri, "http://h:1", "ens", None) == by_member
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ui_pages(f"sqlite:///{empty}/mlflow.db", "http://h:1", None, None) == [
+        "open http://h:1/#/experiments?workflowType=machine_learning (no ensemble yet: run `ensemble submit`)"]
+    assert list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run", "0123abc"], "error: no run '0123abc' in sqlite:///"),
+    (["--ensemble", "nope"], "error: no registered ensemble 'nope'"),
+    (["--run", "x", "--ensemble", "y"], "error: give --ensemble or --run, not both"),
+])
+def test_ui_names_an_unknown_run_or_ensemble(tmp_path, args, message):
+    uri, _, ids = _two_ensembles(tmp_path)
+    result = runner.invoke(app, ["ui", "--port", str(_free_port()), "--tracking-uri", uri, *args])
+    assert result.exit_code == 2 and result.output.startswith(message), result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_ui_on_a_run_outside_any_ensemble_says_so(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri, exp, _ = _two_ensembles(tmp_path)
+    other = MlflowClient(uri).create_run(exp).info.run_id
+    result = runner.invoke(app, ["ui", "--port", str(_free_port()), "--tracking-uri", uri, "--run", other])
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: run {other} is not an ensemble's parent or member run"), result.output

@@ -49,7 +49,7 @@ def test_register_creates_a_version_with_alias_latest(registered):
 
 
 def test_model_is_logged_with_explicit_requirements(registered):
-    src = registered["reg"].source
+    src = registered["reg"].location
     root = Path(src[len("file://"):])
     reqs = (root / "requirements.txt").read_text().split()
     assert any(r.startswith("mlflow==") for r in reqs)
@@ -175,7 +175,7 @@ def test_mc_dropout_members_register_and_predict(registered):
     info = [{"index": s, "architecture": "mlp", "model": {"name": "mlp"}, "metrics": {"val_acc": 0.5},
              "extra": {"role": "mc_sample", "sample": s, "mc_seed": 100}} for s in range(3)]
     reg = registry.register_ensemble(uri, _parent(uri), "mc", [blob] * 3, info, "mc_dropout")
-    root = Path(reg.source[len("file://"):]) / "artifacts" / "ensemble"
+    root = Path(reg.location[len("file://"):]) / "artifacts" / "ensemble"
     assert len(list((root / "members").iterdir())) == 1
     import mlflow.pyfunc
 
@@ -201,3 +201,31 @@ def test_register_rejects_bad_input(registered):
     with pytest.raises(ValueError):
         registry.register_ensemble(uri, parent, "bad", [b"junk"], [{}], "independent")
     assert "bad" not in [e["name"] for e in registry.list_registered_ensembles(uri)]
+
+
+def test_the_version_is_a_logged_model_of_the_parent_run(registered):
+    uri, reg, parent = registered["uri"], registered["reg"], registered["parent"]
+    client = tracking.client_for(uri)
+    [output] = client.get_run(parent).outputs.model_outputs      # the UI's Models column
+    model = client.get_logged_model(output.model_id)
+    assert (reg.model_id, reg.source, reg.location) == (model.model_id, f"models:/{model.model_id}", model.artifact_location)
+    assert model.source_run_id == parent and str(model.status) == "READY"
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": "ens", "version": 1}]
+    mv = client.get_model_version("ens", "1")
+    assert mv.source == reg.source and client.get_model_version_download_uri("ens", "1") == model.artifact_location
+    assert mv.description == (f"Ensemble of 3 members (`independent`: 2 x mlp, 1 x lenet) trained on synthetic; "
+                              f"parent run `{parent}`. "
+                              "Test accuracy 0.7500 (mean of the members' probabilities).")
+    assert mv.tags["ensemble_mean_test_acc"] == "0.7500" and "ensemble_mean_test_nll" not in mv.tags
+
+
+def test_registering_leaves_the_process_tracking_uri_as_it_was(registered, monkeypatch):
+    import mlflow
+
+    uri = registered["uri"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nowhere/else.db")
+    before = mlflow.get_tracking_uri()
+    results = registered["results"]
+    reg = registry.register_ensemble(uri, _parent(uri), "uri", [r.weights for r in results], infos(results), "independent")
+    assert reg.version == "1"
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////nowhere/else.db" and mlflow.get_tracking_uri() == before

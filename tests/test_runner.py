@@ -2,6 +2,8 @@
 runs opened and closed, per-epoch metrics, failures, min_members, an interrupt, registration."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -93,6 +95,28 @@ def test_the_pipeline_tracks_and_registers_without_ray(tmp_path, monkeypatch):
     assert parent.data.metrics[names.ENSEMBLE_MEAN_TEST_ACC] == pytest.approx(acc, abs=1e-12)
     assert result.model_version == "runner/versions/1" and result.parent_run_id == parent.info.run_id
     assert [r["member"] for r in result.members] == [0, 1, 2]
+    # how it reads in the MLflow UI: the shared metric pair, descriptions, datasets, the saved view
+    assert parent.data.metrics[names.TEST_ACC] == parent.data.metrics[names.ENSEMBLE_MEAN_TEST_ACC]
+    assert "registered as `runner/versions/1`" in parent.data.tags[names.MLFLOW_DESCRIPTION]
+    ensemble_id = parent.data.tags[names.TAG_ID]
+    view = client.get_experiment(parent.info.experiment_id).tags[names.MLFLOW_VIEW_PREFIX + ensemble_id]
+    assert json.loads(view)["name"] == parent.info.run_name
+    assert json.loads(json.loads(view)["state"])["searchFilter"] == f"tags.`ensemble.id` = '{ensemble_id}'"
+    for m in members:
+        assert m.data.tags[names.TAG_ID] == ensemble_id and m.data.tags[names.TAG_STRATEGY] == "independent"
+        assert m.data.tags[names.MLFLOW_DESCRIPTION].startswith(f"Member {m.data.tags[names.TAG_MEMBER_INDEX]} of 3 ")
+        assert [i.dataset.digest for i in m.inputs.dataset_inputs] == [i.dataset.digest for i in parent.inputs.dataset_inputs]
+    assert len(parent.inputs.dataset_inputs) == 3
+
+
+def test_bagged_members_say_they_trained_on_a_bootstrap_resample(tmp_path):
+    runner.submit(config(tmp_path, "strategy.members=2", "strategy.bagging=true", "tracking.register=false"),
+                  scheduler=InProcess())
+    _, _, members = runs(tmp_path)
+    for m in members:
+        train = next(i for i in m.inputs.dataset_inputs if {t.key: t.value for t in i.tags}[names.MLFLOW_DATA_CONTEXT] == "train")
+        assert {t.key: t.value for t in train.tags}[names.TAG_SAMPLING] == "bootstrap"
+        assert "bootstrap resample" in m.data.tags[names.MLFLOW_DESCRIPTION]
 
 
 def load(client, run_id, path, tmp_path):

@@ -2,10 +2,12 @@
 queued for it; store writes are never cut in half by a signal."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from sqlalchemy import event
@@ -96,3 +98,54 @@ def test_a_signal_during_a_store_write_arrives_after_it():
         write()
     assert done == ["written"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_members_share_the_parents_ensemble_tags_datasets_and_get_a_description(tmp_path):
+    from ensemble_service import names
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tr = EnsembleTracker(uri, "shared")
+    parent = tr.start_parent("p", {}, {names.TAG_ID: "e-1", names.TAG_STRATEGY: "independent", names.TAG_DATA: "toy"})
+    datasets = [{"name": "toy", "digest": f"d{i}", "context": c, "source_type": "code", "source": "{}",
+                 "schema": None, "profile": json.dumps({"num_rows": n})}
+                for i, (c, n) in enumerate((("train", 30), ("validation", 10), ("test", 12)))]
+    tr.log_data(parent, {"name": "toy"}, np.arange(3), datasets=datasets)
+    bagged = tr.start_member(0, "member-0", {"seed": 1}, {names.TAG_ROLE: "member"}, description="Member 0.",
+                             sampling="bootstrap")
+    plain = tr.start_member(1, "member-1", {"seed": 2}, {})
+    tr.log_ensemble(parent, {names.ENSEMBLE_MEAN_TEST_ACC: 0.75, names.ENSEMBLE_MEAN_TEST_NLL: 0.5,
+                             names.DISAGREEMENT: 0.1}, {"k": [1], "acc": [0.7], "nll": [0.6]}, {}, [], np.zeros((3, 2)))
+    tr.log_overview(parent, "**summary**", "e-1", '{"name": "p", "createdAt": 1, "state": "{}"}')
+    tr.end_all("FINISHED")
+    client = MlflowClient(uri)
+
+    def inputs(rid):
+        return {i.dataset.digest: {t.key: t.value for t in i.tags} for i in client.get_run(rid).inputs.dataset_inputs}
+
+    assert inputs(parent) == {"d0": {names.MLFLOW_DATA_CONTEXT: "train"}, "d1": {names.MLFLOW_DATA_CONTEXT: "validation"},
+                              "d2": {names.MLFLOW_DATA_CONTEXT: "test"}}
+    assert inputs(bagged)["d0"] == {names.MLFLOW_DATA_CONTEXT: "train", names.TAG_SAMPLING: "bootstrap"}
+    assert inputs(plain) == inputs(parent)
+    for rid in (bagged, plain):
+        tags = client.get_run(rid).data.tags
+        assert tags[names.TAG_ID] == "e-1" and tags[names.TAG_STRATEGY] == "independent" and names.TAG_DATA not in tags
+    assert client.get_run(bagged).data.tags[names.MLFLOW_DESCRIPTION] == "Member 0."
+    assert names.MLFLOW_DESCRIPTION not in client.get_run(plain).data.tags
+    run = client.get_run(parent)
+    assert run.data.tags[names.MLFLOW_DESCRIPTION] == "**summary**"
+    # the pair the UI compares parent and members on: the ensemble's mean aggregation
+    assert (run.data.metrics[names.TEST_ACC], run.data.metrics[names.TEST_NLL]) == (0.75, 0.5)
+    exp = client.get_experiment(tr.experiment_id)
+    assert exp.tags[names.MLFLOW_VIEW_PREFIX + "e-1"] == '{"name": "p", "createdAt": 1, "state": "{}"}'
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_existing_experiment_without_a_kind_is_marked_model_training(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("older")
+    assert EnsembleTracker(uri, "older").experiment_id == exp_id
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "genai_development")   # someone's own choice stays
+    EnsembleTracker(uri, "older")
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "genai_development"

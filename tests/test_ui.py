@@ -1,10 +1,14 @@
-"""The MLflow UI as a user sees it: `ensemble ui` serves the store, headless Chromium loads the
-experiment page, expands the parent run and shows its nested member runs. The screenshot is
-saved as bench/mlflow_ui.png (a CI artifact)."""
+"""The MLflow UI as a user sees it after `make demo` and `ensemble ui`: a real demo ensemble (5 MLPs
+on digits) trained on the session's Ray cluster, `ensemble ui` on its store, and headless Chromium
+at 1600 x 1000 opening the address `ensemble ui` prints, with no clicks: the ensemble's runs page
+with the ensemble's test accuracy and one row per member with its own. The screenshots are the
+README's: docs/mlflow_ui.png (the runs, after closing MLflow's assistant panel) and
+docs/mlflow_ui_charts.png (the charts address it prints)."""
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -18,15 +22,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
+from ensemble_service import names
+from ensemble_service.cli import app
 from ensemble_service.tracking import EnsembleTracker
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = Path(__file__).resolve().parent.parent / "bench" / "mlflow_ui.png"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+WIDTH, HEIGHT = 1600, 1000
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1500,900"]
+                "--hide-scrollbars", f"--window-size={WIDTH},{HEIGHT}"]
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
 
 
 def free_port() -> int:
@@ -65,15 +75,210 @@ class Page:
         result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         return result["result"].get("value")
 
-    async def wait_text(self, text: str, timeout: float = 60) -> str:
+    async def wait_for(self, expression: str, what: str, timeout: float = 90):
+        """Poll ``expression`` until it is truthy; its value."""
         end = time.time() + timeout
-        body = ""
         while time.time() < end:
-            body = await self.js("document.body ? document.body.innerText : ''") or ""
-            if text in body:
-                return body
+            value = await self.js(expression)
+            if value:
+                return value
             await asyncio.sleep(0.5)
-        raise AssertionError(f"page never showed {text!r}; it showed: {body[:500]!r}")
+        body = await self.js("document.body ? document.body.innerText : ''") or ""
+        raise AssertionError(f"the page never showed {what}; it showed: {body[:600]!r}")
+
+    async def wait_text(self, text: str, timeout: float = 90) -> str:
+        return await self.wait_for(f"(document.body && document.body.innerText.includes({json.dumps(text)})) ? "
+                                   "document.body.innerText : ''", repr(text), timeout)
+
+    async def screenshot(self) -> bytes:
+        return base64.b64decode((await self.call("Page.captureScreenshot", format="png"))["data"])
+
+
+@contextlib.contextmanager
+def chromium(tmp_path):
+    """A headless Chromium with an empty profile (a first visit); the websocket URL of its page."""
+    port = free_port()
+    browser = subprocess.Popen([CHROMIUM, *CHROME_FLAGS, f"--remote-debugging-port={port}",
+                                f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        targets = json.loads(wait_http(f"http://127.0.0.1:{port}/json/list", 60))
+        yield next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+    finally:
+        browser.kill()
+        browser.wait()
+
+
+@contextlib.contextmanager
+def ensemble_ui(uri: str, *args: str):
+    """`ensemble ui` on ``uri`` (a free port); the lines it printed before the server answered."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    ui = subprocess.Popen([str(Path(sys.executable).parent / "ensemble"), "ui", "--port", str(port),
+                           "--tracking-uri", uri, *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/health", 90).strip() == b"OK"
+        lines = []
+        while not lines or not lines[-1].startswith("from another machine"):
+            lines.append(ui.stdout.readline().rstrip("\n"))
+            assert lines[-1] or ui.poll() is None, lines
+        yield port, lines
+    finally:  # SIGTERM: `ensemble ui` stops its server (its own process group) and exits
+        server = descendants(ui.pid)
+        ui.send_signal(signal.SIGTERM)
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            ui.kill()
+            ui.wait()
+        for pid in server:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# every grid row as {column id: cell}: its text, whether the cell is on screen and not covered, and
+# whether its first six characters (e.g. "0.9666") fit in it
+ROWS_JS = r"""(() => {
+  const rows = {}, ctx = document.createElement('canvas').getContext('2d');
+  for (const cell of document.querySelectorAll('.ag-row .ag-cell[col-id]')) {
+    const index = cell.closest('.ag-row').getAttribute('row-index');
+    const r = cell.getBoundingClientRect(), style = getComputedStyle(cell);
+    const top = document.elementFromPoint(r.left + Math.min(r.width / 2, 20), r.top + r.height / 2);
+    const text = cell.innerText.trim();
+    ctx.font = style.font;
+    const room = cell.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+    (rows[index] = rows[index] || {})[cell.getAttribute('col-id')] = {
+      text, shown: r.left >= 0 && r.right <= innerWidth && r.bottom <= innerHeight && !!top && cell.contains(top),
+      fits6: ctx.measureText(text.slice(0, 6)).width <= room};
+  }
+  return Object.values(rows);
+})()"""
+RUN_NAME, TEST_ACC = "attributes.`Run Name`", "metrics.`test_acc`"
+MEMBER_INDEX, DATASET, MODELS = "tags.`ensemble.member_index`", "attributes.`Dataset`", "attributes.`Models`"
+CLOSE_ASSISTANT = """(() => { const b = document.querySelector('[data-component-id="mlflow.assistant.chat_panel.close"]');
+                              if (b) { b.click(); return true; } return false; })()"""
+
+
+def as_js(value: float) -> str:
+    """How the UI writes a metric in its runs table (JavaScript's String(number))."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+@pytest.fixture(scope="module")
+def demo(ray_cluster, tmp_path_factory):
+    """`make demo`'s ensemble (`ensemble submit experiment=demo`: 5 MLPs on digits, 25 epochs)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    result = CliRunner().invoke(app, ["submit", "experiment=demo", f"tracking.uri={uri}", f"cluster.storage={tmp}/ckpt"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("demo")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parent = next(r for r in runs if r.data.tags[names.TAG_KIND] == names.KIND_PARENT)
+    members = sorted((r for r in runs if r.data.tags[names.TAG_KIND] == names.KIND_MEMBER),
+                     key=lambda r: int(r.data.tags[names.TAG_MEMBER_INDEX]))
+    return {"uri": uri, "tmp": tmp, "client": client, "experiment": exp, "parent": parent, "members": members}
+
+
+def test_the_demo_ensemble_is_described_with_its_datasets_and_model(demo):
+    client, parent, members = demo["client"], demo["parent"], demo["members"]
+    assert demo["experiment"].tags["mlflow.experimentKind"] == "custom_model_development"
+    assert len(members) == 5
+    # the pair the parent shares with its members is the ensemble's mean aggregation
+    assert parent.data.metrics[names.TEST_ACC] == parent.data.metrics[names.ENSEMBLE_MEAN_TEST_ACC]
+    assert parent.data.metrics[names.TEST_NLL] == parent.data.metrics[names.ENSEMBLE_MEAN_TEST_NLL]
+    # Dataset column: the three splits, on the parent and on every member
+    for run in (parent, *members):
+        inputs = run.inputs.dataset_inputs
+        assert sorted(i.tags[0].value for i in inputs) == ["test", "train", "validation"]
+        assert {i.dataset.name for i in inputs} == {"digits"}
+        sizes = {json.loads(i.dataset.profile)["split"]: json.loads(i.dataset.profile)["num_rows"] for i in inputs}
+        assert sum(sizes.values()) == 1797 and sizes["train"] > sizes["val"] > 0   # sklearn's digits
+    assert len({i.dataset.digest for i in parent.inputs.dataset_inputs}) == 3
+    # Models column: the registered model is the parent's logged model
+    [output] = parent.outputs.model_outputs
+    version = client.get_model_version("demo", parent.data.tags[names.TAG_MODEL_VERSION])
+    assert version.source == f"models:/{output.model_id}" and version.run_id == parent.info.run_id
+    assert json.loads(client.get_logged_model(output.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "demo", "version": version.version}]
+    assert f"{parent.data.metrics[names.ENSEMBLE_MEAN_TEST_ACC]:.4f}" in version.description
+    assert version.tags[names.ENSEMBLE_MEAN_TEST_ACC] == f"{parent.data.metrics[names.ENSEMBLE_MEAN_TEST_ACC]:.4f}"
+    # descriptions: the parent's summary names every member and how to serve it; each member its seed
+    note = parent.data.tags[names.MLFLOW_DESCRIPTION]
+    assert f"| ensemble (mean of the members' probabilities) | {parent.data.metrics[names.ENSEMBLE_MEAN_TEST_ACC]:.4f} |" in note
+    assert all(f"| {m.data.tags[names.TAG_MEMBER_INDEX]} | member | mlp | {m.data.params['seed']} |" in note for m in members)
+    assert f"models:/demo/{version.version}" in note
+    for m in members:
+        assert m.data.tags[names.MLFLOW_DESCRIPTION].startswith(
+            f"Member {m.data.tags[names.TAG_MEMBER_INDEX]} of 5 of a `independent` ensemble: mlp, seed {m.data.params['seed']}")
+
+
+@needs_chromium
+def test_the_address_ensemble_ui_prints_shows_the_ensemble_and_its_members(demo, tmp_path):
+    import aiohttp
+
+    parent, members = demo["parent"], demo["members"]
+    with ensemble_ui(demo["uri"]) as (port, lines), chromium(tmp_path) as ws_url:
+        [runs_url] = [line.split("open ", 1)[1] for line in lines if line.startswith("open ")]
+        [charts_url] = [line.split("its charts: ", 1)[1] for line in lines if "its charts: " in line]
+        assert runs_url.startswith(f"http://127.0.0.1:{port}/#/experiments/{demo['experiment'].experiment_id}/runs?")
+        assert parent.info.run_id in "\n".join(lines)
+
+        async def drive():
+            async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+                page = Page(ws)
+                await page.call("Page.enable")
+                await page.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT,
+                                deviceScaleFactor=1, mobile=False)
+                await page.call("Page.navigate", url=runs_url)
+                # no clicks: the runs of the ensemble, one row each, their test_acc on screen
+                await page.wait_for(f"(() => {{ const rows = {ROWS_JS}; return rows.length === {len(members) + 1} "
+                                    f"&& rows.every(r => r['{TEST_ACC}'] && r['{TEST_ACC}'].text !== '-') }})()",
+                                    "six rows with test_acc")
+                landing = await page.js(ROWS_JS)
+                body = await page.js("document.body.innerText")
+                await page.js(CLOSE_ASSISTANT)      # the one click docs/mlflow_ui.png shows the page after
+                await page.wait_for(f"(() => {{ const rows = {ROWS_JS}; return rows.length && rows.every("
+                                    f"r => r['{MODELS}'] && r['{MODELS}'].shown) }})()", "the Models column")
+                await asyncio.sleep(1)
+                closed = await page.js(ROWS_JS)
+                runs_png = await page.screenshot()
+                await page.call("Page.navigate", url=charts_url)
+                await page.wait_text(names.SIZE_CURVE_ACC)
+                await page.wait_for("document.querySelectorAll('.js-plotly-plot, svg.main-svg').length >= 4", "4 charts")
+                await asyncio.sleep(2)
+                charts_body = await page.js("document.body.innerText")
+                return landing, body, closed, runs_png, charts_body, await page.screenshot()
+
+        landing, body, closed, runs_png, charts_body, charts_png = asyncio.run(drive())
+
+    def run_name(row) -> str:  # the cell also holds the run's colour ("#04867d") for screen readers
+        return row[RUN_NAME]["text"].splitlines()[-1]
+
+    by_name = {run_name(row): row for row in landing}
+    # the ensemble's mean test accuracy, as the UI writes it, and every member's own, on screen
+    expected = {parent.info.run_name: parent.data.metrics[names.TEST_ACC],
+                **{m.info.run_name: m.data.metrics[names.TEST_ACC] for m in members}}
+    assert set(by_name) == set(expected), body[:600]
+    for name, value in expected.items():
+        cell = by_name[name][TEST_ACC]
+        assert cell["text"] == as_js(value) and cell["shown"] and cell["fits6"], (name, cell)
+        assert by_name[name][RUN_NAME]["shown"]
+    assert [by_name[m.info.run_name][MEMBER_INDEX]["text"] for m in members] == ["0", "1", "2", "3", "4"]
+    # the model-training pages, not the GenAI ones
+    assert "Sort: test_acc" in body and "Detect Issues" not in body and "Token Usage" not in body
+    # Dataset and Models columns filled: every run's splits, the parent's registered model
+    rows = {run_name(row): row for row in closed}
+    assert all(row[DATASET]["text"].startswith("digits (") for row in rows.values())
+    version = parent.data.tags[names.TAG_MODEL_VERSION]
+    assert rows[parent.info.run_name][MODELS]["text"].split() == ["demo", f"v{version}"]
+    assert {rows[m.info.run_name][MODELS]["text"] for m in members} == {"-"}
+    for title in (names.VAL_ACC, names.SIZE_CURVE_ACC, names.TEST_ACC, names.TEST_NLL):
+        assert title in charts_body
+    for png, name in ((runs_png, "mlflow_ui.png"), (charts_png, "mlflow_ui_charts.png")):
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+        (DOCS / name).write_bytes(png)
 
 
 @pytest.fixture
@@ -90,50 +295,6 @@ def store(tmp_path):
     t.log_metrics(parent, {"ensemble_mean_test_acc": 0.95})
     t.end(parent)
     return uri, t.experiment_id
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
-def test_mlflow_ui_shows_the_parent_and_its_nested_member_runs(store, tmp_path):
-    import aiohttp
-
-    uri, experiment_id = store
-    ui_port, debug_port = free_port(), free_port()
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
-    ui = subprocess.Popen([str(Path(sys.executable).parent / "ensemble"), "ui", "--port", str(ui_port),
-                           "--tracking-uri", uri], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)
-    browser = None
-    try:
-        assert wait_http(f"http://127.0.0.1:{ui_port}/health", 90).strip() == b"OK"
-        browser = subprocess.Popen([CHROMIUM, *CHROME_FLAGS, f"--remote-debugging-port={debug_port}",
-                                    f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        targets = json.loads(wait_http(f"http://127.0.0.1:{debug_port}/json/list", 60))
-        ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-
-        async def drive() -> tuple[str, bytes]:
-            async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
-                page = Page(ws)
-                await page.call("Page.enable")
-                await page.call("Page.navigate", url=f"http://127.0.0.1:{ui_port}/#/experiments/{experiment_id}/runs")
-                await page.wait_text("ensemble-ui-check")
-                # the parent row's expander shows the nested member runs
-                await page.js("""document.querySelectorAll('button[data-component-id*="runnamecellrenderer"]')
-                                 .forEach(b => b.click())""")
-                body = await page.wait_text("member-2")
-                shot = await page.call("Page.captureScreenshot", format="png")
-                return body, base64.b64decode(shot["data"])
-
-        body, png = asyncio.run(drive())
-        for name in ("ensemble-ui-check", "member-0", "member-1", "member-2"):
-            assert name in body
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        SCREENSHOT.write_bytes(png)
-    finally:
-        if browser is not None:
-            browser.kill()
-        os.killpg(ui.pid, 9)
 
 
 def descendants(pid: int) -> set[int]:
@@ -163,7 +324,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_ui_stops_its_server_on_sigterm_and_sigint(store, sig):
-    uri, _ = store
+    uri, experiment_id = store
     port = free_port()
     ui = subprocess.Popen([str(Path(sys.executable).parent / "ensemble"), "ui", "--port", str(port),
                            "--tracking-uri", uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -179,9 +340,13 @@ def test_ui_stops_its_server_on_sigterm_and_sigint(store, sig):
         assert not [p for p in server if alive(p)]
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-        # start-up noise is gone: no Starlette deprecation warning, no MLflow security banner
+        # start-up noise is gone: no Starlette deprecation warning, no MLflow security banner, no server logs
         assert "Deprecat" not in err and "Security middleware" not in err, err
+        assert "INFO" not in err and "Uvicorn running" not in err, err
         assert "Registry store URI" not in out, out
+        # the page to open: the ensemble's runs (these runs predate saved views: the UI's default columns)
+        assert (f"open http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+                in out), out
     finally:
         if ui.poll() is None:
             ui.kill()
