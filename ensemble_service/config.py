@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 from ensemble_service.strategies import MAX_MEMBERS, STRATEGIES, StrategyConfig, StrategyError
 
 DEVICES = ("auto", "cpu", "cuda")
+MIN_OBJECT_STORE = 75 * 1024 * 1024  # Ray refuses a smaller object store
 
 
 class ConfigError(ValueError):
@@ -44,7 +45,9 @@ class ClusterConfig:
     max_retries: int = 3
     min_members: Optional[int] = None   # finish with at least this many members when others fail for good
     pack: int = 1                       # train up to this many same-architecture members in one task (torch.func)
-    storage: Optional[str] = None
+    storage: Optional[str] = None       # resume checkpoints: a path or s3:// / gs:// URI (ensemble_service.storage)
+    keep_checkpoints: bool = False      # keep them after the ensemble finished (default: removed)
+    object_store_memory: Optional[int] = None   # bytes of the embedded cluster's object store (null: Ray's default)
 
 
 @dataclass
@@ -421,6 +424,9 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         raise ConfigError(f"cluster.min_members must be at least 1, got {c.min_members}")
     if c.num_cpus is not None and c.num_cpus < 1:
         raise ConfigError(f"cluster.num_cpus must be at least 1, got {c.num_cpus}")
+    if c.object_store_memory is not None and c.object_store_memory < MIN_OBJECT_STORE:
+        raise ConfigError(f"cluster.object_store_memory must be at least {MIN_OBJECT_STORE} bytes (75 MiB, Ray's "
+                          f"minimum), got {c.object_store_memory}")
     if c.num_cpus is not None and c.cpus_per_member > c.num_cpus:
         raise ConfigError(
             f"cluster.cpus_per_member ({c.cpus_per_member}) exceeds cluster.num_cpus ({c.num_cpus}): no member could start"

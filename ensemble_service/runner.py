@@ -19,7 +19,6 @@ Ctrl-C, SIGTERM, an exception) every run opened is closed as FINISHED, FAILED or
 from __future__ import annotations
 
 import contextlib
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from ensemble_service import metrics, names, plots
+from ensemble_service import metrics, names, plots, storage
 from ensemble_service.aggregation import mean
 from ensemble_service.config import Config, ConfigError, check_members, model_variants
 from ensemble_service.data import DataBundle, DataError, describe, load
@@ -230,6 +229,15 @@ def register(cfg: Config, tracker, parent: str, results, data: DataBundle) -> st
     return f"{registered.name}/versions/{registered.version}"
 
 
+def remove_checkpoints(directory: str) -> None:
+    """Delete the ensemble's resume checkpoints (a directory or an object-store prefix). The
+    ensemble is tracked and registered by then: a store that refuses is not worth failing it."""
+    try:
+        storage.remove_tree(directory)
+    except Exception:  # noqa: BLE001 - the run is finished; leftover checkpoints only cost space
+        pass
+
+
 @contextlib.contextmanager
 def closing_runs(tracker, observer: Observer) -> Iterator[None]:
     """Every run still open when the body leaves early ends KILLED (Ctrl-C, SIGTERM) or FAILED."""
@@ -291,7 +299,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None) 
         model_version = register(cfg, tracker, runs.parent, results, data)  # a failed registration fails the run
         tracker.end(runs.parent, "FINISHED")
     # the members' weights are in MLflow now; their resume checkpoints are not needed any more
-    shutil.rmtree(plan.checkpoint_dir, ignore_errors=True)
+    if not cfg.cluster.keep_checkpoints:
+        remove_checkpoints(plan.checkpoint_dir)
     return SubmitResult(parent_run_id=runs.parent, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment,
                         members=table, ensemble=summary.metrics, wall_seconds=wall, plan=plan, degraded=degraded,
                         model_version=model_version)

@@ -2,8 +2,8 @@
 pieces. Runs inside a Ray task but imports no Ray.
 
 Checkpoint (:class:`Checkpoint`), written atomically after every epoch to the task's
-``checkpoint_path`` and read with ``torch.load(weights_only=True)``, holds everything needed to
-resume (nanoGPT's train.py is the model: one dict, built in one place)::
+``checkpoint_path`` (a local path or an object-store URI: ``ensemble_service.storage``) and read
+with ``torch.load(weights_only=True)``, holds everything needed to resume (nanoGPT's train.py is the model: one dict, built in one place)::
 
     format, identity (kind, task, members, seeds, strategy: refused when it is another task's),
     epoch (completed), history (per member), restarts, train_seconds,
@@ -23,8 +23,8 @@ schema for every worker: ``type``, ``task`` (the task's index), and per type::
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ensemble_service import metrics, models, optimizers
+from ensemble_service import metrics, models, optimizers, storage
 from ensemble_service.artifact import member_blob
 
 CHECKPOINT_FORMAT = 2
@@ -126,13 +126,9 @@ class Checkpoint:
         self.path, self.identity, self.device = path, dict(identity), torch.device(device)
 
     def _read(self) -> Optional[Dict[str, Any]]:
-        if not os.path.exists(self.path):
+        ckpt = load_checkpoint(self.path)
+        if ckpt is None:
             return None
-        try:
-            ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a torn or foreign file: refuse rather than train on garbage
-            raise MemberError(f"cannot read checkpoint {self.path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
-                from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise MemberError(f"checkpoint {self.path} has an unknown format; delete it to start over")
         if ckpt.get("identity") != self.identity:
@@ -169,19 +165,25 @@ class Checkpoint:
             "states": {name: _plain(obj.state_dict()) for name, obj in states.items() if obj is not None},
             "rng": rng, "extra": progress.extra,
         }
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        try:
+            storage.write_bytes(self.path, buffer.getvalue())  # atomic: the old checkpoint or this one
+        except storage.StorageError as exc:
+            raise MemberError(str(exc)) from None
 
 
 def load_checkpoint(path: str) -> Optional[Dict[str, Any]]:
-    """The checkpoint at ``path`` as a dict (None if there is none); for inspection and tests."""
-    if not os.path.exists(path):
+    """The checkpoint at ``path`` (a local path or an object-store URI) as a dict; None if there is none."""
+    try:
+        blob = storage.read_bytes(path)
+    except storage.StorageError as exc:
+        raise MemberError(str(exc)) from None
+    if blob is None:
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: refuse rather than train on garbage
         raise MemberError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
 
