@@ -412,6 +412,12 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     if c.pack > 1 and STRATEGIES.get(cfg.strategy.name).trajectory:
         raise ConfigError(f"cluster.pack packs independent members; strategy={cfg.strategy.name} trains "
                           "trajectories (set cluster.pack=1)")
+    if getattr(cfg.data, "streaming", False):
+        if STRATEGIES.get(cfg.strategy.name).trajectory:
+            raise ConfigError(f"data.streaming streams independent members' epochs; strategy={cfg.strategy.name} "
+                              "needs its data in memory (use strategy=independent, or data.streaming=false)")
+        if c.pack > 1:
+            raise ConfigError("cluster.pack needs the data in memory; with data.streaming=true set cluster.pack=1")
     if c.pack > 1:
         from ensemble_service.optimizers import ELEMENTWISE, elementwise, label
 

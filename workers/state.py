@@ -28,13 +28,14 @@ import math
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ensemble_service import metrics, models, optimizers, storage
 from ensemble_service.artifact import member_blob
+from ensemble_service.data.streaming import in_key_order, is_streaming
 
 CHECKPOINT_FORMAT = 2
 EVAL_BATCH = 1024
@@ -229,6 +230,20 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, device: torch.device
     return forward_batches(model, x, device)
 
 
+@torch.no_grad()
+def split_logits(model: torch.nn.Module, data, split: str, device: torch.device) -> torch.Tensor:
+    """Eval-mode logits on the "val" or "test" split, on the CPU: of ``data.x_<split>``, or for a
+    streamed data set of every row streamed once, in row-key order (the order of ``data.y_<split>``)."""
+    if not is_streaming(data):
+        return predict_logits(model, getattr(data, f"x_{split}"), device)
+    model.eval()
+    keys, outs = [], []
+    for xb, kb in data.eval_batches(split, EVAL_BATCH):
+        outs.append(model(xb.to(device)).float().cpu())
+        keys.append(kb)
+    return in_key_order(keys, outs)
+
+
 def diverged(spec, epoch: int, value: float) -> MemberError:
     lr = optimizers.learning_rate(spec.optimizer)
     hint = f"lower optimizer.lr (now {lr})" if lr is not None else "lower the learning rate"
@@ -247,10 +262,12 @@ def steps_per_epoch(n: int, batch_size: int, model: torch.nn.Module) -> int:
 
 
 def run_epoch(spec, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              x_train: torch.Tensor, y_train: torch.Tensor, perm: torch.Tensor, *,
-              loss_fn: Optional[LossFn] = None, scheduler=None) -> Tuple[float, float]:
-    """One pass over the samples ``perm`` in batches of ``spec.batch_size``: (the mean training loss,
-    the learning rate of the last step).
+              x_train: Optional[torch.Tensor], y_train: Optional[torch.Tensor], perm: Optional[torch.Tensor], *,
+              loss_fn: Optional[LossFn] = None, scheduler=None,
+              batches: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None) -> Tuple[float, float]:
+    """One pass over the samples ``perm`` in batches of ``spec.batch_size`` (or over ``batches``,
+    ``(x, y)`` pairs a streamed data set yields): (the mean training loss, the learning rate of the
+    last step).
 
     ``loss_fn(model, xb, yb)`` defaults to the cross-entropy of ``model(xb)``; ``scheduler`` (a
     per-iteration LR scheduler) is stepped after each optimizer step. A non-finite batch loss
@@ -260,11 +277,12 @@ def run_epoch(spec, epoch: int, model: torch.nn.Module, optimizer: torch.optim.O
     skip_single = has_batchnorm(model)
     total, count = 0.0, 0
     lr = float(optimizer.param_groups[0]["lr"])
-    for i in range(0, len(perm), spec.batch_size):
-        idx = perm[i:i + spec.batch_size].to(x_train.device)
-        if len(idx) < 2 and skip_single:
+    if batches is None:
+        batches = ((x_train[idx], y_train[idx]) for idx in
+                   (perm[i:i + spec.batch_size].to(x_train.device) for i in range(0, len(perm), spec.batch_size)))
+    for xb, yb in batches:
+        if len(yb) < 2 and skip_single:
             continue  # BatchNorm cannot train on a batch of one
-        xb, yb = x_train[idx], y_train[idx]
         loss = loss_fn(model, xb, yb) if loss_fn is not None else F.cross_entropy(model(xb), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -275,8 +293,8 @@ def run_epoch(spec, epoch: int, model: torch.nn.Module, optimizer: torch.optim.O
         batch_loss = loss.item()
         if not math.isfinite(batch_loss):
             raise diverged(spec, epoch, batch_loss)
-        total += batch_loss * len(idx)
-        count += len(idx)
+        total += batch_loss * len(yb)
+        count += len(yb)
     return total / max(count, 1), lr
 
 
@@ -319,7 +337,7 @@ def evaluate(spec, index: int, seed: int, model: torch.nn.Module, data, progress
              blob_extra: Optional[Dict[str, Any]] = None) -> MemberResult:
     """A member's result from its model: eval-mode logits on val and test, its weights."""
     return member_result(spec, index, seed, data, progress, device,
-                         val_logits=predict_logits(model, data.x_val, device),
-                         test_logits=predict_logits(model, data.x_test, device),
+                         val_logits=split_logits(model, data, "val", device),
+                         test_logits=split_logits(model, data, "test", device),
                          weights=member_blob(spec.model, data.input_shape, data.num_classes, model, blob_extra),
                          history=history, extra=extra)
