@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 from ensemble_service.strategies import MAX_MEMBERS, STRATEGIES, StrategyConfig, StrategyError
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 MIN_OBJECT_STORE = 75 * 1024 * 1024  # Ray refuses a smaller object store
 
 
@@ -33,6 +34,8 @@ class TrainerConfig:
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"       # fp32 | bf16 (autocast of the training forward and loss)
+    channels_last: bool = False   # image models and their batches in channels-last memory format
 
 
 @dataclass
@@ -393,6 +396,8 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     t = cfg.trainer
     if t.device not in DEVICES:
         raise ConfigError(f"unknown trainer.device '{t.device}'; choose one of: {', '.join(DEVICES)}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"unknown trainer.precision '{t.precision}'; choose one of: {', '.join(PRECISIONS)}")
 
     # cluster
     c = cfg.cluster
@@ -418,6 +423,9 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
                               "needs its data in memory (use strategy=independent, or data.streaming=false)")
         if c.pack > 1:
             raise ConfigError("cluster.pack needs the data in memory; with data.streaming=true set cluster.pack=1")
+    if c.pack > 1 and (t.precision != "fp32" or t.channels_last):
+        raise ConfigError("cluster.pack trains in fp32 with the default memory format; set trainer.precision=fp32 "
+                          "and trainer.channels_last=false, or cluster.pack=1")
     if c.pack > 1:
         from ensemble_service.optimizers import ELEMENTWISE, elementwise, label
 

@@ -31,6 +31,8 @@ class MemberSpec:
     bagging: bool
     device: str                 # auto | cpu | cuda
     checkpoint_path: str        # absolute path or object-store URI; the worker resumes from it when it exists
+    precision: str = "fp32"     # fp32 | bf16 (trainer.precision)
+    channels_last: bool = False # trainer.channels_last
 
     @property
     def architecture(self) -> str:
@@ -59,6 +61,8 @@ class TrajectorySpec:
     member_indices: Tuple[int, ...] # ensemble-wide indices of the members it yields, in order
     device: str
     checkpoint_path: str
+    precision: str = "fp32"
+    channels_last: bool = False
 
     @property
     def architecture(self) -> str:
@@ -157,6 +161,7 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
             bagging=cfg.strategy.bagging,
             device=cfg.trainer.device,
             checkpoint_path=storage.join(ckdir, f"member_{i:03d}.ckpt"),
+            precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last,
         )
         for i, ms in enumerate(member_settings(cfg))
     ]
@@ -204,6 +209,7 @@ def _plan_trajectories(cfg: Config, eid: str, ckdir: str) -> EnsemblePlan:
             optimizer=dict(cfg.optimizer), epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
             params=dict(params), member_indices=indices, device=cfg.trainer.device,
             checkpoint_path=storage.join(ckdir, f"trajectory_{t:03d}.ckpt"),
+            precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last,
         )
         tasks.append(spec)
         for i, tags in zip(indices, per):

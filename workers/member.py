@@ -14,8 +14,8 @@ import torch
 
 from ensemble_service.data import DataBundle, bootstrap_indices, is_streaming
 from workers.state import (
-    Checkpoint, MemberResult, Report, Timer, build_model, build_optimizer, epoch_event, evaluate, run_epoch, setup,
-    split_logits, start_event, val_metrics,
+    Checkpoint, MemberResult, Report, Timer, build_model, build_optimizer, epoch_event, evaluate, prepare_model,
+    run_epoch, setup, split_logits, start_event, val_metrics,
 )
 
 
@@ -29,7 +29,7 @@ def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
     streamed = is_streaming(data)
 
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
+    model = prepare_model(build_model(spec.model, data.input_shape, data.num_classes).to(device), spec)
     optimizer = build_optimizer(model.parameters(), spec.optimizer)
     order = torch.Generator().manual_seed(spec.seed)
     if not streamed:

@@ -23,6 +23,7 @@ schema for every worker: ``type``, ``task`` (the task's index), and per type::
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import socket
@@ -250,6 +251,20 @@ def diverged(spec, epoch: int, value: float) -> MemberError:
     return MemberError(f"member {spec.index}: training loss became {value} in epoch {epoch + 1}; {hint}")
 
 
+def prepare_model(model: torch.nn.Module, spec) -> torch.nn.Module:
+    """The model in the memory format the spec asks for (``trainer.channels_last``)."""
+    if getattr(spec, "channels_last", False):
+        return model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _autocast(spec, device: torch.device):
+    """bf16 autocast for the training forward pass and loss (``trainer.precision=bf16``), else nothing."""
+    if getattr(spec, "precision", "fp32") == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -277,13 +292,18 @@ def run_epoch(spec, epoch: int, model: torch.nn.Module, optimizer: torch.optim.O
     skip_single = has_batchnorm(model)
     total, count = 0.0, 0
     lr = float(optimizer.param_groups[0]["lr"])
+    device = next(model.parameters()).device
+    channels_last = getattr(spec, "channels_last", False)
     if batches is None:
         batches = ((x_train[idx], y_train[idx]) for idx in
                    (perm[i:i + spec.batch_size].to(x_train.device) for i in range(0, len(perm), spec.batch_size)))
     for xb, yb in batches:
         if len(yb) < 2 and skip_single:
             continue  # BatchNorm cannot train on a batch of one
-        loss = loss_fn(model, xb, yb) if loss_fn is not None else F.cross_entropy(model(xb), yb)
+        if channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(spec, device):
+            loss = loss_fn(model, xb, yb) if loss_fn is not None else F.cross_entropy(model(xb), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = float(optimizer.param_groups[0]["lr"])
