@@ -285,14 +285,14 @@ def run_epoch(spec, epoch: int, model: torch.nn.Module, optimizer: torch.optim.O
     last step).
 
     ``loss_fn(model, xb, yb)`` defaults to the cross-entropy of ``model(xb)``; ``scheduler`` (a
-    per-iteration LR scheduler) is stepped after each optimizer step. A non-finite batch loss
-    raises ``diverged``.
+    per-iteration LR scheduler) is stepped after each optimizer step. A non-finite epoch loss
+    raises ``diverged`` (checked once per epoch, so the GPU is not synchronized after every step).
     """
     model.train()
     skip_single = has_batchnorm(model)
-    total, count = 0.0, 0
-    lr = float(optimizer.param_groups[0]["lr"])
     device = next(model.parameters()).device
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    lr = float(optimizer.param_groups[0]["lr"])
     channels_last = getattr(spec, "channels_last", False)
     if batches is None:
         batches = ((x_train[idx], y_train[idx]) for idx in
@@ -310,12 +310,12 @@ def run_epoch(spec, epoch: int, model: torch.nn.Module, optimizer: torch.optim.O
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        batch_loss = loss.item()
-        if not math.isfinite(batch_loss):
-            raise diverged(spec, epoch, batch_loss)
-        total += batch_loss * len(yb)
+        total += loss.detach().double() * len(yb)  # on the device: no host sync per step
         count += len(yb)
-    return total / max(count, 1), lr
+    mean = float(total) / max(count, 1)           # one sync per epoch
+    if not math.isfinite(mean):
+        raise diverged(spec, epoch, mean)
+    return mean, lr
 
 
 def val_metrics(spec, epoch: int, val_probs: torch.Tensor, y_val: torch.Tensor) -> Dict[str, float]:
