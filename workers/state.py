@@ -295,8 +295,9 @@ def run_epoch(spec, epoch: int, model: torch.nn.Module, optimizer: torch.optim.O
     lr = float(optimizer.param_groups[0]["lr"])
     channels_last = getattr(spec, "channels_last", False)
     if batches is None:
+        perm = perm.to(x_train.device)  # one copy per epoch, not one per batch
         batches = ((x_train[idx], y_train[idx]) for idx in
-                   (perm[i:i + spec.batch_size].to(x_train.device) for i in range(0, len(perm), spec.batch_size)))
+                   (perm[i:i + spec.batch_size] for i in range(0, len(perm), spec.batch_size)))
     for xb, yb in batches:
         if len(yb) < 2 and skip_single:
             continue  # BatchNorm cannot train on a batch of one
