@@ -92,7 +92,7 @@ def filesystem(uri: str):
 
     s = scheme(uri)
     if not s:
-        return pafs.LocalFileSystem(), uri
+        return pafs.LocalFileSystem(), (urlsplit(uri).path if uri.lower().startswith("file://") else uri)
     head, _, query = uri.partition("?")
     parts = urlsplit(head)
     path = f"{parts.netloc}{parts.path}".rstrip("/")

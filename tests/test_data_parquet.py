@@ -171,8 +171,23 @@ class Stop(Exception):
     pass
 
 
+@pytest.fixture(scope="module")
+def ray_here():
+    """A Ray cluster for this module's members to stream through: the session's when it is still
+    connected (a test that ran `ensemble submit` in-process may have stopped it), else a private one
+    that is stopped afterwards. Ray Data must never start one on its own."""
+    from ensemble_service import scheduler
+    from ensemble_service.config import ClusterConfig
+
+    started = not scheduler.is_connected()
+    scheduler.connect(ClusterConfig(num_cpus=2, num_gpus=0))
+    yield
+    if started:
+        scheduler.shutdown()
+
+
 @pytest.mark.slow
-def test_a_streaming_member_resumes_like_an_uninterrupted_run(ray_cluster, pq_dir, tmp_path):
+def test_a_streaming_member_resumes_like_an_uninterrupted_run(ray_here, pq_dir, tmp_path):
     from workers.member import train_member
 
     path, _, _ = pq_dir
@@ -194,7 +209,7 @@ def test_a_streaming_member_resumes_like_an_uninterrupted_run(ray_cluster, pq_di
 
 
 @pytest.mark.slow
-def test_streamed_epochs_cover_the_training_split_or_the_bootstrap_sample(ray_cluster, pq_dir):
+def test_streamed_epochs_cover_the_training_split_or_the_bootstrap_sample(ray_here, pq_dir):
     path, x, y = pq_dir
     bundle = load({"name": "parquet", "path": str(path), "target": "kind"})
     keys = streaming.row_keys(x, y)
@@ -214,6 +229,29 @@ def test_streamed_epochs_cover_the_training_split_or_the_bootstrap_sample(ray_cl
     # evaluation streams every validation row once; in key order they line up with y_val
     seen = [kb for _, kb in bundle.eval_batches("val", 128)]
     assert sorted(np.concatenate(seen).tolist()) == sorted(keys[streaming.assign_split(keys, 0.2, 0.2, 0) == 1].tolist())
+
+
+NOT_CONNECTED = """
+import sys, ray
+from ensemble_service.data import load
+bundle = load({"name": "parquet", "path": sys.argv[1], "target": "kind"})
+try:
+    next(iter(bundle.train_batches(64, 0, 0, False)))
+except RuntimeError as exc:
+    print("refused:", exc)
+print("ray initialized:", ray.is_initialized())
+"""
+
+
+def test_streaming_needs_a_connected_ray_and_never_starts_one(pq_dir):
+    import subprocess
+    import sys
+
+    path, _, _ = pq_dir
+    out = subprocess.run([sys.executable, "-c", NOT_CONNECTED, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "refused: data=parquet streams through Ray Data inside a Ray cluster" in out.stdout
+    assert "ray initialized: False" in out.stdout
 
 
 def test_streaming_is_refused_for_trajectories_and_packs(pq_dir):

@@ -173,26 +173,30 @@ TRAIN = ["data=synthetic", "data.n_train=4000", "data.input_shape=[1,16,16]", "m
          "model.depth=1", "model.width=32", "trainer.batch_size=8", "cluster.cpus_per_member=1"]
 
 
+EPOCHS = 16
+
+
 def test_job_on_two_nodes_survives_a_killed_worker_and_resumes_from_s3(stack):
     from ensemble_service import storage
     from workers.state import load_checkpoint
 
     client = MlflowClient(stack["tracking"])
     s3 = stack["s3"]
-    overrides = [*TRAIN, "strategy.members=2", "trainer.epochs=8", f"tracking.uri={stack['tracking']}",
+    overrides = [*TRAIN, "strategy.members=2", f"trainer.epochs={EPOCHS}", f"tracking.uri={stack['tracking']}",
                  "tracking.experiment=multinode", f"cluster.storage=s3://{CHECKPOINTS}/multinode",
                  "cluster.max_retries=2"]
     proc = subprocess.Popen([str(BIN / "ensemble"), "submit", "--address", stack["address"], "--wait", *overrides],
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def training_member():
+        def training_member():  # mid-member: an epoch done, and (load permitting) far from the last
             _, members = experiment_runs(client, "multinode")
             for m in members:
-                if "ensemble.pid" in m.data.tags and client.get_metric_history(m.info.run_id, "train_loss"):
+                done = len(client.get_metric_history(m.info.run_id, "train_loss"))
+                if "ensemble.pid" in m.data.tags and 1 <= done <= EPOCHS // 2:
                     return m
             return None
 
-        victim = wait_for(training_member, 180, "a member that has finished an epoch")
+        victim = wait_for(training_member, 180, "a member that has finished an epoch", poll=0.2)
         os.kill(int(victim.data.tags["ensemble.pid"]), signal.SIGKILL)
         # what the killed member left in the object store: its last checkpoint, nothing on a node's disk
         index = int(victim.data.tags["ensemble.member_index"])
@@ -213,7 +217,8 @@ def test_job_on_two_nodes_survives_a_killed_worker_and_resumes_from_s3(stack):
     killed = next(m for m in members if m.info.run_id == victim.info.run_id)
     assert int(killed.data.tags["ensemble.restarts"]) >= 1
     assert int(killed.data.tags["ensemble.resumed_from_epoch"]) == left["epoch"]     # from its last S3 checkpoint
-    assert sorted(h.step for h in client.get_metric_history(killed.info.run_id, "train_loss")) == list(range(1, 9))
+    assert sorted(h.step for h in client.get_metric_history(killed.info.run_id, "train_loss")) == list(
+        range(1, EPOCHS + 1))
     # both nodes trained (the killed member's retry may have gone to either node: its checkpoint is in S3)
     assert len({victim.data.tags["ensemble.node_id"], *(m.data.tags["ensemble.node_id"] for m in members)}) == 2
     # checkpoints are removed once the ensemble is registered (pyarrow may leave an empty "dir/" marker)

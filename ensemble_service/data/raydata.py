@@ -27,6 +27,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+import ray
 import ray.data
 
 from ensemble_service.data import streaming
@@ -68,6 +69,9 @@ def _reader(stream: streaming.StreamSpec, split: int, seed: Optional[int], epoch
 
 
 def _dataset(stream: streaming.StreamSpec, split: int, seed: Optional[int], epoch: int, bagging: bool):
+    if not ray.is_initialized():  # Ray Data would start (or join) a cluster of its own
+        raise RuntimeError(f"data={stream.source} streams through Ray Data inside a Ray cluster; this process "
+                           "is not connected to one (members run as Ray tasks)")
     units = [{"path": p, "row_group": g} for p, g, _ in stream.units]
     if seed is not None:
         order = np.random.default_rng([seed, epoch]).permutation(len(units))
