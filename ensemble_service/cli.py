@@ -116,10 +116,11 @@ class ProgressObserver:
 
     def started(self, plan, resources) -> None:
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+        store = resources.get("object_store_memory", 0) / 2 ** 20
         self.progress.console.print(
             f"ensemble {plan.ensemble_id}: {len(plan.slots)} members from {len(plan.tasks)} Ray tasks, "
-            f"strategy '{plan.strategy}' on '{plan.data}'; Ray cluster with {cpus:g} CPUs, {gpus:g} GPUs",
-            highlight=False)
+            f"strategy '{plan.strategy}' on '{plan.data}'; Ray cluster with {cpus:g} CPUs, {gpus:g} GPUs, "
+            f"{store:.0f} MiB object store", highlight=False)
         self.tasks, self.done = {}, set()   # a sweep runs one plan after another through one observer
         roles = {slot.task: slot.tags.get(names.TAG_ROLE, "") for slot in plan.slots}
         for spec in plan.tasks:

@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional
 from ensemble_service.strategies import MAX_MEMBERS, STRATEGIES, StrategyConfig, StrategyError
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+MIN_OBJECT_STORE = 75 * 1024 * 1024  # Ray refuses a smaller object store
 
 
 class ConfigError(ValueError):
@@ -32,6 +34,8 @@ class TrainerConfig:
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"       # fp32 | bf16 (autocast of the training forward and loss)
+    channels_last: bool = False   # image models and their batches in channels-last memory format
 
 
 @dataclass
@@ -44,7 +48,9 @@ class ClusterConfig:
     max_retries: int = 3
     min_members: Optional[int] = None   # finish with at least this many members when others fail for good
     pack: int = 1                       # train up to this many same-architecture members in one task (torch.func)
-    storage: Optional[str] = None
+    storage: Optional[str] = None       # resume checkpoints: a path or s3:// / gs:// URI (ensemble_service.storage)
+    keep_checkpoints: bool = False      # keep them after the ensemble finished (default: removed)
+    object_store_memory: Optional[int] = None   # bytes of the embedded cluster's object store (null: Ray's default)
 
 
 @dataclass
@@ -394,6 +400,8 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     t = cfg.trainer
     if t.device not in DEVICES:
         raise ConfigError(f"unknown trainer.device '{t.device}'; choose one of: {', '.join(DEVICES)}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"unknown trainer.precision '{t.precision}'; choose one of: {', '.join(PRECISIONS)}")
 
     # cluster
     c = cfg.cluster
@@ -413,6 +421,15 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     if c.pack > 1 and STRATEGIES.get(cfg.strategy.name).trajectory:
         raise ConfigError(f"cluster.pack packs independent members; strategy={cfg.strategy.name} trains "
                           "trajectories (set cluster.pack=1)")
+    if getattr(cfg.data, "streaming", False):
+        if STRATEGIES.get(cfg.strategy.name).trajectory:
+            raise ConfigError(f"data.streaming streams independent members' epochs; strategy={cfg.strategy.name} "
+                              "needs its data in memory (use strategy=independent, or data.streaming=false)")
+        if c.pack > 1:
+            raise ConfigError("cluster.pack needs the data in memory; with data.streaming=true set cluster.pack=1")
+    if c.pack > 1 and (t.precision != "fp32" or t.channels_last):
+        raise ConfigError("cluster.pack trains in fp32 with the default memory format; set trainer.precision=fp32 "
+                          "and trainer.channels_last=false, or cluster.pack=1")
     if c.pack > 1:
         from ensemble_service.optimizers import ELEMENTWISE, elementwise, label
 
@@ -425,6 +442,9 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         raise ConfigError(f"cluster.min_members must be at least 1, got {c.min_members}")
     if c.num_cpus is not None and c.num_cpus < 1:
         raise ConfigError(f"cluster.num_cpus must be at least 1, got {c.num_cpus}")
+    if c.object_store_memory is not None and c.object_store_memory < MIN_OBJECT_STORE:
+        raise ConfigError(f"cluster.object_store_memory must be at least {MIN_OBJECT_STORE} bytes (75 MiB, Ray's "
+                          f"minimum), got {c.object_store_memory}")
     if c.num_cpus is not None and c.cpus_per_member > c.num_cpus:
         raise ConfigError(
             f"cluster.cpus_per_member ({c.cpus_per_member}) exceeds cluster.num_cpus ({c.num_cpus}): no member could start"

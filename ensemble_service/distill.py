@@ -20,14 +20,12 @@ metrics; ``test_acc``, ``test_nll``, ``test_brier``, ``test_ece``; its checkpoin
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ensemble_service import names
+from ensemble_service import names, storage
 from ensemble_service.config import Config, ConfigError
 
 # measured on mnist1d (5 CNN1D members -> one CNN1D, 100 epochs): T=2, alpha=0.5 gave the student a test
@@ -114,14 +112,14 @@ def _specs(p: DistillPlan, checkpoint_dir: str):
     ms = member_settings(cfg)[0]
     student = StudentSpec(index=0, seed=cfg.trainer.seed, model=dict(ms.model), optimizer=dict(ms.optimizer),
                           epochs=ms.epochs, batch_size=ms.batch_size, device=cfg.trainer.device,
-                          checkpoint_path=os.path.join(checkpoint_dir, "student.ckpt"),
+                          checkpoint_path=storage.join(checkpoint_dir, "student.ckpt"),
                           teacher_blobs=tuple(p.blobs), teacher_records=tuple(p.records),
                           temperature=p.temperature, alpha=p.alpha)
     tasks, slots = [student], [MemberSlot(0, 0, student.seed, student.architecture, {names.TAG_ROLE: names.ROLE_STUDENT})]
     if p.baseline:
         base = MemberSpec(index=1, seed=cfg.trainer.seed, model=dict(ms.model), optimizer=dict(ms.optimizer),
                           epochs=ms.epochs, batch_size=ms.batch_size, bagging=False, device=cfg.trainer.device,
-                          checkpoint_path=os.path.join(checkpoint_dir, "baseline.ckpt"))
+                          checkpoint_path=storage.join(checkpoint_dir, "baseline.ckpt"))
         tasks.append(base)
         slots.append(MemberSlot(1, 1, base.seed, base.architecture, {names.TAG_ROLE: names.ROLE_BASELINE}))
     return tasks, slots
@@ -133,6 +131,7 @@ def run(p: DistillPlan, observer=None, *, scheduler=None) -> DistillResult:
     from ensemble_service.planning import EnsemblePlan, checkpoint_root, ensemble_id
     from ensemble_service.runner import (
         Collector, EnsembleFailed, Observer, Runs, closing_runs, data_info, load_data, register_members,
+        remove_checkpoints,
     )
     from ensemble_service.tracking import EnsembleTracker
 
@@ -148,7 +147,7 @@ def run(p: DistillPlan, observer=None, *, scheduler=None) -> DistillResult:
 
     observer.loaded(describe(data))
     eid = ensemble_id(cfg)
-    ckdir = str(checkpoint_root(cfg) / eid)
+    ckdir = storage.join(checkpoint_root(cfg), eid)
     tasks, slots = _specs(p, ckdir)
     plan = EnsemblePlan(ensemble_id=eid, strategy=names.STRATEGY_DISTILLED, data=data.label, tasks=tasks, slots=slots,
                         checkpoint_dir=ckdir)
@@ -214,7 +213,8 @@ def run(p: DistillPlan, observer=None, *, scheduler=None) -> DistillResult:
         model_version = register_members(tracker, student_run, cfg.tracking.model_name, [student],
                                          names.STRATEGY_DISTILLED, data.class_names, data.preprocessing)
         tracker.end(student_run, "FINISHED")
-    shutil.rmtree(ckdir, ignore_errors=True)
+    if not cfg.cluster.keep_checkpoints:
+        remove_checkpoints(ckdir)
     return DistillResult(run_id=student_run, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment,
                          model_version=model_version, comparison=comparison,
                          forward_time_ratio=values[names.FORWARD_TIME_RATIO], wall_seconds=wall,

@@ -41,7 +41,8 @@ _FIND_PYTHON = ('PY=; R=$(grep -m1 -o "/[^ ]*/ray/_raylet[^ ]*\\.so" /proc/$PPID
                 'if [ -n "$R" ] && [ -x "${R%/lib/python*}/bin/python" ]; then PY="${R%/lib/python*}/bin/python"; '
                 'else PY=$(command -v python3 || command -v python); fi; ')
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "ENSEMBLE_STORAGE")
+                 "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "ENSEMBLE_STORAGE")
 
 
 class JobsError(RuntimeError):

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ensemble_service.config import Config, member_settings
+from ensemble_service import storage
+from ensemble_service.config import Config, ConfigError, member_settings
 from ensemble_service.models import architecture as model_architecture
 from ensemble_service.strategies import STRATEGIES
 
@@ -29,7 +30,9 @@ class MemberSpec:
     batch_size: int
     bagging: bool
     device: str                 # auto | cpu | cuda
-    checkpoint_path: str        # absolute; the worker resumes from it when it exists
+    checkpoint_path: str        # absolute path or object-store URI; the worker resumes from it when it exists
+    precision: str = "fp32"     # fp32 | bf16 (trainer.precision)
+    channels_last: bool = False # trainer.channels_last
 
     @property
     def architecture(self) -> str:
@@ -58,6 +61,8 @@ class TrajectorySpec:
     member_indices: Tuple[int, ...] # ensemble-wide indices of the members it yields, in order
     device: str
     checkpoint_path: str
+    precision: str = "fp32"
+    channels_last: bool = False
 
     @property
     def architecture(self) -> str:
@@ -122,16 +127,22 @@ class EnsemblePlan:
 
 
 def ensemble_id(cfg: Config) -> str:
-    """A fresh id per submission: config hash + time, so re-submitting never resumes stale checkpoints."""
+    """A fresh id per submission: time, config hash, process and a random part, so re-submitting
+    (even from one process within a second) never resumes the checkpoints another run kept
+    (cluster.keep_checkpoints)."""
     digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}-{os.getpid()}"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def checkpoint_root(cfg: Config) -> Path:
-    """cluster.storage, else ENSEMBLE_STORAGE, else ./.ensemble/checkpoints; absolute, resolved on the driver.
-    On a multi-machine cluster it must be a path every node mounts (a member resumes on any node)."""
-    root = cfg.cluster.storage or os.environ.get("ENSEMBLE_STORAGE") or os.path.join(os.getcwd(), ".ensemble", "checkpoints")
-    return Path(root).expanduser().resolve()
+def checkpoint_root(cfg: Config) -> str:
+    """cluster.storage, else ENSEMBLE_STORAGE, else ./.ensemble/checkpoints: an absolute path
+    (resolved on the driver) or an object-store URI (``s3://bucket/prefix``, ``gs://...``; see
+    ``ensemble_service.storage``). On a multi-machine cluster a local path must be one every node
+    mounts (a member resumes on any node); an object store needs no shared mount."""
+    try:
+        return storage.root(cfg.cluster.storage)
+    except storage.StorageError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def plan(cfg: Config, *, ensemble: Optional[str] = None, start: int = 0) -> EnsemblePlan:
@@ -140,7 +151,7 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None, start: int = 0) -> Ense
     seeds (``trainer.seed`` + index) and architectures (``strategy.models`` cycled) they have in
     the whole ensemble."""
     eid = ensemble or ensemble_id(cfg)
-    ckdir = checkpoint_root(cfg) / eid
+    ckdir = storage.join(checkpoint_root(cfg), eid)
     if STRATEGIES.get(cfg.strategy.name).trajectory:
         if start:
             raise ValueError(f"strategy={cfg.strategy.name} trains trajectories: its members cannot be planned from {start}")
@@ -155,7 +166,8 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None, start: int = 0) -> Ense
             batch_size=ms.batch_size,
             bagging=cfg.strategy.bagging,
             device=cfg.trainer.device,
-            checkpoint_path=str(ckdir / f"member_{i:03d}.ckpt"),
+            checkpoint_path=storage.join(ckdir, f"member_{i:03d}.ckpt"),
+            precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last,
         )
         for i, ms in enumerate(member_settings(cfg)) if i >= start
     ]
@@ -166,10 +178,10 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None, start: int = 0) -> Ense
     slots = [MemberSlot(index=m.index, task=task_of[m.index], seed=m.seed, architecture=m.architecture,
                         tags={"ensemble.role": "member"}) for m in members]
     return EnsemblePlan(ensemble_id=eid, strategy=cfg.strategy.name, data=cfg.data.name,
-                        tasks=tasks, slots=slots, checkpoint_dir=str(ckdir))
+                        tasks=tasks, slots=slots, checkpoint_dir=ckdir)
 
 
-def pack_members(members: List[MemberSpec], k: int, ckdir: Path) -> List[Any]:
+def pack_members(members: List[MemberSpec], k: int, ckdir: str) -> List[Any]:
     """Group members with the same model, optimizer, epochs and batch size into PackedSpecs of at
     most k (a group of one stays a plain MemberSpec). A task's id (its `index`) is its first member's index, so ids
     of packs and of single members never collide."""
@@ -186,11 +198,11 @@ def pack_members(members: List[MemberSpec], k: int, ckdir: Path) -> List[Any]:
             else:
                 first = chunk[0].index
                 tasks.append(PackedSpec(index=first, members=tuple(chunk),
-                                        checkpoint_path=str(ckdir / f"pack_{first:03d}.ckpt")))
+                                        checkpoint_path=storage.join(ckdir, f"pack_{first:03d}.ckpt")))
     return tasks
 
 
-def _plan_trajectories(cfg: Config, eid: str, ckdir: Path) -> EnsemblePlan:
+def _plan_trajectories(cfg: Config, eid: str, ckdir: str) -> EnsemblePlan:
     strategy = STRATEGIES.get(cfg.strategy.name)
     per = strategy.member_tags(cfg.strategy)
     params = strategy.params(cfg.strategy, cfg.trainer.epochs)
@@ -202,14 +214,15 @@ def _plan_trajectories(cfg: Config, eid: str, ckdir: Path) -> EnsemblePlan:
             index=t, strategy=cfg.strategy.name, seed=cfg.trainer.seed + t, model=dict(cfg.model),
             optimizer=dict(cfg.optimizer), epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
             params=dict(params), member_indices=indices, device=cfg.trainer.device,
-            checkpoint_path=str(ckdir / f"trajectory_{t:03d}.ckpt"),
+            checkpoint_path=storage.join(ckdir, f"trajectory_{t:03d}.ckpt"),
+            precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last,
         )
         tasks.append(spec)
         for i, tags in zip(indices, per):
             slots.append(MemberSlot(index=i, task=t, seed=spec.seed, architecture=spec.architecture,
                                     tags={"ensemble.trajectory": str(t), **tags}))
     return EnsemblePlan(ensemble_id=eid, strategy=cfg.strategy.name, data=cfg.data.name,
-                        tasks=tasks, slots=slots, checkpoint_dir=str(ckdir))
+                        tasks=tasks, slots=slots, checkpoint_dir=ckdir)
 
 
 @dataclass(frozen=True)

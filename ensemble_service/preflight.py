@@ -3,6 +3,8 @@ loaded or generated.
 
 - the tracking store: reachable, writable, its driver installed (``tracking.check_store``,
   a few seconds at most: MLflow itself would retry an unreachable server for minutes);
+- the checkpoint storage (``storage.check``): a local directory that can be made, or an object
+  store (s3://, gs://) where a small object is written, read back and deleted;
 - the cluster address, when one is joined (``scheduler.check_address``: found, answering,
   a Ray cluster; Ray itself would retry for minutes);
 - resources, for the embedded cluster: what it would have (``scheduler.embedded_resources``,
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from ensemble_service import storage
 from ensemble_service.config import Config, ConfigError
+from ensemble_service.planning import checkpoint_root
 
 ADDRESS_TIMEOUT_S = 5.0
 
@@ -42,6 +46,9 @@ def check(cfg: Config) -> None:
         if problem:
             raise ConfigError(problem)
     problem = check_store(cfg.tracking.uri, create=True)
+    if problem:
+        raise ConfigError(problem)
+    problem = storage.check(checkpoint_root(cfg))
     if problem:
         raise ConfigError(problem)
     if address and not scheduler.is_connected():

@@ -19,7 +19,6 @@ Ctrl-C, SIGTERM, an exception) every run opened is closed as FINISHED, FAILED or
 from __future__ import annotations
 
 import contextlib
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from ensemble_service import metrics, names, plots, runs_view
+from ensemble_service import metrics, names, plots, runs_view, storage
 from ensemble_service.aggregation import mean
 from ensemble_service.config import Config, ConfigError, check_members, model_variants
 from ensemble_service.data import DataBundle, DataError, describe, load
@@ -279,6 +278,13 @@ def overview(tracker, cfg: Config, plan: EnsemblePlan, data: DataBundle, parent:
                                         table=table, metrics=values, model_version=model_version, degraded=degraded)
     tracker.log_overview(parent, text, runs_view.view_key(plan.ensemble_id),
                          runs_view.saved_view(parent_run_name(cfg, plan, data), plan.ensemble_id, len(table), int(time.time() * 1000)))
+def remove_checkpoints(directory: str) -> None:
+    """Delete the ensemble's resume checkpoints (a directory or an object-store prefix). The
+    ensemble is tracked and registered by then: a store that refuses is not worth failing it."""
+    try:
+        storage.remove_tree(directory)
+    except Exception:  # noqa: BLE001 - the run is finished; leftover checkpoints only cost space
+        pass
 
 
 @contextlib.contextmanager
@@ -363,7 +369,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None,
         overview(tracker, cfg, plan, data, runs.parent, table, summary.metrics, model_version, degraded)
         tracker.end(runs.parent, "FINISHED")
     # the members' weights are in MLflow now; their resume checkpoints are not needed any more
-    shutil.rmtree(plan.checkpoint_dir, ignore_errors=True)
+    if not cfg.cluster.keep_checkpoints:
+        remove_checkpoints(plan.checkpoint_dir)
     return SubmitResult(parent_run_id=runs.parent, tracking_uri=tracker.uri, experiment=cfg.tracking.experiment,
                         members=table, ensemble=summary.metrics, wall_seconds=wall, plan=plan, degraded=degraded,
                         model_version=model_version)

@@ -69,7 +69,7 @@ def connect(cluster) -> Dict[str, Any]:
 
     cluster.address (or RAY_ADDRESS, which Ray sets for a job's driver) joins that cluster;
     neither starts a private embedded one (``address="local"``) with cluster.num_cpus /
-    cluster.num_gpus.
+    cluster.num_gpus / cluster.object_store_memory.
     """
     service_env_defaults()
     if not ray.is_initialized():
@@ -79,6 +79,7 @@ def connect(cluster) -> Dict[str, Any]:
                 ray.init(address=address, log_to_driver=True)
             else:
                 ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                         object_store_memory=getattr(cluster, "object_store_memory", None),
                          include_dashboard=False, log_to_driver=True)
     return dict(ray.cluster_resources())
 

@@ -707,10 +707,6 @@ def ui_command(uri: Optional[str], host: str, port: int) -> List[str]:
 
 
 # -- reading tracked ensembles (grow, select, distill) ------------------------
-class RunNotFound(TrackingError, LookupError):
-    """No run of that id in the store."""
-
-
 class RunReader:
     """Reads runs and their artifacts from a store that exists (``client_for``): what ``ensemble grow``,
     ``select`` and ``distill`` build on. Artifacts are downloaded under one temporary directory,

@@ -33,3 +33,29 @@ def ray_cluster():
 @pytest.fixture
 def tracking_uri(tmp_path):
     return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto's server mode) on loopback for the whole session."""
+    from s3server import S3Server, executable
+
+    if executable() is None:
+        pytest.skip("moto_server is not installed: pip install -e '.[test]' installs it")
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """This test's own bucket on the session's S3 server, with the environment pointing at it."""
+    import re
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    from s3server import Bucket
+
+    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:50].strip("-") + "-b"
+    s3_server.create_bucket(name)
+    return Bucket(s3_server, name)

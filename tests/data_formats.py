@@ -250,3 +250,21 @@ def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def write_parquet(directory, columns: dict, files: int = 2, row_group_size: int = 1000):
+    """``columns`` (name -> 1-D array) as ``files`` parquet files of consecutive rows under
+    ``directory`` (one level down, to exercise the recursive listing), in row groups of
+    ``row_group_size``; returns the directory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pathlib import Path
+
+    directory = Path(directory)
+    (directory / "part").mkdir(parents=True, exist_ok=True)
+    n = len(next(iter(columns.values())))
+    bounds = np.linspace(0, n, files + 1).astype(int)
+    for i in range(files):
+        table = pa.table({k: np.asarray(v)[bounds[i]:bounds[i + 1]] for k, v in columns.items()})
+        pq.write_table(table, directory / "part" / f"{i:04d}.parquet", row_group_size=row_group_size)
+    return directory

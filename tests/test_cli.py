@@ -48,7 +48,7 @@ def test_subprocess_bad_input_is_exit_2_on_stderr(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
-    assert "unknown data 'imagenet'; choose one of: arrays, cifar10, csv, custom, digits, fashion_mnist, image_folder, mnist, mnist1d, synthetic" in proc.stderr
+    assert "unknown data 'imagenet'; choose one of: arrays, cifar10, csv, custom, digits, fashion_mnist, image_folder, mnist, mnist1d, parquet, synthetic" in proc.stderr
     assert not list(tmp_path.iterdir())  # no mlflow.db, no checkpoints
 
 

@@ -52,6 +52,7 @@ def test_health_checks_and_dependencies_are_consistent():
     assert SERVICES["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert SERVICES["mlflow"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     assert SERVICES["ray-worker"]["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    assert SERVICES["ray-head"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     assert SERVICES["api"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
 
 
@@ -93,7 +94,7 @@ def test_the_mlflow_server_accepts_the_host_its_clients_use():
 def test_ray_services_have_shm_and_the_worker_reserves_a_gpu():
     for name in ("ray-head", "ray-worker"):
         assert SERVICES[name]["shm_size"]
-        assert "checkpoints:/checkpoints" in SERVICES[name]["volumes"][0]
+        assert "volumes" not in SERVICES[name]      # no shared checkpoint volume: checkpoints live in MinIO
     devices = SERVICES["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == 1
     assert option(SERVICES["ray-worker"]["command"], "--num-gpus") == "1"
@@ -306,7 +307,8 @@ def test_up_refuses_to_start_without_the_secrets():
     missing = set()
     interpolate(COMPOSE, {}, missing)
     required = {"POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
-                "MLFLOW_FLASK_SERVER_SECRET_KEY", "RAY_AUTH_TOKEN", "ENSEMBLE_API_KEYS"}
+                "MLFLOW_FLASK_SERVER_SECRET_KEY", "RAY_AUTH_TOKEN", "ENSEMBLE_API_KEYS", "CHECKPOINTS_ACCESS_KEY",
+                "CHECKPOINTS_SECRET_KEY"}
     assert missing == required
     # .env.example names every variable the file reads, and copied as it is, it still does not start
     seen_names = {m.group("name") or m.group("bare") for text in yaml_strings([COMPOSE, CONSOLE])
@@ -315,7 +317,7 @@ def test_up_refuses_to_start_without_the_secrets():
     assert "ENSEMBLE_BIND_ADDRESS" in ENV_EXAMPLE.read_text()
     still_missing = set()
     interpolate(COMPOSE, env_example(), still_missing)
-    assert still_missing == required - {"MINIO_ROOT_USER"}
+    assert still_missing == required - {"MINIO_ROOT_USER", "CHECKPOINTS_ACCESS_KEY"}
     with_secrets = set()
     interpolate(COMPOSE, example_secrets(), with_secrets)
     assert with_secrets == set()
@@ -379,7 +381,9 @@ def test_mlflow_needs_a_login_and_its_clients_have_one(monkeypatch):
         assert client_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert client_env["MLFLOW_TRACKING_USERNAME"] == server["MLFLOW_AUTH_ADMIN_USERNAME"] == "admin"
         assert client_env["MLFLOW_TRACKING_PASSWORD"] == server["MLFLOW_AUTH_ADMIN_PASSWORD"]
-        assert "AWS_SECRET_ACCESS_KEY" not in client_env  # artifacts go through the server's proxy
+        # artifacts go through the server's proxy: no client holds the artifact store's credentials
+        assert env["MINIO_ROOT_PASSWORD"] not in client_env.values()
+    assert "AWS_SECRET_ACCESS_KEY" not in resolved_env("api", env)
     # the container MLflow reads the configuration from: a database password nowhere in the file
     from mlflow.server.auth.config import read_auth_config
 
@@ -394,9 +398,59 @@ def test_minio_credentials_and_console():
     env = example_secrets()
     assert "ports" not in SERVICES["minio"] and "--console-address" in SERVICES["minio"]["command"]
     init = interpolate(SERVICES["minio-init"], env)
-    assert init["environment"] == {"MINIO_ROOT_USER": env["MINIO_ROOT_USER"], "MINIO_ROOT_PASSWORD": env["MINIO_ROOT_PASSWORD"]}
+    assert init["environment"] == {"MINIO_ROOT_USER": env["MINIO_ROOT_USER"], "MINIO_ROOT_PASSWORD": env["MINIO_ROOT_PASSWORD"],
+                                   "CHECKPOINTS_ACCESS_KEY": env["CHECKPOINTS_ACCESS_KEY"],
+                                   "CHECKPOINTS_SECRET_KEY": env["CHECKPOINTS_SECRET_KEY"]}
     # the container's shell expands them: the command line compose holds has no credential
     assert '"$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD"' in init["command"][0]
+
+
+def test_checkpoints_go_to_minio_as_their_own_user():
+    """The Ray nodes write resume checkpoints to MinIO's `checkpoints` bucket (no shared volume),
+    signed in as a user whose policy allows that bucket only; minio-init makes both."""
+    import json
+
+    env = example_secrets()
+    for name in ("ray-head", "ray-worker"):
+        node = resolved_env(name, env)
+        assert node["ENSEMBLE_STORAGE"] == "s3://checkpoints" and node["AWS_ENDPOINT_URL"] == "http://minio:9000"
+        assert (node["AWS_ACCESS_KEY_ID"], node["AWS_SECRET_ACCESS_KEY"]) == (
+            env["CHECKPOINTS_ACCESS_KEY"], env["CHECKPOINTS_SECRET_KEY"])
+        assert node["AWS_SECRET_ACCESS_KEY"] != env["MINIO_ROOT_PASSWORD"]
+    assert option(SERVICES["minio"]["command"], "--address") == ":9000"
+    init = interpolate(SERVICES["minio-init"], env)
+    script = init["command"][0]
+    assert "mc mb --ignore-existing local/mlflow local/checkpoints" in script
+    mount, _, inside = init["volumes"][0].partition(":")
+    inside = inside.rsplit(":ro", 1)[0]
+    assert f"mc admin policy create local checkpoints {inside}" in script
+    assert 'mc admin user add local "$CHECKPOINTS_ACCESS_KEY" "$CHECKPOINTS_SECRET_KEY"' in script
+    assert 'policy attach local checkpoints --user "$CHECKPOINTS_ACCESS_KEY"' in script
+    assert init["environment"]["CHECKPOINTS_SECRET_KEY"] == env["CHECKPOINTS_SECRET_KEY"]
+    assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0       # the shell parses it
+    policy = json.loads((ROOT / mount).read_text())
+    resources = {r for st in policy["Statement"] for r in st["Resource"]}
+    assert resources == {"arn:aws:s3:::checkpoints", "arn:aws:s3:::checkpoints/*"}
+    assert all(st["Effect"] == "Allow" and all(a.startswith("s3:") for a in st["Action"]) for st in policy["Statement"])
+
+
+def test_the_nodes_storage_settings_reach_an_s3_server(s3_server, monkeypatch):
+    """The variables compose gives the Ray nodes are the ones the service reads: with them (the
+    endpoint pointed at this machine's S3 server instead of minio:9000), checkpoints are written."""
+    from ensemble_service import storage
+
+    node = resolved_env("ray-worker", example_secrets())
+    for key in ("ENSEMBLE_STORAGE", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, node[key])
+    for key in ("AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
+    s3_server.create_bucket("checkpoints")
+    root = storage.root(None)
+    assert root == "s3://checkpoints" and storage.check(root) == ""
+    storage.write_bytes(storage.join(root, "e1", "member_000.ckpt"), b"weights")
+    assert "e1/member_000.ckpt" in s3_server.keys("checkpoints")
+    storage.remove_tree(storage.join(root, "e1"))
 
 
 def test_the_api_container_serves_only_with_its_keys(monkeypatch):

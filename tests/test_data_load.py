@@ -14,16 +14,16 @@ import torch
 
 from data_formats import (  # noqa: F401  (no_network: autouse fixture)
     bundle_tensors, image_array, mnist1d_generated, no_network, one_line, rows, write_cifar_dataset, write_csv,
-    write_idx_dataset, write_image, write_npz,
+    write_idx_dataset, write_image, write_npz, write_parquet,
 )
 from ensemble_service.data import (
     SOURCES, DataBundle, DataError, DatasetInfo, Pipeline, Raw, Source, check, describe, info, list_datasets, load,
     load_dataset, register_source,
 )
 
-ALL_DATASETS = ["arrays", "cifar10", "csv", "custom", "digits", "fashion_mnist", "image_folder", "mnist", "mnist1d",
+ALL_DATASETS = ["arrays", "cifar10", "csv", "custom", "digits", "fashion_mnist", "image_folder", "mnist", "mnist1d", "parquet",
                 "synthetic"]
-USER_SOURCES = ("arrays", "csv", "custom", "image_folder")
+USER_SOURCES = ("arrays", "csv", "custom", "image_folder", "parquet")
 SCALED_TO_UNIT = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "image_folder")
 
 LOADER = '''
@@ -51,6 +51,8 @@ def configs(tmp_path_factory):
     for i in range(12):
         write_image(user / "imgs" / ("cat" if i % 2 else "dog") / f"{i}.png", image_array(i, 10 + i, 9, 1))
     (user / "loader_mod_load.py").write_text(LOADER)
+    write_parquet(user / "pq", {"f1": rng.normal(size=40), "f2": np.arange(40) % 7, "label": np.arange(40) % 2},
+                  row_group_size=8)
     sys.path.insert(0, str(user))
     yield {
         "digits": {"name": "digits"},
@@ -63,6 +65,7 @@ def configs(tmp_path_factory):
         "csv": {"name": "csv", "path": str(user / "t.csv"), "target": "label"},
         "image_folder": {"name": "image_folder", "root": str(user / "imgs"), "image_size": 6},
         "custom": {"name": "custom", "target": "loader_mod_load.load", "args": {"n": 30}},
+        "parquet": {"name": "parquet", "path": str(user / "pq"), "target": "label", "streaming": False},
     }
     sys.path.remove(str(user))
     sys.modules.pop("loader_mod_load", None)
@@ -172,7 +175,7 @@ def test_unknown_name_lists_choices(tmp_path):
         with pytest.raises(DataError) as err:
             call()
         one_line(err, "unknown data set 'foo'",
-                 "choose one of: arrays, cifar10, csv, custom, digits, fashion_mnist, image_folder, mnist, mnist1d, "
+                 "choose one of: arrays, cifar10, csv, custom, digits, fashion_mnist, image_folder, mnist, mnist1d, parquet, "
                  "synthetic")
 
 

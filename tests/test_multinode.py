@@ -1,7 +1,11 @@
 """What docker-compose.yml starts, as plain processes on loopback: a Ray head (`ray start
 --head`, dashboard + Jobs API), a second Ray node (`ray start --address`, its own temp dir,
-ports and resources) and `mlflow server` with a SQL backend and artifact proxy. A job goes
-in through the CLI and the Jobs API; a worker is SIGKILLed mid-member; a job is cancelled.
+ports and resources), an S3-compatible object store (moto's server mode, where compose runs
+MinIO) and `mlflow server` with a SQL backend and its artifact proxy in front of that store. The
+nodes share no checkpoint directory: checkpoints go to the object store (s3://checkpoints/...),
+with the settings compose gives its Ray nodes (AWS_ENDPOINT_URL and the AWS_* credentials). A
+job goes in through the CLI and the Jobs API; a worker is SIGKILLed mid-member and resumes from
+its S3 checkpoint; the registered model loads from the S3-backed artifact store; a job is cancelled.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+S3_ENV: dict = {}          # the object store's endpoint and credentials, set by the `stack` fixture
+CHECKPOINTS, ARTIFACTS = "checkpoints", "mlflow"    # the buckets (compose's minio-init makes `mlflow`)
 
 
 def free_ports(n: int) -> list[int]:
@@ -37,7 +43,7 @@ def env() -> dict:
     e = dict(os.environ)
     e.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", MLFLOW_DISABLE_TELEMETRY="true",
              MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-             PATH=f"{BIN}:{e.get('PATH', '')}", PYTHONUNBUFFERED="1")
+             PATH=f"{BIN}:{e.get('PATH', '')}", PYTHONUNBUFFERED="1", **S3_ENV)
     e.pop("RAY_ADDRESS", None)
     return e
 
@@ -98,8 +104,11 @@ def node_ports(p: list[int]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, s3_server):
     root = tmp_path_factory.mktemp("stack")
+    S3_ENV.update(s3_server.env)
+    for bucket in (CHECKPOINTS, ARTIFACTS):
+        s3_server.create_bucket(bucket)
     ports = free_ports(17)
     gcs, dash, mlflow_port, client_port = ports[:4]
     # short paths: Ray's unix sockets live under the temp dir and must fit in 107 bytes
@@ -109,7 +118,7 @@ def stack(tmp_path_factory):
         mlflow_log = open(root / "mlflow.log", "w")
         mlflow_proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-             "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+             "--artifacts-destination", f"s3://{ARTIFACTS}", "--serve-artifacts",
              "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
             env=env(), stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
         started.append(mlflow_proc)
@@ -133,8 +142,9 @@ def stack(tmp_path_factory):
                 return False
 
         wait_for(healthy, 60, "mlflow server /health")
-        yield {"address": f"http://127.0.0.1:{dash}", "tracking": uri, "root": root}
+        yield {"address": f"http://127.0.0.1:{dash}", "tracking": uri, "root": root, "s3": s3_server}
     finally:
+        S3_ENV.clear()
         for proc in started:  # the server's whole process group: mlflow forks uvicorn workers
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -163,24 +173,38 @@ TRAIN = ["data=synthetic", "data.n_train=4000", "data.input_shape=[1,16,16]", "m
          "model.depth=1", "model.width=32", "trainer.batch_size=8", "cluster.cpus_per_member=1"]
 
 
-def test_job_on_two_nodes_survives_a_killed_worker(stack):
+EPOCHS = 16
+
+
+def test_job_on_two_nodes_survives_a_killed_worker_and_resumes_from_s3(stack):
+    from workers.state import load_checkpoint
+
     client = MlflowClient(stack["tracking"])
-    overrides = [*TRAIN, "strategy.members=2", "trainer.epochs=8", f"tracking.uri={stack['tracking']}",
-                 "tracking.experiment=multinode", f"cluster.storage={stack['root']}/ckpt", "cluster.max_retries=2"]
+    s3 = stack["s3"]
+    overrides = [*TRAIN, "strategy.members=2", f"trainer.epochs={EPOCHS}", f"tracking.uri={stack['tracking']}",
+                 "tracking.experiment=multinode", f"cluster.storage=s3://{CHECKPOINTS}/multinode",
+                 "cluster.max_retries=2"]
     proc = subprocess.Popen([str(BIN / "ensemble"), "submit", "--address", stack["address"], "--wait", *overrides],
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def training_member():  # one that has finished an epoch and is far from done (8 epochs)
+        def training_member():  # mid-member: an epoch done, far from the last, its process alive
             _, members = experiment_runs(client, "multinode")
             for m in members:
-                epochs = len(client.get_metric_history(m.info.run_id, "train_loss"))
+                done = len(client.get_metric_history(m.info.run_id, "train_loss"))
                 pid = m.data.tags.get("ensemble.pid")
-                if pid and 1 <= epochs <= 3 and m.info.status == "RUNNING" and Path(f"/proc/{pid}").exists():
+                if pid and 1 <= done <= EPOCHS // 2 and m.info.status == "RUNNING" and Path(f"/proc/{pid}").exists():
                     return m
             return None
 
-        victim = wait_for(training_member, 180, "a member that has finished an epoch")
+        victim = wait_for(training_member, 180, "a member that has finished an epoch", poll=0.2)
         os.kill(int(victim.data.tags["ensemble.pid"]), signal.SIGKILL)
+        # what the killed member left in the object store: its last checkpoint, nothing on a node's disk
+        index = int(victim.data.tags["ensemble.member_index"])
+        keys = [k for k in s3.keys(CHECKPOINTS, "multinode/") if k.endswith(f"member_{index:03d}.ckpt")]
+        assert len(keys) == 1, s3.keys(CHECKPOINTS, "multinode/")
+        with _s3_environment():
+            left = load_checkpoint(f"s3://{CHECKPOINTS}/{keys[0]}")
+        assert left["epoch"] >= 1 and left["identity"]["member"] == index
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -192,14 +216,48 @@ def test_job_on_two_nodes_survives_a_killed_worker(stack):
     assert len(members) == 2 and all(m.info.status == "FINISHED" for m in members)   # no duplicate run
     killed = next(m for m in members if m.info.run_id == victim.info.run_id)
     assert int(killed.data.tags["ensemble.restarts"]) >= 1
-    assert int(killed.data.tags["ensemble.resumed_from_epoch"]) >= 1                  # resumed, not from 0
-    assert sorted(h.step for h in client.get_metric_history(killed.info.run_id, "train_loss")) == list(range(1, 9))
-    assert len({m.data.tags["ensemble.node_id"] for m in members}) == 2               # both nodes trained
-    # artifacts went through the server's proxy
+    assert int(killed.data.tags["ensemble.resumed_from_epoch"]) == left["epoch"]     # from its last S3 checkpoint
+    assert sorted(h.step for h in client.get_metric_history(killed.info.run_id, "train_loss")) == list(
+        range(1, EPOCHS + 1))
+    # both nodes trained (the killed member's retry may have gone to either node: its checkpoint is in S3)
+    assert len({victim.data.tags["ensemble.node_id"], *(m.data.tags["ensemble.node_id"] for m in members)}) == 2
+    # checkpoints are removed once the ensemble is registered (pyarrow may leave an empty "dir/" marker)
+    assert [k for k in s3.keys(CHECKPOINTS, "multinode/") if not k.endswith("/")] == []
+    # artifacts went through the server's proxy into the object store
     assert "checkpoint/member.pt" in {a.path for a in client.list_artifacts(killed.info.run_id, "checkpoint")}
+    stored = s3.keys(ARTIFACTS)
+    assert any(k.endswith(f"{killed.info.run_id}/artifacts/checkpoint/member.pt") for k in stored), stored[:20]
+    assert any(k.endswith("/MLmodel") for k in stored)
+
+    # the registered model loads from the S3-backed store (through the proxy: no S3 credentials here)
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(stack["tracking"])
+    try:
+        model = mlflow.pyfunc.load_model("models:/multinode@latest")
+    finally:
+        mlflow.set_tracking_uri(None)
+    probs = model.predict(np.zeros((3, 1, 16, 16), dtype=np.float32))
+    assert probs.shape[0] == 3 and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
 
     listing = cli("jobs", "--address", stack["address"])
     assert listing.returncode == 0 and "SUCCEEDED" in listing.stdout
+
+
+class _s3_environment:
+    """This process's AWS_* variables pointing at the test's object store, for the block's duration."""
+
+    def __enter__(self):
+        self.before = {k: os.environ.get(k) for k in S3_ENV}
+        os.environ.update(S3_ENV)
+
+    def __exit__(self, *exc):
+        for k, v in self.before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def test_a_users_project_runs_as_the_job_on_a_head_started_from_the_virtualenv(stack, tmp_path):
@@ -229,7 +287,7 @@ def test_a_users_project_runs_as_the_job_on_a_head_started_from_the_virtualenv(s
                            "data=arrays", "data.path=X.npz", "model._target_=mymod.MyNet", "+model.hidden=16",
                            "strategy.members=2", "trainer.epochs=3", f"tracking.uri={stack['tracking']}",
                            "tracking.experiment=users-project", "tracking.model_name=users-project",
-                           f"cluster.storage={stack['root']}/ckpt3"],
+                           f"cluster.storage=s3://{CHECKPOINTS}/users-project"],
                           cwd=project, env=env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "SUCCEEDED" in proc.stdout and "arrays:X.npz" in proc.stdout
@@ -243,7 +301,7 @@ def test_a_users_project_runs_as_the_job_on_a_head_started_from_the_virtualenv(s
 def test_cancelled_job_leaves_runs_killed(stack):
     client = MlflowClient(stack["tracking"])
     overrides = [*TRAIN, "strategy.members=2", "trainer.epochs=200", f"tracking.uri={stack['tracking']}",
-                 "tracking.experiment=cancelled", f"cluster.storage={stack['root']}/ckpt2"]
+                 "tracking.experiment=cancelled", f"cluster.storage=s3://{CHECKPOINTS}/cancelled"]
     sub = cli("submit", "--address", stack["address"], *overrides)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     job_id = sub.stdout.split("submitted job ")[1].split()[0]

@@ -1,7 +1,6 @@
 """The member worker: trains, checkpoints each epoch, resumes after being stopped."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

@@ -12,26 +12,30 @@ from typing import Optional
 
 import torch
 
-from ensemble_service.data import DataBundle, bootstrap_indices
+from ensemble_service.data import DataBundle, bootstrap_indices, is_streaming
 from workers.state import (
-    Checkpoint, MemberResult, Report, Timer, build_model, build_optimizer, epoch_event, evaluate, predict_logits,
-    run_epoch, setup, start_event, val_metrics,
+    Checkpoint, MemberResult, Report, Timer, build_model, build_optimizer, epoch_event, evaluate, prepare_model,
+    run_epoch, setup, split_logits, start_event, val_metrics,
 )
 
 
 def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: bool = False,
                  report: Optional[Report] = None) -> MemberResult:
-    """Train (or resume) one member described by a ``planning.MemberSpec``."""
+    """Train (or resume) one member described by a ``planning.MemberSpec``. ``data`` is a
+    ``DataBundle`` (tensors, indexed here) or a streamed data set (``data.streaming``), whose
+    epochs arrive as batches: shuffled for (seed, epoch), the member's bootstrap sample when bagging."""
     device = setup(num_threads, spec.device, gpu_assigned)
     report = report or (lambda _event: None)
+    streamed = is_streaming(data)
 
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
+    model = prepare_model(build_model(spec.model, data.input_shape, data.num_classes).to(device), spec)
     optimizer = build_optimizer(model.parameters(), spec.optimizer)
     order = torch.Generator().manual_seed(spec.seed)
-    n = len(data.x_train)
-    train_idx = bootstrap_indices(n, spec.seed) if spec.bagging else torch.arange(n)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    if not streamed:
+        n = len(data.x_train)
+        train_idx = bootstrap_indices(n, spec.seed) if spec.bagging else torch.arange(n)
+        x_train, y_train = data.x_train.to(device), data.y_train.to(device)
 
     states, generators = {"model": model, "optimizer": optimizer}, {"order": order}
     identity = {"kind": "member", "member": spec.index, "seed": spec.seed, "bagging": bool(spec.bagging),
@@ -43,9 +47,13 @@ def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
 
     for epoch in range(progress.epoch, spec.epochs):
         with Timer(progress):
-            perm = train_idx[torch.randperm(len(train_idx), generator=order)]
-            train_loss, _ = run_epoch(spec, epoch, model, optimizer, x_train, y_train, perm)
-            val = val_metrics(spec, epoch, predict_logits(model, data.x_val, device).softmax(-1), data.y_val)
+            if streamed:
+                batches = data.train_batches(spec.batch_size, spec.seed, epoch, spec.bagging, device)
+                train_loss, _ = run_epoch(spec, epoch, model, optimizer, None, None, None, batches=batches)
+            else:
+                perm = train_idx[torch.randperm(len(train_idx), generator=order)]
+                train_loss, _ = run_epoch(spec, epoch, model, optimizer, x_train, y_train, perm)
+            val = val_metrics(spec, epoch, split_logits(model, data, "val", device).softmax(-1), data.y_val)
         record = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val["acc"], "val_nll": val["nll"]}
         progress.history.append(record)
         progress.epoch = epoch + 1

@@ -2,8 +2,8 @@
 pieces. Runs inside a Ray task but imports no Ray.
 
 Checkpoint (:class:`Checkpoint`), written atomically after every epoch to the task's
-``checkpoint_path`` and read with ``torch.load(weights_only=True)``, holds everything needed to
-resume (nanoGPT's train.py is the model: one dict, built in one place)::
+``checkpoint_path`` (a local path or an object-store URI: ``ensemble_service.storage``) and read
+with ``torch.load(weights_only=True)``, holds everything needed to resume (nanoGPT's train.py is the model: one dict, built in one place)::
 
     format, identity (kind, task, members, seeds, strategy: refused when it is another task's),
     epoch (completed), history (per member), restarts, train_seconds,
@@ -23,18 +23,20 @@ schema for every worker: ``type``, ``task`` (the task's index), and per type::
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
-import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ensemble_service import metrics, models, optimizers
+from ensemble_service import metrics, models, optimizers, storage
 from ensemble_service.artifact import member_blob
+from ensemble_service.data.streaming import in_key_order, is_streaming
 
 CHECKPOINT_FORMAT = 2
 EVAL_BATCH = 1024
@@ -126,13 +128,9 @@ class Checkpoint:
         self.path, self.identity, self.device = path, dict(identity), torch.device(device)
 
     def _read(self) -> Optional[Dict[str, Any]]:
-        if not os.path.exists(self.path):
+        ckpt = load_checkpoint(self.path)
+        if ckpt is None:
             return None
-        try:
-            ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a torn or foreign file: refuse rather than train on garbage
-            raise MemberError(f"cannot read checkpoint {self.path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
-                from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise MemberError(f"checkpoint {self.path} has an unknown format; delete it to start over")
         if ckpt.get("identity") != self.identity:
@@ -169,19 +167,25 @@ class Checkpoint:
             "states": {name: _plain(obj.state_dict()) for name, obj in states.items() if obj is not None},
             "rng": rng, "extra": progress.extra,
         }
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        try:
+            storage.write_bytes(self.path, buffer.getvalue())  # atomic: the old checkpoint or this one
+        except storage.StorageError as exc:
+            raise MemberError(str(exc)) from None
 
 
 def load_checkpoint(path: str) -> Optional[Dict[str, Any]]:
-    """The checkpoint at ``path`` as a dict (None if there is none); for inspection and tests."""
-    if not os.path.exists(path):
+    """The checkpoint at ``path`` (a local path or an object-store URI) as a dict; None if there is none."""
+    try:
+        blob = storage.read_bytes(path)
+    except storage.StorageError as exc:
+        raise MemberError(str(exc)) from None
+    if blob is None:
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: refuse rather than train on garbage
         raise MemberError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
 
@@ -227,10 +231,38 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, device: torch.device
     return forward_batches(model, x, device)
 
 
+@torch.no_grad()
+def split_logits(model: torch.nn.Module, data, split: str, device: torch.device) -> torch.Tensor:
+    """Eval-mode logits on the "val" or "test" split, on the CPU: of ``data.x_<split>``, or for a
+    streamed data set of every row streamed once, in row-key order (the order of ``data.y_<split>``)."""
+    if not is_streaming(data):
+        return predict_logits(model, getattr(data, f"x_{split}"), device)
+    model.eval()
+    keys, outs = [], []
+    for xb, kb in data.eval_batches(split, EVAL_BATCH):
+        outs.append(model(xb.to(device)).float().cpu())
+        keys.append(kb)
+    return in_key_order(keys, outs)
+
+
 def diverged(spec, epoch: int, value: float) -> MemberError:
     lr = optimizers.learning_rate(spec.optimizer)
     hint = f"lower optimizer.lr (now {lr})" if lr is not None else "lower the learning rate"
     return MemberError(f"member {spec.index}: training loss became {value} in epoch {epoch + 1}; {hint}")
+
+
+def prepare_model(model: torch.nn.Module, spec) -> torch.nn.Module:
+    """The model in the memory format the spec asks for (``trainer.channels_last``)."""
+    if getattr(spec, "channels_last", False):
+        return model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _autocast(spec, device: torch.device):
+    """bf16 autocast for the training forward pass and loss (``trainer.precision=bf16``), else nothing."""
+    if getattr(spec, "precision", "fp32") == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def has_batchnorm(model: torch.nn.Module) -> bool:
@@ -245,37 +277,46 @@ def steps_per_epoch(n: int, batch_size: int, model: torch.nn.Module) -> int:
 
 
 def run_epoch(spec, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              x_train: torch.Tensor, y_train: torch.Tensor, perm: torch.Tensor, *,
-              loss_fn: Optional[LossFn] = None, scheduler=None) -> Tuple[float, float]:
-    """One pass over the samples ``perm`` in batches of ``spec.batch_size``: (the mean training loss,
-    the learning rate of the last step).
+              x_train: Optional[torch.Tensor], y_train: Optional[torch.Tensor], perm: Optional[torch.Tensor], *,
+              loss_fn: Optional[LossFn] = None, scheduler=None,
+              batches: Optional[Iterable[Tuple[torch.Tensor, torch.Tensor]]] = None) -> Tuple[float, float]:
+    """One pass over the samples ``perm`` in batches of ``spec.batch_size`` (or over ``batches``,
+    ``(x, y)`` pairs a streamed data set yields): (the mean training loss, the learning rate of the
+    last step).
 
     ``loss_fn(model, xb, yb)`` defaults to the cross-entropy of ``model(xb)``; ``scheduler`` (a
-    per-iteration LR scheduler) is stepped after each optimizer step. A non-finite batch loss
-    raises ``diverged``.
+    per-iteration LR scheduler) is stepped after each optimizer step. A non-finite epoch loss
+    raises ``diverged`` (checked once per epoch, so the GPU is not synchronized after every step).
     """
     model.train()
     skip_single = has_batchnorm(model)
-    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     lr = float(optimizer.param_groups[0]["lr"])
-    for i in range(0, len(perm), spec.batch_size):
-        idx = perm[i:i + spec.batch_size].to(x_train.device)
-        if len(idx) < 2 and skip_single:
+    channels_last = getattr(spec, "channels_last", False)
+    if batches is None:
+        perm = perm.to(x_train.device)  # one copy per epoch, not one per batch
+        batches = ((x_train[idx], y_train[idx]) for idx in
+                   (perm[i:i + spec.batch_size] for i in range(0, len(perm), spec.batch_size)))
+    for xb, yb in batches:
+        if len(yb) < 2 and skip_single:
             continue  # BatchNorm cannot train on a batch of one
-        xb, yb = x_train[idx], y_train[idx]
-        loss = loss_fn(model, xb, yb) if loss_fn is not None else F.cross_entropy(model(xb), yb)
+        if channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(spec, device):
+            loss = loss_fn(model, xb, yb) if loss_fn is not None else F.cross_entropy(model(xb), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = float(optimizer.param_groups[0]["lr"])
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        batch_loss = loss.item()
-        if not math.isfinite(batch_loss):
-            raise diverged(spec, epoch, batch_loss)
-        total += batch_loss * len(idx)
-        count += len(idx)
-    return total / max(count, 1), lr
+        total += loss.detach().double() * len(yb)  # on the device: no host sync per step
+        count += len(yb)
+    mean = float(total) / max(count, 1)           # one sync per epoch
+    if not math.isfinite(mean):
+        raise diverged(spec, epoch, mean)
+    return mean, lr
 
 
 def val_metrics(spec, epoch: int, val_probs: torch.Tensor, y_val: torch.Tensor) -> Dict[str, float]:
@@ -317,7 +358,7 @@ def evaluate(spec, index: int, seed: int, model: torch.nn.Module, data, progress
              blob_extra: Optional[Dict[str, Any]] = None) -> MemberResult:
     """A member's result from its model: eval-mode logits on val and test, its weights."""
     return member_result(spec, index, seed, data, progress, device,
-                         val_logits=predict_logits(model, data.x_val, device),
-                         test_logits=predict_logits(model, data.x_test, device),
+                         val_logits=split_logits(model, data, "val", device),
+                         test_logits=split_logits(model, data, "test", device),
                          weights=member_blob(spec.model, data.input_shape, data.num_classes, model, blob_extra),
                          history=history, extra=extra)

@@ -30,8 +30,8 @@ from ensemble_service.data import DataBundle
 from ensemble_service.strategies import STRATEGIES, StrategyError, TrajectoryRun
 from workers.state import (
     Checkpoint, MemberError, MemberResult, Report, Timer, build_model, build_optimizer, collected_event,
-    epoch_event, evaluate, forward_batches, member_result, predict_logits, run_epoch, setup, start_event,
-    steps_per_epoch, val_metrics,
+    epoch_event, evaluate, forward_batches, member_result, predict_logits, prepare_model, run_epoch, setup,
+    start_event, steps_per_epoch, val_metrics,
 )
 
 
@@ -54,7 +54,7 @@ def train_trajectory(spec, data: DataBundle, *, num_threads: int = 1, gpu_assign
                                 f"(got {spec.epochs}, {spec.batch_size})")
         torch.manual_seed(spec.seed)
         base = build_model(spec.model, data.input_shape, data.num_classes).to(device)
-        model = strategy.wrap(base, spec).to(device)
+        model = prepare_model(strategy.wrap(base, spec).to(device), spec)
         spe = steps_per_epoch(len(data.x_train), spec.batch_size, model)
         if spe < 1:
             raise StrategyError(f"trajectory {spec.index} ({spec.strategy}): an epoch has no training step "

@@ -7,7 +7,9 @@ Sources (one module each, one registry :data:`SOURCES`; pick one with ``data=<na
 * ``mnist``, ``fashion_mnist``, ``cifar10`` (:mod:`.torchvision`): torchvision's on-disk layout;
 * ``arrays`` (``data.path=FILE.npz``), ``csv`` (``data.path=FILE.csv data.target=COLUMN``),
   ``image_folder`` (``data.root=DIR data.image_size=S``): the user's files;
-* ``custom`` (``data._target_=mypkg.data.load``): the user's function.
+* ``custom`` (``data._target_=mypkg.data.load``): the user's function;
+* ``parquet`` (``data.path=DIR_OR_URI data.target=COLUMN``): tables larger than memory, streamed by
+  the members through Ray Data (:mod:`.streaming`: a :class:`StreamingBundle` instead of tensors).
 
 Everything here is plain PyTorch / NumPy: no Ray, no MLflow. The driver calls :func:`load` once
 and ships the :class:`DataBundle` (plain tensors, picklable) to the workers through Ray's object
@@ -31,12 +33,14 @@ from ensemble_service.data.base import (
 )
 from ensemble_service.data.preprocess import Pipeline, PreprocessError
 from ensemble_service.data.splits import bootstrap_indices, check_fraction, check_seed, count, split
-from ensemble_service.data import bundled, mnist1d, torchvision, arrays, csvfile, image_folder, custom  # noqa: F401,E402
+from ensemble_service.data.streamed import StreamingBundle
+from ensemble_service.data.streaming import is_streaming
+from ensemble_service.data import bundled, mnist1d, torchvision, arrays, csvfile, image_folder, custom, parquet  # noqa: F401,E402
 
 __all__ = [
     "SOURCES", "DataBundle", "DataConfig", "DataError", "DatasetInfo", "Pipeline", "PreprocessError", "Raw",
-    "Source", "as_config", "bootstrap_indices", "check", "info", "list_datasets", "load", "load_dataset",
-    "register_source",
+    "Source", "StreamingBundle", "as_config", "bootstrap_indices", "check", "info", "is_streaming", "list_datasets",
+    "load", "load_dataset", "register_source",
 ]
 
 
@@ -70,10 +74,13 @@ def load_dataset(name: str, **options: Any) -> DataBundle:
     return load({"name": name, **options})
 
 
-def load(cfg: Union[DataConfig, dict]) -> DataBundle:
-    """Load, split and preprocess the data set ``cfg`` describes (see the module docstring)."""
+def load(cfg: Union[DataConfig, dict]) -> Union[DataBundle, StreamingBundle]:
+    """Load, split and preprocess the data set ``cfg`` describes (see the module docstring); a
+    :class:`StreamingBundle` when ``data.streaming`` is true."""
     cfg = as_config(cfg)
     source = SOURCES.get(cfg.name)
+    if getattr(cfg, "streaming", False):
+        return source.load_stream(cfg)
     val_fraction = check_fraction("val_fraction", cfg.val_fraction)
     test_fraction = check_fraction("test_fraction", cfg.test_fraction)
     split_seed = check_seed(cfg.split_seed)

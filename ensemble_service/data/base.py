@@ -107,6 +107,15 @@ class Source:
     def load(self, cfg: DataConfig) -> Raw:
         raise NotImplementedError
 
+    def read_unit(self, stream, path: str, unit: int):
+        """A streamed data set's read unit ``unit`` of ``path``: raw features and class indices."""
+        raise NotImplementedError
+
+    def load_stream(self, cfg: DataConfig):
+        """A ``streaming.StreamingBundle`` (``data.streaming=true``): checked and described on the
+        driver, streamed by the members through Ray Data."""
+        raise DataError(f"data={self.name} cannot stream; set data.streaming=false")
+
 
 SOURCES: Catalog[Source] = Catalog("data set", DataError)
 
