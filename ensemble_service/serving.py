@@ -57,7 +57,7 @@ from ensemble_service import aggregation, artifact
 from ensemble_service.data.preprocess import Pipeline, PreprocessError
 from ensemble_service.models import architecture as model_architecture, build_model
 
-__all__ = ["EVAL_BATCH", "ServingError", "Member", "Prediction", "Ensemble", "load_ensemble_dir", "as_input_tensor"]
+__all__ = ["EVAL_BATCH", "ServingError", "Member", "MemberLogits", "Prediction", "Ensemble", "load_ensemble_dir", "as_input_tensor"]
 
 EVAL_BATCH = 1024
 _RNG_LOCK = threading.Lock()
@@ -237,6 +237,14 @@ def _records(rows: Sequence[Mapping[str, Any]], field: str):
 
 
 @dataclass
+class MemberLogits:
+    """Member logits ``[M, B, C]`` computed ahead (one forward of several requests' rows);
+    :meth:`Ensemble.predict` takes them in place of inputs."""
+
+    z: torch.Tensor
+
+
+@dataclass
 class Prediction:
     """The ensemble's answer for one batch (tensors on the CPU)."""
 
@@ -375,10 +383,23 @@ class Ensemble:
         raise ServingError(
             f"{field} has shape {list(t.shape)}; expected [batch, {', '.join(map(str, shape))}] or [batch, {d}]", field)
 
-    @torch.inference_mode()
+    @property
+    def batchable(self) -> bool:
+        """Whether rows of different requests may share one forward: not for MC-dropout members,
+        whose seeded masks depend on a row's position in the batch."""
+        return not any(isinstance(g, _MCGroup) for g in self.groups)
+
     def logits(self, x: Any) -> torch.Tensor:
-        """Member logits ``[M, B, C]`` (float32, CPU), members in ensemble order."""
-        t = self.prepare(x).to(self.device)
+        """Member logits ``[M, B, C]`` (float32, CPU), members in ensemble order. ``x`` may be
+        :class:`MemberLogits` a batched forward already computed (``api/batching.py``)."""
+        if isinstance(x, MemberLogits):
+            return x.z
+        return self.forward(self.prepare(x))
+
+    @torch.inference_mode()
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Member logits ``[M, B, C]`` (float32, CPU) of prepared model inputs ``t`` (:meth:`prepare`)."""
+        t = t.to(self.device)
         outs = []
         for g in self.groups:
             chunks = [g(t[i:i + EVAL_BATCH]) for i in range(0, len(t), EVAL_BATCH)] \

@@ -459,7 +459,7 @@ BAD = [
     ("/v1/aggregate", {"predictions": [[0, 1]], "kind": "labels", "method": "vote", "num_classes": 0}, 422, "num_classes"),
     ("/v1/aggregate", {"predictions": [[0, 1]], "kind": "labels", "method": "vote", "num_classes": 10 ** 12}, 422, "num_classes"),
     ("/v1/aggregate", {"predictions": [[[0.5, 0.5]]], "num_classes": 3}, 422, "num_classes"),
-    ("/v1/aggregate", {"predictions": [[[10 ** 30, 1]]], "kind": "logits"}, 422, "predictions"),
+    ("/v1/aggregate", {"predictions": [[[10 ** 39, 1]]], "kind": "logits"}, 422, "predictions"),     # > float32
 ]
 
 
@@ -473,6 +473,14 @@ def test_bad_request_gets_4xx_naming_the_field(client, store, path, body, status
     # a bad request never affects the next one
     ok = client.post("/v1/ensembles/alpha/predict", json={"inputs": _inputs(store["x"])})
     assert ok.status_code == 200
+
+
+def test_big_json_integers_are_numbers(client):
+    # an integer beyond int64 is the number it writes: 10**30 is the logit 1e30 (within float32)
+    a = client.post("/v1/aggregate", json={"predictions": [[[10 ** 30, 1]]], "kind": "logits"})
+    b = client.post("/v1/aggregate", json={"predictions": [[[1e30, 1]]], "kind": "logits"})
+    assert a.status_code == b.status_code == 200 and a.json() == b.json()
+    assert a.json()["labels"] == [0] and a.json()["probabilities"] == [[1.0, 0.0]]
 
 
 def test_nan_and_infinity_in_json(client):

@@ -1,7 +1,8 @@
 """The package's import graph, read from the source (ast): no cycles, and each heavy dependency only
 where the design puts it (../shared/DESIGN.md):
 
-* Ray only in ``scheduler`` and ``jobs``; MLflow only in ``tracking``, ``registry`` and the pyfunc model;
+* Ray only in ``scheduler``, ``jobs`` and the Ray Serve deployment (``api.ray_serve``, which only the
+  CLI imports: the plain HTTP server never loads Ray); MLflow only in ``tracking``, ``registry`` and the pyfunc model;
 * ``workers/`` never imports Ray, MLflow or the CLI; only ``scheduler`` imports ``workers``;
 * nothing in the library imports the CLI; ``aggregation`` and ``metrics`` import only torch and the
   shared ``validation`` module.
@@ -83,7 +84,9 @@ def test_no_import_cycles():
 
 def test_ray_and_mlflow_only_where_they_belong():
     g = graph()
-    assert owners(g, "ray") <= {"ensemble_service.scheduler", "ensemble_service.jobs"}, owners(g, "ray")
+    assert owners(g, "ray") <= {"ensemble_service.scheduler", "ensemble_service.jobs",
+                                "ensemble_service.api.ray_serve"}, owners(g, "ray")
+    assert owners(g, "ensemble_service.api.ray_serve") <= {"ensemble_service.cli"}, owners(g, "ensemble_service.api.ray_serve")
     assert owners(g, "mlflow") <= {"ensemble_service.tracking", "ensemble_service.registry",
                                    "ensemble_service.pyfunc_model"}, owners(g, "mlflow")
 

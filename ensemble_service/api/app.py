@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from ensemble_service import aggregation  # noqa: E402
+from ensemble_service.api.codec import BodyError  # noqa: E402
 from ensemble_service.api.store import ApiError, EnsembleStore, Settings, error_body  # noqa: E402
 from ensemble_service.serving import ServingError  # noqa: E402
 
@@ -127,6 +128,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _api(request: Request, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.field), status_code=exc.status)
 
+    @app.exception_handler(BodyError)
+    async def _body(request: Request, exc: BodyError):  # a body that cannot be read (api/codec.py)
+        return JSONResponse(error_body(exc.message, exc.field), status_code=422)
+
     @app.exception_handler(ServingError)
     async def _serving(request: Request, exc: ServingError):
         return JSONResponse(error_body(str(exc), exc.field or "body"), status_code=422)
@@ -162,30 +167,33 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _document_bodies(app: FastAPI) -> None:
-    """Predict reads its body itself (JSON or multipart image files); its JSON schema still belongs
-    in the OpenAPI document."""
-    from ensemble_service.api.schemas import PredictRequest
+    """Predict and aggregate read their bodies themselves (JSON, .npy, multipart image files); their
+    JSON schemas still belong in the OpenAPI document."""
+    from ensemble_service.api.schemas import AggregateRequest, PredictRequest
 
     build = app.openapi
 
     def openapi() -> Dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
-            schema.setdefault("components", {}).setdefault("schemas", {})["PredictRequest"] = \
-                PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            for model in (PredictRequest, AggregateRequest):
+                schema.setdefault("components", {}).setdefault("schemas", {})[model.__name__] = \
+                    model.model_json_schema(ref_template="#/components/schemas/{model}")
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
 
 
-def create_app(tracking_uri: Optional[str] = None, settings: Optional[Settings] = None) -> FastAPI:
+def create_app(tracking_uri: Optional[str] = None, settings: Optional[Settings] = None,
+               batcher_factory: Any = None) -> FastAPI:
     """The ensemble-serving app for the MLflow store at ``tracking_uri`` (default:
-    MLFLOW_TRACKING_URI, else ./mlflow.db)."""
+    MLFLOW_TRACKING_URI, else ./mlflow.db). ``batcher_factory(ensemble, name, settings)`` makes
+    each loaded ensemble's batcher (default: ``api/batching.py``'s thread; Ray Serve passes its own)."""
     from ensemble_service.api.routes import router
 
     settings = settings or Settings.from_env()
-    store = EnsembleStore(tracking_uri, settings)
+    store = EnsembleStore(tracking_uri, settings, batcher_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
