@@ -704,7 +704,7 @@ def serve(
     keys = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API key"
     if ray:
         _serve_on_ray(resolve_uri(tracking_uri), settings, host, port, replicas, address, replica_cpus, replica_gpus,
-                      threads, keys)
+                      threads, keys, log_level, access_log)
         return
     if threads:
         import torch
@@ -720,7 +720,7 @@ def serve(
 
 
 def _serve_on_ray(uri: str, settings, host: str, port: int, replicas: int, address: Optional[str], cpus: float,
-                  gpus: float, threads: int, keys: str) -> None:
+                  gpus: float, threads: int, keys: str, log_level: str, access_log: bool) -> None:
     from ensemble_service import scheduler
     from ensemble_service.api import auth, ray_serve
 
@@ -738,7 +738,8 @@ def _serve_on_ray(uri: str, settings, host: str, port: int, replicas: int, addre
 
     try:
         ray_serve.run(uri, settings, host=host, port=port, replicas=replicas, address=address, num_cpus=cpus,
-                      num_gpus=gpus, threads=threads or max(1, int(cpus)), ready=ready)
+                      num_gpus=gpus, threads=threads or max(1, int(cpus)), log_level=log_level, access_log=access_log,
+                      ready=ready)
     except KeyboardInterrupt:
         raise typer.Exit(0)
     except Exception as exc:  # a deployment that cannot start (replica errors, resources): one line

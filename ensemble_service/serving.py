@@ -42,6 +42,7 @@ given) and ``logit_mean``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -251,7 +252,17 @@ class Prediction:
     labels: torch.Tensor            # [B] int64
     probabilities: torch.Tensor     # [B, C] (vote shares for "vote")
     agreement: torch.Tensor         # [B]
-    member_probs: Optional[torch.Tensor] = None  # [M, B, C] when asked
+    member_probs: Optional[torch.Tensor] = field(default=None, metadata={"batch_axis": 1})  # [M, B, C] when asked
+
+    def rows(self, start: int, stop: int) -> "Prediction":
+        """The answer for rows ``start:stop`` of the batch: every tensor sliced along its batch axis
+        (0, or the field's ``batch_axis`` metadata: a field whose batch axis is not the first must say so)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.narrow(f.metadata.get("batch_axis", 0), start, stop - start) \
+                if isinstance(v, torch.Tensor) else v
+        return type(self)(**out)
 
 
 # --------------------------------------------------------------------------- ensemble

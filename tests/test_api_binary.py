@@ -255,3 +255,33 @@ def test_json_answers_write_floats_as_json_dumps_did(client, store):
     assert json.loads(json.dumps(body)) == body  # plain JSON numbers
     x32 = np.asarray(body["probabilities"], dtype=np.float32)
     assert np.asarray(x32, dtype=np.float64).tolist() == body["probabilities"]  # each is a float32's exact value
+
+
+def test_the_predict_fast_path_answers_as_the_routed_endpoint(store):
+    """PredictFastPath skips FastAPI's routing for POST .../predict: every answer (good, bad, unknown
+    name, wrong method, bad binary body) must be byte for byte the routed endpoint's."""
+    from ensemble_service.api.app import PredictFastPath
+
+    fast = create_app(store["uri"], Settings(alias_ttl_s=60))
+    routed = create_app(store["uri"], Settings(alias_ttl_s=60))
+    routed.user_middleware = [m for m in routed.user_middleware if m.cls is not PredictFastPath]
+    x = store["x"]
+    cases = [
+        ("POST", PREDICT, {"json": {"inputs": _inputs(x), "method": "vote", "return_members": True}}),
+        ("POST", "/v1/ensembles/alpha/predict", {"content": npy(x.numpy()), "headers": NPY,
+                                                 "params": {"weights": "1,2,3"}}),
+        ("POST", PREDICT, {"content": npy(x.numpy()), "headers": {**NPY, "accept": "application/x-npy"}}),
+        ("POST", PREDICT, {"content": npy(x.numpy())[:-3], "headers": NPY}),
+        ("POST", PREDICT, {"json": {"inputs": _inputs(x), "method": "median"}}),
+        ("POST", PREDICT, {"json": {"inputs": [[0.5] * 63]}}),
+        ("POST", PREDICT, {"content": b"{", "headers": {"content-type": "application/json"}}),
+        ("POST", "/v1/ensembles/nope/predict", {"json": {"inputs": _inputs(x)}}),
+        ("POST", "/v1/ensembles//predict", {"json": {"inputs": _inputs(x)}}),
+        ("GET", PREDICT, {}),
+        ("POST", "/v1/aggregate", {"json": {"predictions": [[[0.5, 0.5]]]}}),
+    ]
+    with TestClient(fast) as a, TestClient(routed) as b:
+        for method, path, kw in cases:
+            ra, rb = a.request(method, path, **kw), b.request(method, path, **kw)
+            assert (ra.status_code, ra.content) == (rb.status_code, rb.content), (path, kw.get("json"), ra.text)
+            assert ra.headers.get("content-type") == rb.headers.get("content-type")

@@ -89,6 +89,58 @@ def test_a_bad_request_fails_alone(ensemble):
         assert_same(outcomes[i], ensemble.predict(jobs[i].inputs, **jobs[i].options))
 
 
+def _counting(ensemble, fail_over_rows=None):
+    calls = []
+    predict = ensemble.predict
+
+    def counted(x, **options):
+        rows = x.z.shape[1] if hasattr(x, "z") else len(x)
+        calls.append(rows)
+        if fail_over_rows is not None and rows > fail_over_rows:
+            raise ServingError("the members' outputs for these inputs cannot be combined", "inputs")
+        return predict(x, **options)
+
+    ensemble.predict = counted
+    return calls
+
+
+def test_jobs_with_the_same_options_are_combined_once(ensemble):
+    g = torch.Generator().manual_seed(5)
+    same = {"method": "mean", "weights": None, "return_members": True}
+    jobs = [Job((torch.rand(n, 64, generator=g) * 16).numpy(), dict(same)) for n in (1, 2, 1, 3)]
+    jobs += [Job((torch.rand(2, 64, generator=g) * 16).numpy(), {**same, "method": "vote"}),
+             Job((torch.rand(1, 64, generator=g) * 16).numpy(), {**same, "weights": [1.0, 2.0, 3.0]})]
+    calls = _counting(ensemble)
+    try:
+        outcomes = run_jobs(ensemble, jobs)
+    finally:
+        del ensemble.predict
+    assert calls == [7, 2, 1]  # the four 'mean' jobs in one call, then one call per other option set
+    for job, got in zip(jobs, outcomes):
+        assert_same(got, ensemble.predict(job.inputs, **job.options))
+
+
+def test_a_failing_combination_is_retried_per_job(ensemble):
+    jobs = [Job(np.full((n, 64), 3.0, np.float32), {"method": "mean"}) for n in (1, 1, 1)]
+    calls = _counting(ensemble, fail_over_rows=1)
+    try:
+        outcomes = run_jobs(ensemble, jobs)
+    finally:
+        del ensemble.predict
+    assert calls == [3, 1, 1, 1]
+    for job, got in zip(jobs, outcomes):
+        assert_same(got, ensemble.predict(job.inputs, **job.options))
+
+
+def test_prediction_rows_slices_every_field_along_its_batch_axis(ensemble):
+    x = (torch.rand(5, 64, generator=torch.Generator().manual_seed(9)) * 16).numpy()
+    whole = ensemble.predict(x, "vote", return_members=True)
+    part = whole.rows(1, 3)
+    assert torch.equal(part.labels, whole.labels[1:3]) and torch.equal(part.agreement, whole.agreement[1:3])
+    assert torch.equal(part.probabilities, whole.probabilities[1:3])
+    assert torch.equal(part.member_probs, whole.member_probs[:, 1:3])
+
+
 def test_mc_dropout_ensembles_are_not_stacked():
     mc = Ensemble.from_blobs([blob_of("mlp", 0, dropout=0.5)] * 3, _mc_records(3))
     assert not mc.batchable

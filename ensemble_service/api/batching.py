@@ -4,8 +4,9 @@ Each request is a :class:`Job`: its raw inputs and its options (method, weights,
 and whatever else ``Ensemble.predict`` takes, see :func:`predict_options`). :func:`run_jobs` runs a
 list of jobs as one forward: every job's inputs are preprocessed on their own (a bad request fails
 alone, with its own 422), the prepared rows are stacked, the members run once on the stack, and
-the member logits are split back and combined per job with that job's options
-(``Ensemble.predict(MemberLogits(...), **options)``). Rows never influence each other in an
+the member logits are split back and combined with each job's options
+(``Ensemble.predict(MemberLogits(...), **options)``, once for all the jobs that share options).
+Rows never influence each other in an
 ensemble's eval-mode forward, so a batched answer equals the unbatched one (up to float32
 rounding where BLAS picks another kernel for another batch size: the labels and agreement are
 the same; probabilities agree to ~1e-7). MC-dropout ensembles are not stacked across requests:
@@ -27,7 +28,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Union
+from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -75,29 +76,50 @@ Outcome = Union[Prediction, BaseException]
 
 def run_jobs(ensemble: Ensemble, jobs: List[Job]) -> List[Outcome]:
     """Each job's Prediction, or the exception that job raised, in order; one forward for all
-    (one per job for an ensemble that is not :attr:`~Ensemble.batchable`, or for a single job)."""
+    (one per job for an ensemble that is not :attr:`~Ensemble.batchable`, or for a single job).
+
+    Jobs with the same options are combined in one ``Ensemble.predict`` call on their rows' logits
+    and its answer split back (``Prediction.rows``); if that call fails (e.g. one request's outputs
+    cannot be combined), each of those jobs is combined on its own, so the error stays its own."""
     if len(jobs) == 1 or not ensemble.batchable:
         return [_guard(lambda j=j: ensemble.predict(j.inputs, **j.options)) for j in jobs]
     out: List[Optional[Outcome]] = [None] * len(jobs)
-    prepared = []
+    groups: Dict[str, List[Tuple[int, torch.Tensor]]] = {}  # same options -> (job index, prepared rows)
     for i, job in enumerate(jobs):
         try:
-            prepared.append((i, ensemble.prepare(job.inputs)))
+            t = ensemble.prepare(job.inputs)
         except BaseException as exc:  # this request's inputs are bad: it fails alone
             out[i] = exc
-    if prepared:
-        try:
-            z = ensemble.forward(torch.cat([t for _, t in prepared]) if len(prepared) > 1 else prepared[0][1])
-        except BaseException as exc:
-            for i, _ in prepared:
-                out[i] = exc
-        else:
-            start = 0
-            for i, t in prepared:
-                zi = z[:, start:start + len(t)]
-                start += len(t)
-                out[i] = _guard(lambda zi=zi, j=jobs[i]: ensemble.predict(MemberLogits(zi), **j.options))
+            continue
+        groups.setdefault(_options_key(job.options), []).append((i, t))
+    prepared = [item for group in groups.values() for item in group]  # stacked group by group
+    if not prepared:
+        return out  # type: ignore[return-value]
+    try:
+        z = ensemble.forward(torch.cat([t for _, t in prepared]) if len(prepared) > 1 else prepared[0][1])
+    except BaseException as exc:
+        for i, _ in prepared:
+            out[i] = exc
+        return out  # type: ignore[return-value]
+    start = 0
+    for group in groups.values():
+        sizes = [len(t) for _, t in group]
+        zg = z[:, start:start + sum(sizes)]
+        start += sum(sizes)
+        options = jobs[group[0][0]].options
+        combined = _guard(lambda: ensemble.predict(MemberLogits(zg), **options)) if len(group) > 1 else None
+        at = 0
+        for (i, _), n in zip(group, sizes):
+            if isinstance(combined, Prediction):
+                out[i] = combined.rows(at, at + n)
+            else:
+                out[i] = _guard(lambda zi=zg[:, at:at + n], o=jobs[i].options: ensemble.predict(MemberLogits(zi), **o))
+            at += n
     return out  # type: ignore[return-value]
+
+
+def _options_key(options: Dict[str, Any]) -> str:
+    return repr(sorted(options.items()))
 
 
 def _guard(fn) -> Outcome:

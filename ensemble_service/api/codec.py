@@ -12,8 +12,9 @@ Two body formats carry the one large field of a request (predict's ``inputs``, /
   fields are query parameters. :func:`read_npy` checks the header before any data is read
   (magic, version 1.0/2.0, a numeric dtype: no object, string, structured or complex arrays,
   the batch size against the limit, and that the data length is exactly what the header says)
-  and then reads it with ``allow_pickle=False``. A pickle, a truncated file, an object array,
-  a wrong dtype or a bad header is a 422 naming the field; nothing is ever unpickled.
+  and then copies the data out as that numeric dtype; nothing is ever unpickled (what
+  ``numpy.load(allow_pickle=False)`` would read). A pickle, a truncated file, an object array, a
+  wrong dtype or a bad header is a 422 naming the field.
 
 Answers are JSON encoded with orjson (floats written exactly as Python's ``json`` writes them,
 NumPy arrays without a detour through Python lists) or, when the request says
@@ -22,6 +23,7 @@ with the rest of the answer in headers (:func:`npy_answer`).
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -127,47 +129,59 @@ def read_npy(body: bytes, field: str, max_rows: Optional[int] = None, row_axis: 
     ``max_rows`` bounds ``shape[row_axis]`` (the batch); the header's shape and dtype must account
     for exactly the bytes that follow it. Raises :class:`BodyError` (naming ``field``) for anything
     else: not a .npy file (a pickle, JSON, garbage), an unsupported version, a malformed header, an
-    object / string / structured / complex / boolean dtype, a truncated or over-long file."""
+    object / string / structured / complex / boolean dtype, a truncated or over-long file.
+
+    The header is parsed by NumPy's own reader (``numpy.lib.format``; parsed headers are cached,
+    a client sends the same one again and again); the data is then copied out of the body as that
+    numeric dtype (``numpy.frombuffer``), which cannot unpickle anything: what ``numpy.load(...,
+    allow_pickle=False)`` reads, without its second parse of the header."""
     if not body:
         raise BodyError("is empty: send a .npy file (numpy.save) as the body", field)
-    fp = io.BytesIO(body)
     if body[:6] != np.lib.format.MAGIC_PREFIX:
         raise BodyError("is not a .npy file (no \\x93NUMPY magic); send numpy.save's output with "
                         f"content-type {NPY}", field)
+    if len(body) < 10:
+        raise BodyError("has a malformed .npy header (the body ends inside it)", field)
+    version = tuple(body[6:8])
+    size = 2 if version == (1, 0) else 4
+    if version not in ((1, 0), (2, 0)):
+        raise BodyError(f"is a .npy file of version {'.'.join(map(str, version)) or '?'}; versions 1.0 and 2.0 "
+                        "are read", field)
+    start = 8 + size
+    header_len = int.from_bytes(body[8:start], "little")
+    if len(body) < start + header_len or header_len > _MAX_HEADER:
+        raise BodyError("has a malformed .npy header (truncated or over 10000 bytes)", field)
+    shape, fortran, dtype = _header(bytes(body[:start + header_len]), field)
+    if len(shape) <= row_axis:
+        raise BodyError(f"has shape {list(shape)}; expected at least {row_axis + 1} dimension(s)", field)
+    if max_rows is not None and shape[row_axis] > max_rows:
+        raise BodyError(f"{shape[row_axis]} {row_what} exceed the limit of {max_rows}", field)
+    count = math.prod(shape)
+    expected, have = count * dtype.itemsize, len(body) - start - header_len
+    if have != expected:
+        what = "truncated" if have < expected else "longer than its header says"
+        raise BodyError(f"is {what}: shape {list(shape)} of {dtype} needs {expected} data bytes, the body has "
+                        f"{have}", field)
+    arr = np.frombuffer(body, dtype=dtype, count=count, offset=start + header_len)
+    return arr.reshape(shape, order="F" if fortran else "C").copy(order="C")  # writable, C order
+
+
+@functools.lru_cache(maxsize=256)
+def _header(raw: bytes, field: str) -> Tuple[Tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a .npy header (magic included), checked: a numeric dtype."""
+    fp = io.BytesIO(raw)
     try:
         version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp, max_header_size=_MAX_HEADER)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp, max_header_size=_MAX_HEADER)
-        else:
-            raise BodyError(f"is a .npy file of version {version[0]}.{version[1]}; versions 1.0 and 2.0 are "
-                            "read", field)
-    except BodyError:
-        raise
-    except Exception as exc:  # truncated header, a header that is not a dict literal, bad descr ...
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fp, max_header_size=_MAX_HEADER)
+    except Exception as exc:  # a header that is not a dict literal, bad descr, bad shape ...
         raise BodyError(f"has a malformed .npy header ({_first(exc)})", field) from None
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise BodyError(f"holds {_dtype_name(dtype)} values; only arrays of numbers are read (never objects)",
                         field)
     if dtype.kind not in _NUMERIC_KINDS:
         raise BodyError(f"holds {_dtype_name(dtype)} values; send integers or floats", field)
-    if len(shape) <= row_axis:
-        raise BodyError(f"has shape {list(shape)}; expected at least {row_axis + 1} dimension(s)", field)
-    if max_rows is not None and shape[row_axis] > max_rows:
-        raise BodyError(f"{shape[row_axis]} {row_what} exceed the limit of {max_rows}", field)
-    expected = math.prod(shape) * dtype.itemsize
-    have = len(body) - fp.tell()
-    if have != expected:
-        what = "truncated" if have < expected else "longer than its header says"
-        raise BodyError(f"is {what}: shape {list(shape)} of {dtype} needs {expected} data bytes, the body has "
-                        f"{have}", field)
-    fp.seek(0)
-    try:
-        arr = np.lib.format.read_array(fp, allow_pickle=False, max_header_size=_MAX_HEADER)
-    except Exception as exc:  # a guard: the checks above leave nothing that fails here
-        raise BodyError(f"cannot be read as a .npy file ({_first(exc)})", field) from None
-    return arr
+    return tuple(int(s) for s in shape), bool(fortran), dtype
 
 
 def _dtype_name(dtype: np.dtype) -> str:

@@ -92,10 +92,13 @@ class EnsembleDeployment:
 
 def run(tracking_uri: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2,
         address: Optional[str] = None, num_cpus: float = 1.0, num_gpus: float = 0.0, threads: int = 0,
-        ready: Optional[Callable[[Dict[str, Any]], None]] = None, stop: Optional[threading.Event] = None) -> None:
+        log_level: str = "info", access_log: bool = True, ready: Optional[Callable[[Dict[str, Any]], None]] = None,
+        stop: Optional[threading.Event] = None) -> None:
     """Deploy the app on Ray Serve and serve until SIGINT/SIGTERM (or ``stop`` is set).
 
-    ``ready`` is called once every replica answers, with ``{"address", "replicas", "cluster"}``."""
+    ``log_level`` and ``access_log`` go to Serve's logging config (its replicas log every request
+    unless ``access_log`` is False). ``ready`` is called once every replica answers, with
+    ``{"address", "replicas", "cluster"}``."""
     from ensemble_service import scheduler
 
     address = None if address in (None, "", "local") else address
@@ -109,11 +112,12 @@ def run(tracking_uri: str, settings: Settings, host: str = "127.0.0.1", port: in
         scheduler.connect(cluster)
         for s in previous:  # after ray.init, which installs its own SIGTERM handler
             signal.signal(s, lambda *_: stop.set())
-        serve.start(http_options={"host": host, "port": int(port)})
+        logging = {"log_level": log_level.upper(), "enable_access_log": bool(access_log)}
+        serve.start(http_options={"host": host, "port": int(port)}, logging_config=logging)
         deployment = EnsembleDeployment.options(
             num_replicas=int(replicas), ray_actor_options={"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)})
         serve.run(deployment.bind(tracking_uri, settings, int(threads)), name=APP_NAME, route_prefix="/",
-                  blocking=False)
+                  blocking=False, logging_config=logging)
         if ready is not None:
             ready({"address": f"http://{host}:{port}", "replicas": int(replicas),
                    "cluster": address or "a private local Ray cluster"})

@@ -10,8 +10,9 @@ gets the probabilities as a ``.npy`` file.
 """
 from __future__ import annotations
 
-import asyncio
+import functools
 import math
+import typing
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -85,13 +86,17 @@ def _validate(model, fields: Dict[str, Any], where: str = "body"):
 
 def _query(request: Request, model) -> Dict[str, Any]:
     """A binary request's other fields, from its query parameters (typed after ``model``'s fields)."""
-    flags, lists = [], []
-    for name, f in model.model_fields.items():
-        if f.annotation is bool:
-            flags.append(name)
-        elif "List" in str(f.annotation) or "list" in str(f.annotation):
-            lists.append(name)
+    lists, flags = _field_kinds(model)
     return codec.query_fields(request.query_params.multi_items(), lists=lists, flags=flags)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_kinds(model) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(list fields, boolean fields) of a request model: how their query parameters are read."""
+    lists = tuple(n for n, f in model.model_fields.items() if typing.get_origin(f.annotation) in (list, typing.Union)
+                  and any(typing.get_origin(a) is list for a in (f.annotation, *typing.get_args(f.annotation))))
+    flags = tuple(n for n, f in model.model_fields.items() if f.annotation is bool)
+    return lists, flags
 
 
 def _method_used(method: str, weights: Any) -> str:

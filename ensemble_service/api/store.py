@@ -142,6 +142,7 @@ class EnsembleStore:
         self._loading: Dict[Tuple[str, str], threading.Lock] = {}
         self._cache: "OrderedDict[Tuple[str, str], LoadedEnsemble]" = OrderedDict()
         self._refs: Dict[str, Tuple[float, Dict[str, Any]]] = {}
+        self._refreshing: set = set()  # refs being looked up again right now
         self.loads = 0  # how many versions were downloaded and rebuilt (tests, /healthz)
         # (ensemble, name, settings) -> a batcher: batching.Batcher unless the Ray Serve deployment gives its own
         self.batcher_factory = batcher_factory or _thread_batcher
@@ -163,13 +164,26 @@ class EnsembleStore:
     def list(self) -> List[Dict[str, Any]]:
         return self._call(self.registry.list_registered_ensembles, self.uri)
 
+    def _fresh(self, ref: str, hit: Optional[Tuple[float, Dict[str, Any]]]) -> bool:
+        """Whether a cached resolution may answer now (call with the lock held): younger than the
+        TTL, or older while another request is already looking ``ref`` up again (one lookup at a
+        time per name: when the TTL runs out under load, the requests in flight do not all query
+        the tracking store at once)."""
+        ttl = self.settings.alias_ttl_s
+        return hit is not None and (time.monotonic() - hit[0] < ttl or (ttl > 0 and ref in self._refreshing))
+
     def resolve(self, ref: str) -> Dict[str, Any]:
         now = time.monotonic()
         with self._lock:
             hit = self._refs.get(ref)
-        if hit is not None and now - hit[0] < self.settings.alias_ttl_s:
-            return hit[1]
-        info = self._call(self.registry.resolve_ensemble, self.uri, ref)
+            if self._fresh(ref, hit):
+                return hit[1]
+            self._refreshing.add(ref)
+        try:
+            info = self._call(self.registry.resolve_ensemble, self.uri, ref)
+        finally:
+            with self._lock:
+                self._refreshing.discard(ref)
         with self._lock:
             self._refs[ref] = (now, info)
             if len(self._refs) > 1024:
@@ -201,7 +215,7 @@ class EnsembleStore:
         """The loaded ensemble for ``ref`` if resolving and loading would both be cache hits (no I/O)."""
         with self._lock:
             hit = self._refs.get(ref)
-            if hit is None or time.monotonic() - hit[0] >= self.settings.alias_ttl_s:
+            if not self._fresh(ref, hit):
                 return None
             loaded = self._cache.get((hit[1]["name"], hit[1]["version"]))
             if loaded is None or loaded.info.get("source") != hit[1].get("source"):
