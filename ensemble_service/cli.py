@@ -672,8 +672,10 @@ def serve(
 ) -> None:
     """Serve registered ensembles over HTTP (FastAPI under uvicorn): predict, aggregate, list, describe.
 
-    Concurrent predict requests to one ensemble share a forward (--batching, --batch-wait-ms,
-    --max-batch-items). With --ray, the same app runs in --replicas Ray Serve replicas.
+    Concurrent predict requests to one ensemble share a forward (--batching, --batch-wait-ms, --max-batch-items).
+
+    With --ray, the same app runs in --replicas Ray Serve replicas.
+
     With API keys (--api-key or ENSEMBLE_API_KEYS) every request but /healthz and the docs needs
     'Authorization: Bearer KEY'. A --host other than loopback needs a key, or --insecure."""
     import uvicorn

@@ -693,11 +693,13 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(store, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda application, **kw: seen.update(app=application, **kw))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.update(threads=n))
     r = CliRunner().invoke(app, ["serve", "--port", "8123", "--tracking-uri", store["uri"], "--no-preload",
-                                 "--max-batch-items", "7", "--threads", "1", "--no-access-log"])
+                                 "--max-batch-items", "7", "--threads", "1", "--no-access-log", "--no-batching",
+                                 "--batch-wait-ms", "5"])
     assert r.exit_code == 0, r.output
     assert (seen["host"], seen["port"], seen["access_log"], seen["threads"]) == ("127.0.0.1", 8123, False, 1)
     settings = seen["app"].state.settings
     assert (settings.max_batch_items, settings.preload, settings.gc_freeze) == (7, False, True)
+    assert (settings.batching, settings.batch_wait_ms) == (False, 5.0)
     assert seen["app"].state.store.uri == store["uri"]
     r = CliRunner().invoke(app, ["serve", "--device", "tpu"])
     assert r.exit_code == 2 and "unknown device" in r.output

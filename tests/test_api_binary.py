@@ -285,3 +285,45 @@ def test_the_predict_fast_path_answers_as_the_routed_endpoint(store):
             ra, rb = a.request(method, path, **kw), b.request(method, path, **kw)
             assert (ra.status_code, ra.content) == (rb.status_code, rb.content), (path, kw.get("json"), ra.text)
             assert ra.headers.get("content-type") == rb.headers.get("content-type")
+
+
+@pytest.mark.slow
+def test_predict_command_sends_npy_files_as_binary(store, tmp_path, monkeypatch):
+    """`ensemble predict NAME FILE.npy` sends the file as a .npy body (not JSON) and prints the labels."""
+    import threading
+    import time
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from ensemble_service.cli import app as cli
+    from test_api import _free_port
+
+    seen = []
+    read = codec.read_npy
+    monkeypatch.setattr(codec, "read_npy", lambda body, *a, **k: seen.append(len(body)) or read(body, *a, **k))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(store["uri"], Settings(preload=True)), host="127.0.0.1",
+                                           port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        x = store["x"].numpy()
+        np.save(tmp_path / "x.npy", np.asfortranarray(x.reshape(len(x), -1)))
+        r = CliRunner().invoke(cli, ["predict", "alpha", str(tmp_path / "x.npy"), "--method", "vote",
+                                     "--url", f"http://127.0.0.1:{port}", "--json"])
+        assert r.exit_code == 0, r.output
+        assert len(seen) == 1  # the body was a .npy file
+        from test_api import _ensemble
+        ref = _ensemble(store["results"]).predict(store["x"], "vote")
+        assert json.loads(r.output)["labels"] == ref.labels.tolist() and json.loads(r.output)["method"] == "vote"
+        np.save(tmp_path / "bad.npy", np.zeros((2, 5), np.float32))
+        r = CliRunner().invoke(cli, ["predict", "alpha", str(tmp_path / "bad.npy"), "--url", f"http://127.0.0.1:{port}"])
+        assert r.exit_code == 2 and "422" in r.output and "inputs" in r.output
+    finally:
+        server.should_exit = True
+        thread.join(10)
