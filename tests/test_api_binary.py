@@ -327,3 +327,9 @@ def test_predict_command_sends_npy_files_as_binary(store, tmp_path, monkeypatch)
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_npy_answers_are_numpy_save_bytes():
+    for arr in (np.random.default_rng(0).random((3, 4)).astype(np.float32), np.arange(5), np.zeros((0, 2)),
+                np.asfortranarray(np.ones((3, 2)))):
+        assert codec.npy_bytes(arr) == npy(np.ascontiguousarray(arr))

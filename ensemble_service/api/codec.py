@@ -189,8 +189,17 @@ def _dtype_name(dtype: np.dtype) -> str:
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
+    """``numpy.save``'s bytes for a numeric array (its header built once per dtype and shape)."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.hasobject:
+        raise ValueError("object arrays are not written")
+    return _npy_header(arr.dtype.str, arr.shape) + arr.tobytes()
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(descr: str, shape: Tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
     return buf.getvalue()
 
 
