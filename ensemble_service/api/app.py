@@ -12,8 +12,13 @@ Limits (:class:`Settings`, also from ``ENSEMBLE_SERVE_*`` environment variables)
 over ``max_body_bytes`` is answered 413 before it is parsed; a body that stops arriving for
 ``body_timeout_s`` (shorter than its Content-Length) is answered 408 and the connection
 closed; more than ``max_members`` members, ``max_batch_items`` items or ``max_classes``
-classes is a 422. Every 4xx body is ``{"detail": "<field>: <problem>", "field": "<field>"}``
-(``path`` for an unknown route, ``http_method`` for a 405); a bad request never gets a 500.
+classes is a 422, and so is a body that cannot be read (bad JSON, a ``.npy`` file that is not one,
+is truncated or holds non-numbers: ``api/codec.py``). Every 4xx body is
+``{"detail": "<field>: <problem>", "field": "<field>"}`` (``path`` for an unknown route,
+``http_method`` for a 405); a bad request never gets a 500.
+
+POST ``/v1/ensembles/{name}/predict`` goes from the body limit straight to its handler
+(:class:`PredictFastPath`), past FastAPI's routing; its answers and errors are the routed ones.
 """
 from __future__ import annotations
 

@@ -115,7 +115,9 @@ def run(tracking_uri: str, settings: Settings, host: str = "127.0.0.1", port: in
         logging = {"log_level": log_level.upper(), "enable_access_log": bool(access_log)}
         serve.start(http_options={"host": host, "port": int(port)}, logging_config=logging)
         deployment = EnsembleDeployment.options(
-            num_replicas=int(replicas), ray_actor_options={"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)})
+            num_replicas=int(replicas), ray_actor_options={"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)},
+            # requests in flight per replica: enough for serve.batch to fill a batch of max_batch_items rows
+            max_ongoing_requests=max(MAX_ONGOING_REQUESTS, settings.max_batch_items))
         serve.run(deployment.bind(tracking_uri, settings, int(threads)), name=APP_NAME, route_prefix="/",
                   blocking=False, logging_config=logging)
         if ready is not None:

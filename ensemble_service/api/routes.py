@@ -188,8 +188,8 @@ def _inputs_doc(ens) -> Dict[str, Any]:
 _NPY_BODY = {"schema": {"type": "string", "format": "binary"}}
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
-    codec.NPY: {**_NPY_BODY, "description": "inputs as one .npy file (numpy.save; numbers only, read with "
-                                            "allow_pickle=False); the other fields as query parameters"},
+    codec.NPY: {**_NPY_BODY, "description": "inputs as one .npy file (numpy.save; numbers only, never "
+                                            "unpickled); the other fields as query parameters"},
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                   "description": "Image files (PNG, JPEG, ...), for ensembles trained on an image folder."},
@@ -297,8 +297,8 @@ async def predict(request: Request, name: str = NamePath) -> Any:
 
 _AGGREGATE_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/AggregateRequest"}},
-    codec.NPY: {**_NPY_BODY, "description": "predictions as one .npy file (numpy.save; numbers only, read "
-                                            "with allow_pickle=False); the other fields as query parameters"},
+    codec.NPY: {**_NPY_BODY, "description": "predictions as one .npy file (numpy.save; numbers only, never "
+                                            "unpickled); the other fields as query parameters"},
 }}}
 _THREADPOOL_ELEMENTS = 1 << 16  # larger aggregations run off the event loop
 
