@@ -26,7 +26,6 @@ import torch.nn.functional as F  # noqa: E402
 from harness import alternate, entry, print_table, save  # noqa: E402
 
 from ensemble_service import metrics, scheduler  # noqa: E402
-from ensemble_service.aggregation import mean  # noqa: E402
 from ensemble_service.config import ClusterConfig, load_config  # noqa: E402
 from ensemble_service.data import load_dataset  # noqa: E402
 from ensemble_service.models import create_model  # noqa: E402

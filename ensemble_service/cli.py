@@ -920,7 +920,9 @@ def _load_inputs(path: Path) -> Dict[str, Any]:
             fail(f"cannot read {path} as CSV: {' '.join(str(exc).split())[:200]}")
         # rows as {column: value}: the ensemble picks its feature columns by name (others are ignored)
         return {"inputs": json.loads(frame.to_json(orient="records"))}
-    if suffix == ".npy":
+    if suffix == ".npy":  # sent as it is: a .npy body (application/x-npy), not JSON
+        import io
+
         import numpy as np
 
         try:
@@ -929,7 +931,9 @@ def _load_inputs(path: Path) -> Dict[str, Any]:
             fail(f"cannot read {path} as a NumPy array: {str(exc).splitlines()[0]}")
         if arr.dtype.kind not in "biuf":
             fail(f"{path} holds {arr.dtype} values; inputs must be numbers")
-        return {"inputs": arr.astype("float64").tolist()}
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        return {"npy": buf.getvalue()}
     if suffix == ".json":
         try:
             data = json.loads(path.read_text())
@@ -954,7 +958,13 @@ def serve(
     device: str = typer.Option("cpu", help="Where members run: cpu, cuda or auto."),
     preload: bool = typer.Option(True, help="Load every registered ensemble's latest version at startup."),
     max_body_bytes: Optional[int] = typer.Option(None, min=1, help="Larger request bodies get 413 (default 8 MiB)."),
-    max_batch_items: Optional[int] = typer.Option(None, min=1, help="Items per request (default 1024)."),
+    max_batch_items: Optional[int] = typer.Option(None, min=1, help="Items per request, and rows per batched "
+                                                                     "forward (default 1024)."),
+    batching: bool = typer.Option(True, help="Stack concurrent predict requests to one ensemble into one forward "
+                                             "(the answers are the same)."),
+    batch_wait_ms: Optional[float] = typer.Option(
+        None, min=0, help="Under concurrent load, how long a forward waits for more requests to stack (default 2; "
+                          "a lone client never waits; with --ray, serve.batch always waits this long)."),
     max_members: Optional[int] = typer.Option(None, min=1, help="Members per /v1/aggregate request (default 64)."),
     alias_ttl: Optional[float] = typer.Option(None, min=0, help="Seconds before name@alias is resolved again (default 2)."),
     threads: int = typer.Option(0, min=0, help="torch intra-op threads (0: torch's default). Small models "
@@ -969,8 +979,22 @@ def serve(
     cors_origin: Optional[List[str]] = typer.Option(
         None, "--cors-origin", help="An origin browsers may call the API from, e.g. https://app.example.com "
                                     "(repeat for several; default: none, CORS off)."),
+    ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: the same app in --replicas replicas behind "
+                                                  "Ray Serve's HTTP proxy, batching with serve.batch."),
+    replicas: int = typer.Option(2, min=1, help="With --ray: how many replicas."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="With --ray: the Ray cluster (auto, HOST:6379, ray://HOST:10001; default: a private "
+                                "local cluster, stopped on exit)."),
+    replica_cpus: float = typer.Option(1.0, min=0, help="With --ray: CPUs per replica (also its torch threads "
+                                                        "unless --threads)."),
+    replica_gpus: float = typer.Option(0.0, min=0, help="With --ray: GPUs per replica (fractions share one; "
+                                                        "use with --device auto or cuda)."),
 ) -> None:
     """Serve registered ensembles over HTTP (FastAPI under uvicorn): predict, aggregate, list, describe.
+
+    Concurrent predict requests to one ensemble share a forward (--batching, --batch-wait-ms, --max-batch-items).
+
+    With --ray, the same app runs in --replicas Ray Serve replicas.
 
     With API keys (--api-key or ENSEMBLE_API_KEYS) every request but /healthz and the docs needs
     'Authorization: Bearer KEY'. A --host other than loopback needs a key, or --insecure."""
@@ -982,8 +1006,11 @@ def serve(
 
     if device not in ("cpu", "cuda", "auto"):
         fail(f"unknown device {device!r}; choose one of: cpu, cuda, auto")
+    if not ray and (address is not None or replicas != 2 or replica_cpus != 1.0 or replica_gpus != 0.0):
+        fail("--replicas, --address, --replica-cpus and --replica-gpus go with --ray")
     settings = Settings.from_env(device=device, preload=preload, gc_freeze=True, max_body_bytes=max_body_bytes,
                                  max_batch_items=max_batch_items, max_members=max_members, alias_ttl_s=alias_ttl,
+                                 batching=batching, batch_wait_ms=batch_wait_ms,
                                  api_keys=tuple(api_key) if api_key else None,
                                  cors_origins=tuple(cors_origin) if cors_origin else None)
     problem = auth.check_keys(settings.api_keys) or auth.check_origins(settings.cors_origins)
@@ -996,18 +1023,50 @@ def serve(
         err.print(f"[bold red]WARNING: --insecure: serving WITHOUT authentication on {host}:{port}; anyone who "
                   f"can reach it can list the registered ensembles and query them without limit[/]",
                   highlight=False, soft_wrap=True)
+    keys = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API key"
+    if ray:
+        _serve_on_ray(resolve_uri(tracking_uri), settings, host, port, replicas, address, replica_cpus, replica_gpus,
+                      threads, keys, log_level, access_log)
+        return
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     app = create_app(tracking_uri, settings)
-    keys = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API key"
     console.print(f"serving ensembles registered in {auth.redact_uri(resolve_uri(tracking_uri))} on "
                   f"http://{host}:{port} with {keys} (docs: http://{host}:{port}/docs)", highlight=False)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
     except KeyboardInterrupt:
         raise typer.Exit(0)
+
+
+def _serve_on_ray(uri: str, settings, host: str, port: int, replicas: int, address: Optional[str], cpus: float,
+                  gpus: float, threads: int, keys: str, log_level: str, access_log: bool) -> None:
+    from ensemble_service import scheduler
+    from ensemble_service.api import auth, ray_serve
+
+    if address and address not in ("local",):
+        problem = scheduler.check_address(address)
+        if problem:
+            fail(problem)
+    elif problem := port_problem(host, port):
+        fail(problem)
+
+    def ready(info: Dict[str, Any]) -> None:
+        console.print(f"serving ensembles registered in {auth.redact_uri(uri)} on {info['address']} with {keys}: "
+                      f"{info['replicas']} Ray Serve replica(s) ({cpus:g} CPU, {gpus:g} GPU each) on "
+                      f"{info['cluster']} (docs: {info['address']}/docs)", highlight=False, soft_wrap=True)
+
+    try:
+        ray_serve.run(uri, settings, host=host, port=port, replicas=replicas, address=address, num_cpus=cpus,
+                      num_gpus=gpus, threads=threads or max(1, int(cpus)), log_level=log_level, access_log=access_log,
+                      ready=ready)
+    except KeyboardInterrupt:
+        raise typer.Exit(0)
+    except Exception as exc:  # a deployment that cannot start (replica errors, resources): one line
+        fail(f"Ray Serve deployment failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+             EXIT_FAILED)
 
 
 @app.command()
@@ -1047,9 +1106,13 @@ def predict(
                               timeout=timeout, headers=headers)
         else:
             body = _load_inputs(files[0])
-            if method is not None:
-                body["method"] = method
-            resp = httpx.post(endpoint, json=body, timeout=timeout, headers=headers)
+            if "npy" in body:  # the binary path: the array as a .npy body, the other fields as query parameters
+                resp = httpx.post(endpoint, content=body["npy"], params={"method": method} if method else None,
+                                  timeout=timeout, headers={**headers, "content-type": "application/x-npy"})
+            else:
+                if method is not None:
+                    body["method"] = method
+                resp = httpx.post(endpoint, json=body, timeout=timeout, headers=headers)
     except httpx.HTTPError as exc:
         fail(f"cannot reach {url}: {exc}", EXIT_FAILED)
     try:

@@ -44,6 +44,7 @@ the caller gives others: its ``mean`` is the weighted mean, its ``vote`` a weigh
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -59,7 +60,7 @@ from ensemble_service import aggregation, artifact
 from ensemble_service.data.preprocess import Pipeline, PreprocessError
 from ensemble_service.models import architecture as model_architecture, build_model
 
-__all__ = ["EVAL_BATCH", "ServingError", "Member", "Prediction", "Ensemble", "load_ensemble_dir", "as_input_tensor"]
+__all__ = ["EVAL_BATCH", "ServingError", "Member", "MemberLogits", "Prediction", "Ensemble", "load_ensemble_dir", "as_input_tensor"]
 
 EVAL_BATCH = 1024
 _RNG_LOCK = threading.Lock()
@@ -239,13 +240,31 @@ def _records(rows: Sequence[Mapping[str, Any]], field: str):
 
 
 @dataclass
+class MemberLogits:
+    """Member logits ``[M, B, C]`` computed ahead (one forward of several requests' rows);
+    :meth:`Ensemble.predict` takes them in place of inputs."""
+
+    z: torch.Tensor
+
+
+@dataclass
 class Prediction:
     """The ensemble's answer for one batch (tensors on the CPU)."""
 
     labels: torch.Tensor            # [B] int64
     probabilities: torch.Tensor     # [B, C] (vote shares for "vote")
     agreement: torch.Tensor         # [B]
-    member_probs: Optional[torch.Tensor] = None  # [M, B, C] when asked
+    member_probs: Optional[torch.Tensor] = field(default=None, metadata={"batch_axis": 1})  # [M, B, C] when asked
+
+    def rows(self, start: int, stop: int) -> "Prediction":
+        """The answer for rows ``start:stop`` of the batch: every tensor sliced along its batch axis
+        (0, or the field's ``batch_axis`` metadata: a field whose batch axis is not the first must say so)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.narrow(f.metadata.get("batch_axis", 0), start, stop - start) \
+                if isinstance(v, torch.Tensor) else v
+        return type(self)(**out)
 
 
 # --------------------------------------------------------------------------- ensemble
@@ -383,10 +402,23 @@ class Ensemble:
         raise ServingError(
             f"{field} has shape {list(t.shape)}; expected [batch, {', '.join(map(str, shape))}] or [batch, {d}]", field)
 
-    @torch.inference_mode()
+    @property
+    def batchable(self) -> bool:
+        """Whether rows of different requests may share one forward: not for MC-dropout members,
+        whose seeded masks depend on a row's position in the batch."""
+        return not any(isinstance(g, _MCGroup) for g in self.groups)
+
     def logits(self, x: Any) -> torch.Tensor:
-        """Member logits ``[M, B, C]`` (float32, CPU), members in ensemble order."""
-        t = self.prepare(x).to(self.device)
+        """Member logits ``[M, B, C]`` (float32, CPU), members in ensemble order. ``x`` may be
+        :class:`MemberLogits` a batched forward already computed (``api/batching.py``)."""
+        if isinstance(x, MemberLogits):
+            return x.z
+        return self.forward(self.prepare(x))
+
+    @torch.inference_mode()
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Member logits ``[M, B, C]`` (float32, CPU) of prepared model inputs ``t`` (:meth:`prepare`)."""
+        t = t.to(self.device)
         outs = []
         for g in self.groups:
             chunks = [g(t[i:i + EVAL_BATCH]) for i in range(0, len(t), EVAL_BATCH)] \

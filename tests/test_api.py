@@ -257,6 +257,37 @@ def test_alias_resolution_is_cached_for_the_ttl(store, monkeypatch):
         assert len(calls) == 1  # another spelling is resolved once, then served from the cache
 
 
+def test_an_expired_alias_is_looked_up_once_under_load(store, monkeypatch):
+    """When the TTL runs out while many requests are in flight, one of them looks the name up again;
+    the others are answered from the previous resolution meanwhile (they used to all query the
+    tracking store at once: 30% of a loaded server's time, and its p99)."""
+    app = create_app(store["uri"], Settings(alias_ttl_s=0.2))
+    st = app.state.store
+    st.get("alpha")
+    calls, release = [], threading.Event()
+    original = registry.resolve_ensemble
+
+    def slow(*a):
+        calls.append(a)
+        assert release.wait(10)
+        return original(*a)
+
+    monkeypatch.setattr(registry, "resolve_ensemble", slow)
+    time.sleep(0.25)  # expired
+    first = threading.Thread(target=st.resolve, args=("alpha",))
+    first.start()
+    while not calls:
+        time.sleep(0.01)
+    others = [st.get("alpha").version for _ in range(20)]  # while the lookup is in flight
+    assert st.peek("alpha") is not None
+    release.set()
+    first.join(10)
+    assert len(calls) == 1 and others == ["1"] * 20
+    time.sleep(0.25)
+    release.set()
+    assert st.peek("alpha") is None  # expired again and nobody is looking it up: the next request does
+
+
 # --------------------------------------------------------------------------- aggregate
 
 
@@ -481,7 +512,7 @@ BAD = [
     ("/v1/aggregate", {"predictions": [[0, 1]], "kind": "labels", "method": "vote", "num_classes": 0}, 422, "num_classes"),
     ("/v1/aggregate", {"predictions": [[0, 1]], "kind": "labels", "method": "vote", "num_classes": 10 ** 12}, 422, "num_classes"),
     ("/v1/aggregate", {"predictions": [[[0.5, 0.5]]], "num_classes": 3}, 422, "num_classes"),
-    ("/v1/aggregate", {"predictions": [[[10 ** 30, 1]]], "kind": "logits"}, 422, "predictions"),
+    ("/v1/aggregate", {"predictions": [[[10 ** 39, 1]]], "kind": "logits"}, 422, "predictions"),     # > float32
 ]
 
 
@@ -495,6 +526,14 @@ def test_bad_request_gets_4xx_naming_the_field(client, store, path, body, status
     # a bad request never affects the next one
     ok = client.post("/v1/ensembles/alpha/predict", json={"inputs": _inputs(store["x"])})
     assert ok.status_code == 200
+
+
+def test_big_json_integers_are_numbers(client):
+    # an integer beyond int64 is the number it writes: 10**30 is the logit 1e30 (within float32)
+    a = client.post("/v1/aggregate", json={"predictions": [[[10 ** 30, 1]]], "kind": "logits"})
+    b = client.post("/v1/aggregate", json={"predictions": [[[1e30, 1]]], "kind": "logits"})
+    assert a.status_code == b.status_code == 200 and a.json() == b.json()
+    assert a.json()["labels"] == [0] and a.json()["probabilities"] == [[1.0, 0.0]]
 
 
 def test_nan_and_infinity_in_json(client):
@@ -676,11 +715,13 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(store, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda application, **kw: seen.update(app=application, **kw))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.update(threads=n))
     r = CliRunner().invoke(app, ["serve", "--port", "8123", "--tracking-uri", store["uri"], "--no-preload",
-                                 "--max-batch-items", "7", "--threads", "1", "--no-access-log"])
+                                 "--max-batch-items", "7", "--threads", "1", "--no-access-log", "--no-batching",
+                                 "--batch-wait-ms", "5"])
     assert r.exit_code == 0, r.output
     assert (seen["host"], seen["port"], seen["access_log"], seen["threads"]) == ("127.0.0.1", 8123, False, 1)
     settings = seen["app"].state.settings
     assert (settings.max_batch_items, settings.preload, settings.gc_freeze) == (7, False, True)
+    assert (settings.batching, settings.batch_wait_ms) == (False, 5.0)
     assert seen["app"].state.store.uri == store["uri"]
     r = CliRunner().invoke(app, ["serve", "--device", "tpu"])
     assert r.exit_code == 2 and "unknown device" in r.output

@@ -1,8 +1,10 @@
 """The package's import graph, read from the source (ast): no cycles, and each heavy dependency only
 where the design puts it (../shared/DESIGN.md):
 
-* Ray only in ``scheduler``, ``jobs`` and ``data.raydata`` (the Ray Data pipelines members stream
-  through; ``data.streamed`` imports it lazily, so workers never import it themselves); MLflow only in ``tracking``, ``registry`` and the pyfunc model;
+* Ray only in ``scheduler``, ``jobs``, ``data.raydata`` (the Ray Data pipelines members stream
+  through; ``data.streamed`` imports it lazily, so workers never import it themselves) and the Ray
+  Serve deployment (``api.ray_serve``, which only the CLI imports: the plain HTTP server never loads
+  Ray); MLflow only in ``tracking``, ``registry`` and the pyfunc model;
 * ``workers/`` never imports Ray, MLflow or the CLI; only ``scheduler`` imports ``workers``;
 * nothing in the library imports the CLI; ``aggregation`` and ``metrics`` import only torch and the
   shared ``validation`` module.
@@ -85,9 +87,10 @@ def test_no_import_cycles():
 def test_ray_and_mlflow_only_where_they_belong():
     g = graph()
     assert owners(g, "ray") <= {"ensemble_service.scheduler", "ensemble_service.jobs",
-                                "ensemble_service.data.raydata"}, owners(g, "ray")
+                                "ensemble_service.data.raydata", "ensemble_service.api.ray_serve"}, owners(g, "ray")
     # only the streamed data set's own methods reach the Ray Data module (workers call them)
     assert owners(g, "ensemble_service.data.raydata") <= {"ensemble_service.data.streamed"}
+    assert owners(g, "ensemble_service.api.ray_serve") <= {"ensemble_service.cli"}, owners(g, "ensemble_service.api.ray_serve")
     assert owners(g, "mlflow") <= {"ensemble_service.tracking", "ensemble_service.registry",
                                    "ensemble_service.pyfunc_model"}, owners(g, "mlflow")
 

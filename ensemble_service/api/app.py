@@ -12,8 +12,13 @@ Limits (:class:`Settings`, also from ``ENSEMBLE_SERVE_*`` environment variables)
 over ``max_body_bytes`` is answered 413 before it is parsed; a body that stops arriving for
 ``body_timeout_s`` (shorter than its Content-Length) is answered 408 and the connection
 closed; more than ``max_members`` members, ``max_batch_items`` items or ``max_classes``
-classes is a 422. Every 4xx body is ``{"detail": "<field>: <problem>", "field": "<field>"}``
-(``path`` for an unknown route, ``http_method`` for a 405); a bad request never gets a 500.
+classes is a 422, and so is a body that cannot be read (bad JSON, a ``.npy`` file that is not one,
+is truncated or holds non-numbers: ``api/codec.py``). Every 4xx body is
+``{"detail": "<field>: <problem>", "field": "<field>"}`` (``path`` for an unknown route,
+``http_method`` for a 405); a bad request never gets a 500.
+
+POST ``/v1/ensembles/{name}/predict`` goes from the body limit straight to its handler
+(:class:`PredictFastPath`), past FastAPI's routing; its answers and errors are the routed ones.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from ensemble_service import aggregation  # noqa: E402
+from ensemble_service.api.codec import BodyError  # noqa: E402
 from ensemble_service.api.store import ApiError, EnsembleStore, Settings, error_body  # noqa: E402
 from ensemble_service.serving import ServingError  # noqa: E402
 
@@ -75,7 +81,7 @@ class BodyLimitMiddleware:
         chunks, total = [], 0
         while True:
             try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
+                message = await _within(receive(), self.timeout_s)
             except asyncio.TimeoutError:  # a stalled (or slow-loris) client: do not hold the connection
                 expected = f" of {size}" if size is not None else ""
                 return await self._reject(send, None, 408, f"request body stalled: no bytes for {self.timeout_s:g} s "
@@ -99,6 +105,51 @@ class BodyLimitMiddleware:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+async def _within(awaitable, seconds: Optional[float]):
+    """``await awaitable`` with a timeout (asyncio.TimeoutError): asyncio.timeout where there is one
+    (Python 3.11+; no task per call, unlike wait_for, which every request body would pay)."""
+    if seconds is None:
+        return await awaitable
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
+class PredictFastPath:
+    """POST /v1/ensembles/{name}/predict straight to its handler (``routes.predict``), without
+    FastAPI's routing, dependency solving and inner middleware: on a small model these cost about as
+    much as the forward. Errors go to the app's own exception handlers, so every answer, error or
+    not, is the one the routed endpoint gives; anything else goes on to the app."""
+
+    PREFIX, SUFFIX = "/v1/ensembles/", "/predict"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if not (path.startswith(self.PREFIX) and path.endswith(self.SUFFIX)) or \
+                len(path) <= len(self.PREFIX) + len(self.SUFFIX):
+            return await self.app(scope, receive, send)
+        from ensemble_service.api import routes
+
+        request = Request(scope, receive)
+        try:
+            response = await routes.predict(request, path[len(self.PREFIX):-len(self.SUFFIX)])
+        except Exception as exc:
+            handlers = scope["app"].exception_handlers
+            handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers and c is not Exception), None)
+            if handler is None:
+                raise  # a bug: the server's 500 handler logs it
+            response = await handler(request, exc)
+        await response(scope, receive, send)
 
 
 # --------------------------------------------------------------------------- errors
@@ -126,6 +177,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.field), status_code=exc.status)
+
+    @app.exception_handler(BodyError)
+    async def _body(request: Request, exc: BodyError):  # a body that cannot be read (api/codec.py)
+        return JSONResponse(error_body(exc.message, exc.field), status_code=422)
 
     @app.exception_handler(ServingError)
     async def _serving(request: Request, exc: ServingError):
@@ -162,30 +217,33 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _document_bodies(app: FastAPI) -> None:
-    """Predict reads its body itself (JSON or multipart image files); its JSON schema still belongs
-    in the OpenAPI document."""
-    from ensemble_service.api.schemas import PredictRequest
+    """Predict and aggregate read their bodies themselves (JSON, .npy, multipart image files); their
+    JSON schemas still belong in the OpenAPI document."""
+    from ensemble_service.api.schemas import AggregateRequest, PredictRequest
 
     build = app.openapi
 
     def openapi() -> Dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
-            schema.setdefault("components", {}).setdefault("schemas", {})["PredictRequest"] = \
-                PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            for model in (PredictRequest, AggregateRequest):
+                schema.setdefault("components", {}).setdefault("schemas", {})[model.__name__] = \
+                    model.model_json_schema(ref_template="#/components/schemas/{model}")
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
 
 
-def create_app(tracking_uri: Optional[str] = None, settings: Optional[Settings] = None) -> FastAPI:
+def create_app(tracking_uri: Optional[str] = None, settings: Optional[Settings] = None,
+               batcher_factory: Any = None) -> FastAPI:
     """The ensemble-serving app for the MLflow store at ``tracking_uri`` (default:
-    MLFLOW_TRACKING_URI, else ./mlflow.db)."""
+    MLFLOW_TRACKING_URI, else ./mlflow.db). ``batcher_factory(ensemble, name, settings)`` makes
+    each loaded ensemble's batcher (default: ``api/batching.py``'s thread; Ray Serve passes its own)."""
     from ensemble_service.api.routes import router
 
     settings = settings or Settings.from_env()
-    store = EnsembleStore(tracking_uri, settings)
+    store = EnsembleStore(tracking_uri, settings, batcher_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -212,6 +270,7 @@ def create_app(tracking_uri: Optional[str] = None, settings: Optional[Settings] 
     app.include_router(router)
     _document_bodies(app)
     _install_error_handlers(app)
+    app.add_middleware(PredictFastPath)  # inside the body limit and the API-key check (added later: outside)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     from ensemble_service.api import auth  # API keys and CORS, in front of the body limit
 

@@ -2,23 +2,30 @@
 
 Handlers that read MLflow or compute are plain ``def`` (FastAPI runs them in its thread pool);
 predict is ``async``: a cached ensemble is found without I/O, and its forward runs on the
-ensemble's own worker thread, so neither blocks the event loop.
+ensemble's own worker thread (stacked with concurrent requests, ``api/batching.py``), so neither
+blocks the event loop. Predict and aggregate read their bodies themselves (``api/codec.py``):
+JSON parsed straight into NumPy, a ``.npy`` file (``content-type: application/x-npy``, the other
+fields as query parameters), or for image ensembles multipart files; ``accept: application/x-npy``
+gets the probabilities as a ``.npy`` file.
 """
 from __future__ import annotations
 
-import asyncio
+import functools
 import math
+import typing
 from typing import Any, Dict, List, Tuple
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Path, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from ensemble_service import aggregation, names
+from ensemble_service.api import codec
+from ensemble_service.api.batching import predict_options
 from ensemble_service.api.store import ApiError, EnsembleStore, Settings
 from ensemble_service.api.auth import redact_uri
 from ensemble_service.api.schemas import (
@@ -59,18 +66,37 @@ def _check_items(value: List[Any], field: str, limit: int, what: str = "items") 
         raise ApiError(422, f"{len(value)} {what} exceed the limit of {limit}", field)
 
 
-def _tensor(value: Any, field: str) -> torch.Tensor:
-    """Nested JSON numbers -> tensor (the same conversion aggregation.aggregate does on lists)."""
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A numeric array (JSON's or a .npy body's) -> the tensor aggregation.aggregate gets: floats as
+    float32 (what torch.tensor makes of JSON numbers; beyond float32's range they become inf and are
+    refused as such), integers as int64."""
+    if arr.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+
+
+def _validate(model, fields: Dict[str, Any], where: str = "body"):
+    """The request's small fields, validated by its pydantic model (errors as FastAPI's 422)."""
     try:
-        t = torch.tensor(value)
-    except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "expected sequence of length" in msg or "inhomogeneous" in msg:
-            raise ApiError(422, f"ragged nested lists: every row must have the same length ({msg})", field) from None
-        raise ApiError(422, f"must be nested lists of numbers ({msg})", field) from None
-    if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype == torch.int64):
-        raise ApiError(422, f"must be numbers, got {str(t.dtype).replace('torch.', '')}", field)
-    return t
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": (where, *e.get("loc", ()))} for e in exc.errors()]) from None
+
+
+def _query(request: Request, model) -> Dict[str, Any]:
+    """A binary request's other fields, from its query parameters (typed after ``model``'s fields)."""
+    lists, flags = _field_kinds(model)
+    return codec.query_fields(request.query_params.multi_items(), lists=lists, flags=flags)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_kinds(model) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(list fields, boolean fields) of a request model: how their query parameters are read."""
+    lists = tuple(n for n, f in model.model_fields.items() if typing.get_origin(f.annotation) in (list, typing.Union)
+                  and any(typing.get_origin(a) is list for a in (f.annotation, *typing.get_args(f.annotation))))
+    flags = tuple(n for n, f in model.model_fields.items() if f.annotation is bool)
+    return lists, flags
 
 
 def _method_used(method: str, weights: Any) -> str:
@@ -161,28 +187,53 @@ def _inputs_doc(ens) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------- predict
 
-
+_NPY_BODY = {"schema": {"type": "string", "format": "binary"}}
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+    codec.NPY: {**_NPY_BODY, "description": "inputs as one .npy file (numpy.save; numbers only, never "
+                                            "unpickled); the other fields as query parameters"},
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                   "description": "Image files (PNG, JPEG, ...), for ensembles trained on an image folder."},
         "method": {"type": "string", "enum": list(aggregation.METHODS), "default": "mean"},
         "return_members": {"type": "boolean", "default": False}}}},
 }}}
+_NPY_ANSWER = {"description": "With `accept: application/x-npy`: the probabilities, float32 [batch, classes], as "
+                              "a .npy file; the labels in the `x-labels` header (comma-separated).",
+               "content": {codec.NPY: _NPY_BODY}}
+_PLACEHOLDER = [0]  # stands in for the array field while pydantic checks the others
+_MISSING = object()
+
+
+def _ctype(request: Request) -> str:
+    return codec.media_type(request.headers.get("content-type"))
+
+
+async def _array_body(request: Request, model, field: str, max_rows: int, row_what: str = "items"
+                      ) -> Tuple[Any, Any]:
+    """(the validated request, its array field) from a JSON or .npy body."""
+    if _ctype(request) == codec.NPY:
+        body = _validate(model, {**_query(request, model), field: _PLACEHOLDER}, "query")
+        return body, codec.read_npy(await request.body(), field, max_rows, row_what=row_what)
+    data = codec.load_json(await request.body())
+    if not isinstance(data, dict):
+        raise ApiError(422, f"must be a JSON object with {field!r} (got {codec._json_type(data)})", "body")
+    raw = data.get(field, _MISSING)
+    fields = {k: v for k, v in data.items() if k != field}
+    if raw is not _MISSING:
+        fields[field] = _PLACEHOLDER
+    body = _validate(model, fields)
+    if field == "inputs" and isinstance(raw, list) and codec.rows_of(raw):
+        return body, raw  # a table's rows as {column: value} objects: the ensemble picks its columns
+    return body, codec.json_array(raw, field)
 
 
 async def _predict_body(request: Request) -> Tuple[PredictRequest, Any]:
-    """The request and its inputs: a JSON body, or multipart/form-data with image ``files`` (plus
-    optional ``method`` / ``return_members`` fields)."""
-    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if ctype != "multipart/form-data":
-        try:
-            body = PredictRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError([{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors()]) from None
-        return body, body.inputs
+    """The request and its inputs: a JSON body, a .npy body (fields as query parameters), or
+    multipart/form-data with image ``files`` (plus optional ``method`` / ``return_members`` fields)."""
     settings = _settings(request)
+    if _ctype(request) != "multipart/form-data":
+        return await _array_body(request, PredictRequest, "inputs", settings.max_batch_items)
     try:
         form = await request.form(max_files=settings.max_batch_items + 1, max_fields=16)
     except Exception as exc:  # malformed multipart, too many parts
@@ -197,22 +248,26 @@ async def _predict_body(request: Request) -> Tuple[PredictRequest, Any]:
         raise ApiError(422, "no image files (send them as the form field 'files')", "files")
     fields = {"inputs": [[0]], "method": form.get("method") or "mean",
               "return_members": str(form.get("return_members") or "false").lower() in ("1", "true", "yes", "on")}
-    try:
-        body = PredictRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors()]) from None
+    body = _validate(PredictRequest, fields)
     return body, [await f.read() for f in files]
 
 
 @router.post("/v1/ensembles/{name:path}/predict", response_model=PredictResponse, response_model_exclude_none=True,
-             tags=["predict"], responses={404: _ERR, 413: _ERR, 422: _ERR, 503: _ERR}, openapi_extra=_PREDICT_BODY)
-async def predict(request: Request, name: str = NamePath) -> Dict[str, Any]:
+             tags=["predict"], responses={200: _NPY_ANSWER, 404: _ERR, 406: _ERR, 413: _ERR, 422: _ERR, 503: _ERR},
+             openapi_extra=_PREDICT_BODY)
+async def predict(request: Request, name: str = NamePath) -> Any:
     """The ensemble's combined prediction for a batch of raw inputs (in the training data's format;
-    the ensemble applies its own preprocessing), as JSON or, for image ensembles, image files."""
+    the ensemble applies its own preprocessing): JSON, a .npy file (`content-type:
+    application/x-npy`, the other fields as query parameters: `?method=vote&weights=1,0,2`), or
+    for image ensembles image files. `accept: application/x-npy` answers the probabilities as a
+    .npy file. Concurrent requests to one ensemble share a forward (the answers are the same)."""
+    npy_answer = codec.wants_npy(request.headers.get("accept"))
     body, inputs = await _predict_body(request)
     settings = _settings(request)
-    files = bool(inputs) and isinstance(inputs[0], bytes)
+    files = isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], bytes)
     _check_items(inputs, "files" if files else "inputs", settings.max_batch_items)
+    if npy_answer and body.return_members:
+        raise ApiError(406, "return_members needs a JSON answer: drop 'accept: application/x-npy'", "accept")
     store = _store(request)
     le = store.peek(name) or await run_in_threadpool(store.get, name)  # MLflow reads off the event loop
     if body.weights is not None and len(body.weights) != le.ensemble.num_members:
@@ -220,59 +275,80 @@ async def predict(request: Request, name: str = NamePath) -> Dict[str, Any]:
     if files and (le.ensemble.pipeline is None or le.ensemble.pipeline.kind != "image"):
         raise ApiError(422, "this ensemble was not trained on images: send its inputs as JSON", "files")
     method = _method_used(body.method, body.weights if body.weights is not None else le.ensemble.stored_weights)
-    try:  # the forward runs on the ensemble's own worker thread
-        pred = await asyncio.wrap_future(le.submit(inputs, method, body.weights, body.return_members))
+    options = predict_options({**body.model_dump(exclude={"inputs"}), "method": method})
+    try:  # the forward runs on the ensemble's own worker thread, stacked with concurrent requests
+        pred = await le.predict(inputs, options)
     except ServingError as exc:
         raise ApiError(422, str(exc), exc.field or "inputs") from None
     labels = pred.labels.tolist()
+    if npy_answer:
+        return codec.npy_answer(pred.probabilities, labels, {"x-model-version": le.version, "x-method": method})
     out: Dict[str, Any] = {"name": le.name, "model_version": le.version, "method": method,
-                           "labels": labels, "probabilities": pred.probabilities.tolist(),
-                           "agreement": pred.agreement.tolist()}
+                           "labels": labels, "probabilities": codec.as_float64(pred.probabilities),
+                           "agreement": codec.as_float64(pred.agreement)}
     names = le.ensemble.class_names
     if names is not None:
         out["class_names"] = [names[i] for i in labels]
     if body.return_members:
-        out["members"] = pred.member_probs.tolist()
+        out["members"] = codec.as_float64(pred.member_probs)
     # already plain JSON (finite floats): skip re-validating it against the response model
-    return JSONResponse(out)
+    return codec.json_answer(out)
 
 
 # --------------------------------------------------------------------------- aggregate
 
+_AGGREGATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/AggregateRequest"}},
+    codec.NPY: {**_NPY_BODY, "description": "predictions as one .npy file (numpy.save; numbers only, never "
+                                            "unpickled); the other fields as query parameters"},
+}}}
+_THREADPOOL_ELEMENTS = 1 << 16  # larger aggregations run off the event loop
+
 
 @router.post("/v1/aggregate", response_model=AggregateResponse, tags=["aggregate"],
-             responses={413: _ERR, 422: _ERR})
-def aggregate(request: Request, body: AggregateRequest) -> Dict[str, Any]:
-    """Combine member predictions the client already has (no model involved)."""
+             responses={200: _NPY_ANSWER, 413: _ERR, 422: _ERR}, openapi_extra=_AGGREGATE_BODY)
+async def aggregate(request: Request) -> Any:
+    """Combine member predictions the client already has (no model involved): JSON, or a .npy file
+    (`content-type: application/x-npy`, the other fields as query parameters:
+    `?kind=labels&num_classes=3`). `accept: application/x-npy` answers the probabilities as a .npy file."""
     settings = _settings(request)
-    preds = body.predictions
-    _check_items(preds, "predictions", settings.max_members, "members")
-    first = preds[0]
-    if isinstance(first, list):
-        if len(first) > settings.max_batch_items:
-            raise ApiError(422, f"{len(first)} items exceed the limit of {settings.max_batch_items}", "predictions")
-        if first and isinstance(first[0], list) and len(first[0]) > settings.max_classes:
-            raise ApiError(422, f"{len(first[0])} classes exceed the limit of {settings.max_classes}", "predictions")
+    body, arr = await _array_body(request, AggregateRequest, "predictions", settings.max_members, "members")
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise ApiError(422, "no members", "predictions")
+    if arr.shape[0] > settings.max_members:
+        raise ApiError(422, f"{arr.shape[0]} members exceed the limit of {settings.max_members}", "predictions")
+    if arr.ndim > 1 and arr.shape[1] > settings.max_batch_items:
+        raise ApiError(422, f"{arr.shape[1]} items exceed the limit of {settings.max_batch_items}", "predictions")
+    if arr.ndim > 2 and arr.shape[2] > settings.max_classes:
+        raise ApiError(422, f"{arr.shape[2]} classes exceed the limit of {settings.max_classes}", "predictions")
     if body.num_classes is not None and body.num_classes > settings.max_classes:
         raise ApiError(422, f"{body.num_classes} exceeds the limit of {settings.max_classes}", "num_classes")
-    if body.weights is not None and len(body.weights) != len(preds):
-        raise ApiError(422, f"{len(body.weights)} weights for {len(preds)} members", "weights")
-    t = _tensor(preds, "predictions")
+    if body.weights is not None and len(body.weights) != arr.shape[0]:
+        raise ApiError(422, f"{len(body.weights)} weights for {arr.shape[0]} members", "weights")
     if body.method is None:
         method = "vote" if body.kind == "labels" else "mean"
     else:  # labels have no mean: 'mean' stays an error there, with or without weights
         method = body.method if body.kind == "labels" else _method_used(body.method, body.weights)
     expected = 2 if body.kind == "labels" else 3
-    if t.dim() != expected:
+    if arr.ndim != expected:
         shape = "members x batch" if expected == 2 else "members x batch x classes"
-        raise ApiError(422, f"must be {expected}-D ({shape}) for kind {body.kind!r}, got shape {list(t.shape)}",
+        raise ApiError(422, f"must be {expected}-D ({shape}) for kind {body.kind!r}, got shape {list(arr.shape)}",
                        "predictions")
-    if t.shape[1] == 0:
+    if arr.shape[1] == 0:
         raise ApiError(422, "empty batch (no items)", "predictions")
+    t = _tensor(arr)
+
+    def combine():
+        return aggregation.aggregate(t, method=method, kind=body.kind, weights=body.weights,
+                                     num_classes=body.num_classes)
+
     try:
-        res = aggregation.aggregate(t, method=method, kind=body.kind, weights=body.weights,
-                                    num_classes=body.num_classes)
+        res = await run_in_threadpool(combine) if t.numel() > _THREADPOOL_ELEMENTS else combine()
     except aggregation.AggregationError as exc:
         raise ApiError(422, str(exc), _agg_field(str(exc), "predictions")) from None
-    return JSONResponse({"method": method, "kind": body.kind, "labels": res.labels.tolist(),
-                         "probabilities": res.probabilities.tolist(), "agreement": res.agreement.tolist()})
+    labels = res.labels.tolist()
+    if codec.wants_npy(request.headers.get("accept")):
+        return codec.npy_answer(res.probabilities, labels, {"x-method": method, "x-kind": body.kind})
+    return codec.json_answer({"method": method, "kind": body.kind, "labels": labels,
+                              "probabilities": codec.as_float64(res.probabilities),
+                              "agreement": codec.as_float64(res.agreement)})

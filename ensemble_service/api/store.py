@@ -16,13 +16,14 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from ensemble_service import names  # noqa: E402
+from ensemble_service.api.batching import Batcher  # noqa: E402
 from ensemble_service.serving import Ensemble, load_ensemble_dir  # noqa: E402
 
 log = logging.getLogger("ensemble_service.api")
@@ -35,7 +36,9 @@ class Settings:
     """Serving limits and behaviour (env: ``ENSEMBLE_SERVE_<FIELD>``, e.g. ENSEMBLE_SERVE_MAX_BODY_BYTES)."""
 
     max_body_bytes: int = 8 * 1024 * 1024   # larger request bodies: 413, before parsing
-    max_batch_items: int = 1024             # items per request (inputs / predictions' batch)
+    max_batch_items: int = 1024             # items per request (inputs / predictions' batch); rows per batched forward
+    batching: bool = True                   # stack concurrent predict requests into one forward (api/batching.py)
+    batch_wait_ms: float = 2.0              # under concurrent load, wait this long for more requests to stack
     max_members: int = 64                   # members in /v1/aggregate
     max_classes: int = 10000                # classes in /v1/aggregate (and num_classes)
     body_timeout_s: float = 1.0             # a request body that stalls this long: 408, connection closed
@@ -95,26 +98,40 @@ def error_body(message: str, field: Optional[str] = None, errors: Optional[List[
 @dataclass
 class LoadedEnsemble:
     """A loaded version. Its forwards run one at a time, in arrival order, on its own worker
-    thread (torch already uses every core; a FIFO queue keeps tail latency fair under load)."""
+    thread (torch already uses every core; a FIFO queue keeps tail latency fair under load),
+    with concurrent requests stacked into one forward (``batcher``, see ``api/batching.py``)."""
 
     name: str
     version: str
     info: Dict[str, Any]            # registry.resolve_ensemble's dict (aliases at load time)
     ensemble: Ensemble
     metrics: Dict[str, float]       # the parent run's ensemble metrics
-    executor: ThreadPoolExecutor
+    batcher: Any                    # batching.Batcher, or the Ray Serve deployment's serve.batch batcher
 
-    def submit(self, inputs: Any, method: str, weights: Optional[List[float]], return_members: bool) -> Future:
-        return self.executor.submit(self.ensemble.predict, inputs, method, weights, return_members)
+    def submit(self, inputs: Any, method: str = "mean", weights: Optional[List[float]] = None,
+               return_members: bool = False, **options: Any) -> Future:
+        """The Prediction for ``inputs`` (a Future); ``options`` are further ``Ensemble.predict``
+        keyword arguments."""
+        return self.batcher.submit(inputs, dict(method=method, weights=weights, return_members=return_members,
+                                                **options))
 
-    # No explicit shutdown when a version leaves the cache: a request may still hold it. Once
-    # nothing refers to it, the executor is collected and its idle thread exits.
+    async def predict(self, inputs: Any, options: Dict[str, Any]) -> Any:
+        """The Prediction for ``inputs``, awaited on the event loop."""
+        run = getattr(self.batcher, "run", None)
+        if run is not None:  # an asyncio batcher (Ray Serve's serve.batch)
+            return await run(inputs, options)
+        import asyncio
+
+        return await asyncio.wrap_future(self.batcher.submit(inputs, options))
+
+    # No explicit shutdown when a version leaves the cache: a request may still hold it. Its
+    # worker thread exits after a while idle, and then nothing refers to it.
 
 
 class EnsembleStore:
     """Registered ensembles loaded from MLflow once, kept (LRU) and re-resolved when aliases move."""
 
-    def __init__(self, tracking_uri: Optional[str], settings: Settings):
+    def __init__(self, tracking_uri: Optional[str], settings: Settings, batcher_factory: Any = None):
         from ensemble_service import registry, tracking
 
         self.registry = registry
@@ -125,7 +142,10 @@ class EnsembleStore:
         self._loading: Dict[Tuple[str, str], threading.Lock] = {}
         self._cache: "OrderedDict[Tuple[str, str], LoadedEnsemble]" = OrderedDict()
         self._refs: Dict[str, Tuple[float, Dict[str, Any]]] = {}
+        self._refreshing: set = set()  # refs being looked up again right now
         self.loads = 0  # how many versions were downloaded and rebuilt (tests, /healthz)
+        # (ensemble, name, settings) -> a batcher: batching.Batcher unless the Ray Serve deployment gives its own
+        self.batcher_factory = batcher_factory or _thread_batcher
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -144,13 +164,26 @@ class EnsembleStore:
     def list(self) -> List[Dict[str, Any]]:
         return self._call(self.registry.list_registered_ensembles, self.uri)
 
+    def _fresh(self, ref: str, hit: Optional[Tuple[float, Dict[str, Any]]]) -> bool:
+        """Whether a cached resolution may answer now (call with the lock held): younger than the
+        TTL, or older while another request is already looking ``ref`` up again (one lookup at a
+        time per name: when the TTL runs out under load, the requests in flight do not all query
+        the tracking store at once)."""
+        ttl = self.settings.alias_ttl_s
+        return hit is not None and (time.monotonic() - hit[0] < ttl or (ttl > 0 and ref in self._refreshing))
+
     def resolve(self, ref: str) -> Dict[str, Any]:
         now = time.monotonic()
         with self._lock:
             hit = self._refs.get(ref)
-        if hit is not None and now - hit[0] < self.settings.alias_ttl_s:
-            return hit[1]
-        info = self._call(self.registry.resolve_ensemble, self.uri, ref)
+            if self._fresh(ref, hit):
+                return hit[1]
+            self._refreshing.add(ref)
+        try:
+            info = self._call(self.registry.resolve_ensemble, self.uri, ref)
+        finally:
+            with self._lock:
+                self._refreshing.discard(ref)
         with self._lock:
             self._refs[ref] = (now, info)
             if len(self._refs) > 1024:
@@ -182,7 +215,7 @@ class EnsembleStore:
         """The loaded ensemble for ``ref`` if resolving and loading would both be cache hits (no I/O)."""
         with self._lock:
             hit = self._refs.get(ref)
-            if hit is None or time.monotonic() - hit[0] >= self.settings.alias_ttl_s:
+            if not self._fresh(ref, hit):
                 return None
             loaded = self._cache.get((hit[1]["name"], hit[1]["version"]))
             if loaded is None or loaded.info.get("source") != hit[1].get("source"):
@@ -208,8 +241,8 @@ class EnsembleStore:
         self.loads += 1
         log.info("loaded ensemble %s version %s (%d members) in %.2f s", info["name"], info["version"],
                  ensemble.num_members, time.perf_counter() - t0)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ensemble-{info['name']}-v{info['version']}")
-        return LoadedEnsemble(info["name"], info["version"], info, ensemble, metrics, executor)
+        batcher = self.batcher_factory(ensemble, f"{info['name']}-v{info['version']}", self.settings)
+        return LoadedEnsemble(info["name"], info["version"], info, ensemble, metrics, batcher)
 
     def preload(self) -> None:
         try:
@@ -222,6 +255,11 @@ class EnsembleStore:
                 self.get(name)
             except ApiError as exc:
                 log.warning("preload of %s failed: %s", name, exc.message)
+
+
+def _thread_batcher(ensemble: Ensemble, name: str, settings: Settings) -> Batcher:
+    return Batcher(ensemble, name, max_rows=settings.max_batch_items, wait_s=settings.batch_wait_ms / 1000.0,
+                   enabled=settings.batching)
 
 
 def _finite(v: Any) -> bool:
