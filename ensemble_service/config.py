@@ -32,6 +32,8 @@ class TrainerConfig:
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
+    schedule: str = "constant"   # learning rate of plain members: constant | cosine | step (ensemble_service/schedules.py)
+    warmup_epochs: int = 0       # linear warm-up to optimizer.lr over this many epochs
 
 
 @dataclass
@@ -390,6 +392,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     t = cfg.trainer
     if t.device not in DEVICES:
         raise ConfigError(f"unknown trainer.device '{t.device}'; choose one of: {', '.join(DEVICES)}")
+    _validate_schedule(cfg)
 
     # cluster
     c = cfg.cluster
@@ -429,6 +432,25 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
     # tracking
     if not cfg.tracking.experiment.strip():
         raise ConfigError("tracking.experiment must not be empty")
+
+
+def _validate_schedule(cfg: Config) -> None:
+    """trainer.schedule / trainer.warmup_epochs: known, in range, and only where members train plainly."""
+    from ensemble_service.schedules import SCHEDULES
+
+    t = cfg.trainer
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown trainer.schedule '{t.schedule}'; choose one of: {', '.join(SCHEDULES)}")
+    if t.warmup_epochs < 0:
+        raise ConfigError(f"trainer.warmup_epochs must be >= 0, got {t.warmup_epochs}")
+    if (t.schedule != "constant" or t.warmup_epochs) and STRATEGIES.get(cfg.strategy.name).trajectory:
+        raise ConfigError(f"trainer.schedule and trainer.warmup_epochs apply to strategy=independent; "
+                          f"strategy={cfg.strategy.name} sets its own learning rate (use trainer.schedule=constant "
+                          "trainer.warmup_epochs=0)")
+    for ms in model_variants(cfg):
+        if t.warmup_epochs >= ms.epochs:
+            where = "trainer.epochs" if ms.where == "model" else f"{ms.where}.trainer.epochs"
+            raise ConfigError(f"trainer.warmup_epochs ({t.warmup_epochs}) must be below {where} ({ms.epochs})")
 
 
 def _validate_strategy(cfg: Config, model) -> None:

@@ -30,6 +30,8 @@ class MemberSpec:
     bagging: bool
     device: str                 # auto | cpu | cuda
     checkpoint_path: str        # absolute; the worker resumes from it when it exists
+    schedule: str = "constant"  # trainer.schedule: the learning rate per iteration (ensemble_service/schedules.py)
+    warmup_epochs: int = 0      # trainer.warmup_epochs
 
     @property
     def architecture(self) -> str:
@@ -150,6 +152,8 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
             bagging=cfg.strategy.bagging,
             device=cfg.trainer.device,
             checkpoint_path=str(ckdir / f"member_{i:03d}.ckpt"),
+            schedule=cfg.trainer.schedule,
+            warmup_epochs=cfg.trainer.warmup_epochs,
         )
         for i, ms in enumerate(member_settings(cfg))
     ]
@@ -164,12 +168,12 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None) -> EnsemblePlan:
 
 
 def pack_members(members: List[MemberSpec], k: int, ckdir: Path) -> List[Any]:
-    """Group members with the same model, optimizer, epochs and batch size into PackedSpecs of at
+    """Group members with the same model, optimizer, epochs, batch size and schedule into PackedSpecs of at
     most k (a group of one stays a plain MemberSpec). A task's id (its `index`) is its first member's index, so ids
     of packs and of single members never collide."""
     groups: Dict[str, List[MemberSpec]] = {}
     for m in members:
-        shared = [m.model, m.optimizer, m.epochs, m.batch_size, m.device]
+        shared = [m.model, m.optimizer, m.epochs, m.batch_size, m.device, m.schedule, m.warmup_epochs]
         groups.setdefault(json.dumps(shared, sort_keys=True, default=str), []).append(m)
     tasks: List[Any] = []
     for group in groups.values():

@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 
 from ensemble_service.data import DataBundle, bootstrap_indices
+from ensemble_service.schedules import member_scheduler
 from workers.state import (
     Checkpoint, MemberResult, Report, Timer, build_model, build_optimizer, epoch_event, evaluate, predict_logits,
-    run_epoch, setup, start_event, val_metrics,
+    run_epoch, setup, start_event, steps_per_epoch, val_metrics,
 )
 
 
@@ -32,11 +33,14 @@ def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
     n = len(data.x_train)
     train_idx = bootstrap_indices(n, spec.seed) if spec.bagging else torch.arange(n)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    # trainer.schedule: a per-iteration LR scheduler (None: the optimizer's lr throughout)
+    scheduler = member_scheduler(optimizer, spec.schedule, spec.warmup_epochs, spec.epochs,
+                                 steps_per_epoch(len(train_idx), spec.batch_size, model))
 
-    states, generators = {"model": model, "optimizer": optimizer}, {"order": order}
+    states, generators = {"model": model, "optimizer": optimizer, "scheduler": scheduler}, {"order": order}
     identity = {"kind": "member", "member": spec.index, "seed": spec.seed, "bagging": bool(spec.bagging),
                 "model": dict(spec.model), "optimizer": dict(spec.optimizer), "epochs": spec.epochs,
-                "batch_size": spec.batch_size}
+                "batch_size": spec.batch_size, "schedule": [spec.schedule, spec.warmup_epochs]}
     checkpoint = Checkpoint(spec.checkpoint_path, identity, device)
     progress = checkpoint.resume(states, generators)
     report(start_event(spec.index, [spec.index], progress, spec.epochs, device))
@@ -44,9 +48,9 @@ def train_member(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
     for epoch in range(progress.epoch, spec.epochs):
         with Timer(progress):
             perm = train_idx[torch.randperm(len(train_idx), generator=order)]
-            train_loss, _ = run_epoch(spec, epoch, model, optimizer, x_train, y_train, perm)
+            train_loss, lr = run_epoch(spec, epoch, model, optimizer, x_train, y_train, perm, scheduler=scheduler)
             val = val_metrics(spec, epoch, predict_logits(model, data.x_val, device).softmax(-1), data.y_val)
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val["acc"], "val_nll": val["nll"]}
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val["acc"], "val_nll": val["nll"], "lr": lr}
         progress.history.append(record)
         progress.epoch = epoch + 1
         checkpoint.save(progress, states, generators)
