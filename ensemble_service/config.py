@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ensemble_service.recipes import RecipeConfig
 from ensemble_service.strategies import MAX_MEMBERS, STRATEGIES, StrategyConfig, StrategyError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,6 +68,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    recipe: Optional[RecipeConfig] = None   # conf/recipe/<data>_<model>.yaml, applied by load_config (recipes.py)
+    calibration: str = "temperature"        # temperature: fit one on the validation split, serve with it | none
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -87,7 +90,7 @@ def register_schema() -> None:
         if name != "custom":  # the user's loader takes any arguments: an untyped node
             store.store(group="data", name=f"{name}_schema", node=SOURCES.get(name).schema)
 
-GROUPS = ("data", "model", "strategy", "optimizer", "trainer", "cluster", "tracking", "experiment")
+GROUPS = ("data", "model", "strategy", "optimizer", "trainer", "cluster", "tracking", "recipe", "experiment")
 
 
 def conf_dir() -> Path:
@@ -191,6 +194,10 @@ def compose(overrides: List[str] | None = None):
         if o.startswith("-"):
             raise ConfigError(f"unknown option {o!r}; overrides look like key=value (see `ensemble submit --help`)")
     overrides = _select_custom_groups(overrides)
+    for o in overrides:  # `optional recipe` would silently skip a recipe that does not exist
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "recipe" and value not in ("", "null") and value not in group_options("recipe"):
+            raise ConfigError(f"unknown recipe {value!r}; choose one of: {', '.join(group_options('recipe'))}")
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
@@ -429,6 +436,9 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
             f"cluster.cpus_per_member ({c.cpus_per_member}) exceeds cluster.num_cpus ({c.num_cpus}): no member could start"
         )
 
+    if cfg.calibration not in ("temperature", "none"):
+        raise ConfigError(f"unknown calibration '{cfg.calibration}'; choose one of: temperature, none")
+
     # tracking
     if not cfg.tracking.experiment.strip():
         raise ConfigError("tracking.experiment must not be empty")
@@ -499,17 +509,22 @@ def config_from_dict(d: Dict[str, Any]) -> Config:
 
     try:
         strategy = STRATEGIES.get(d["strategy"]["name"]).Config(**d["strategy"])
+        recipe = RecipeConfig(**d["recipe"]) if d.get("recipe") else None   # applied already
         return Config(data=as_config(dict(d["data"])), model=dict(d["model"]), strategy=strategy,
                       optimizer=dict(d["optimizer"]), trainer=TrainerConfig(**d["trainer"]),
-                      cluster=ClusterConfig(**d["cluster"]), tracking=TrackingConfig(**d["tracking"]))
+                      cluster=ClusterConfig(**d["cluster"]), tracking=TrackingConfig(**d["tracking"]), recipe=recipe,
+                      calibration=d.get("calibration", "temperature"))
     except (KeyError, TypeError, ValueError, StrategyError, DataError) as exc:
         raise ConfigError(f"not a resolved ensemble config ({type(exc).__name__}: {exc})") from None
 
 
 def load_config(overrides: List[str] | None = None, *, check_files: bool = True) -> Config:
     """Compose, convert to the plain dataclass and validate. Raises ConfigError."""
+    from ensemble_service import recipes
+
     cfg = to_plain(compose(overrides))
     _resolve_alias(cfg, list(overrides or []))
+    recipes.apply(cfg, list(overrides or []), lambda name: _conf_node("optimizer", name, f"recipe {cfg.recipe.name}"))
     validate(cfg, check_files=check_files)
     _resolve_entries(cfg)
     return cfg

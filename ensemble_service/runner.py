@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from ensemble_service import metrics, names, plots
+from ensemble_service import metrics, names, plots, recipes
 from ensemble_service.aggregation import mean
 from ensemble_service.config import Config, ConfigError, check_members, model_variants
 from ensemble_service.data import DataBundle, DataError, describe, load
@@ -59,6 +59,7 @@ class Observer:
     """Hooks for a front end (progress bars); all optional."""
 
     def loaded(self, description: str) -> None: ...
+    def recipe(self, line: str) -> None: ...    # what the data set x model pair's recipe set (recipes.describe)
     def started(self, plan: EnsemblePlan, resources: Dict[str, Any]) -> None: ...
     def event(self, event: Dict[str, Any]) -> None: ...
     def member_done(self, row: Dict[str, Any]) -> None: ...
@@ -193,29 +194,39 @@ def check_failures(cfg: Config, plan: EnsemblePlan, results, failures) -> str:
 @dataclass
 class Summary:
     """The ensemble on the test split, from its members' predictions (pure: no MLflow, no Ray)."""
-    metrics: Dict[str, float]             # the parent run's metrics (names.PARENT_METRICS)
+    metrics: Dict[str, float]             # the parent run's metrics (names.PARENT_METRICS, names.QUALITY_METRICS)
     member_probs: torch.Tensor            # [M, B, C], members in index order
     curve: Dict[str, List[float]]         # the size curve: k, acc, nll
     plots: Dict[str, bytes]               # artifact path -> PNG
+    temperature: Optional[float] = None   # fitted on the validation split (calibration=temperature)
 
 
-def summarize(results, targets: torch.Tensor, title: str) -> Summary:
+def summarize(results, data: DataBundle, title: str, calibration: str = "temperature") -> Summary:
+    """The ensemble's metrics on ``data``'s test split: accuracy under each aggregation, NLL, Brier,
+    ECE, diversity, the size curve, and (``evaluation.quality``) its calibration and uncertainty."""
+    from ensemble_service.evaluation import quality
+
     results = sorted(results, key=lambda r: r.index)
+    targets = data.y_test
     member_probs = torch.stack([r.test_probs for r in results])
     m = metrics.ensemble_metrics(member_probs, targets, val_accuracies=[r.metrics[names.VAL_ACC] for r in results])
     values = {names.PARENT_METRIC_OF[k]: v for k, v in m.items() if k in names.PARENT_METRIC_OF}
     values[names.LAST_MEMBER_TEST_ACC] = results[-1].metrics[names.TEST_ACC]
     values[names.LAST_MEMBER_TEST_NLL] = results[-1].metrics[names.TEST_NLL]
+    q = quality(results, data, calibration)
+    values.update(q.metrics)
     curve = plots.size_curve(member_probs, targets)
     member_accs = [r.metrics[names.TEST_ACC] for r in results]
     best = max(range(len(results)), key=lambda i: member_accs[i])
     pngs = {names.PLOT_ACCURACY_VS_SIZE: plots.accuracy_vs_size_png(curve, member_accs, title),
-            names.PLOT_RELIABILITY: plots.reliability_png(mean(member_probs), member_probs[best], targets, title)}
-    return Summary(values, member_probs, curve, pngs)
+            names.PLOT_RELIABILITY: plots.reliability_png(mean(member_probs), member_probs[best], targets, title,
+                                                          calibrated=q.calibrated_probs, temperature=q.temperature)}
+    return Summary(values, member_probs, curve, pngs, q.temperature)
 
 
-def register(cfg: Config, tracker, parent: str, results, data: DataBundle) -> str:
-    """Register the ensemble (``tracking.register``); ``<name>/versions/<N>`` or ''."""
+def register(cfg: Config, tracker, parent: str, results, data: DataBundle, temperature: Optional[float] = None) -> str:
+    """Register the ensemble (``tracking.register``) with its fitted temperature (None: none);
+    ``<name>/versions/<N>`` or ''."""
     if not cfg.tracking.register:
         return ""
     from ensemble_service.registry import register_ensemble
@@ -225,7 +236,8 @@ def register(cfg: Config, tracker, parent: str, results, data: DataBundle) -> st
         tracker.uri, parent, cfg.tracking.model_name or cfg.tracking.experiment, [r.weights for r in results],
         [{"index": r.index, "architecture": r.architecture, "model": r.model, "metrics": r.metrics, "extra": r.extra}
          for r in results],
-        strategy=cfg.strategy.name, class_names=data.class_names, preprocessing=data.preprocessing)
+        strategy=cfg.strategy.name, class_names=data.class_names, preprocessing=data.preprocessing,
+        temperature=temperature)
     tracker.log_metrics(parent, {names.REGISTRATION_SECONDS: registered.seconds})
     return f"{registered.name}/versions/{registered.version}"
 
@@ -262,6 +274,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None) 
     preflight.check(cfg)                       # tracking store, cluster address, resources -> ConfigError
     data = load_data(cfg)                      # bad data -> ConfigError, before Ray and MLflow
     observer.loaded(describe(data))
+    if cfg.recipe is not None:
+        observer.recipe(recipes.describe(cfg.recipe))
     resources = scheduler.connect(cfg.cluster)
     problem = unschedulable(cfg, scheduler.node_resources())
     if problem:                                # a task no node can run would wait forever
@@ -281,14 +295,15 @@ def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None) 
         degraded = check_failures(cfg, plan, results, failures)
         if degraded:
             tracker.set_tags(runs.parent, {names.TAG_DEGRADED: degraded[:4000]})
-        summary = summarize(results, data.y_test, f"{cfg.strategy.name} on {data.label}")
+        summary = summarize(results, data, f"{cfg.strategy.name} on {data.label}", cfg.calibration)
         wall = time.perf_counter() - t0
         table = [collector.rows[i] for i in sorted(collector.rows)]
         tracker.log_ensemble(runs.parent, {
             **summary.metrics, names.WALL_SECONDS: wall, names.MEMBERS_FINISHED: len(results),
             names.MEMBERS_PLANNED: len(plan.slots), names.TRAIN_SECONDS_TOTAL: sum(collector.task_seconds.values()),
         }, summary.curve, summary.plots, table, mean(summary.member_probs).numpy())
-        model_version = register(cfg, tracker, runs.parent, results, data)  # a failed registration fails the run
+        # a failed registration fails the run
+        model_version = register(cfg, tracker, runs.parent, results, data, summary.temperature)
         tracker.end(runs.parent, "FINISHED")
     # the members' weights are in MLflow now; their resume checkpoints are not needed any more
     shutil.rmtree(plan.checkpoint_dir, ignore_errors=True)

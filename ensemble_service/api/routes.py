@@ -218,8 +218,12 @@ async def predict(request: Request, name: str = NamePath) -> Dict[str, Any]:
     if files and (le.ensemble.pipeline is None or le.ensemble.pipeline.kind != "image"):
         raise ApiError(422, "this ensemble was not trained on images: send its inputs as JSON", "files")
     method = _method_used(body.method, body.weights)
+    if body.calibrated and le.ensemble.temperature is None:
+        raise ApiError(422, "this ensemble has no fitted temperature (it was trained with calibration=none)",
+                       "calibrated")
     try:  # the forward runs on the ensemble's own worker thread
-        pred = await asyncio.wrap_future(le.submit(inputs, method, body.weights, body.return_members))
+        pred = await asyncio.wrap_future(le.submit(inputs, method, body.weights, body.return_members,
+                                                   body.calibrated, body.return_uncertainty))
     except ServingError as exc:
         raise ApiError(422, str(exc), exc.field or "inputs") from None
     labels = pred.labels.tolist()
@@ -231,6 +235,8 @@ async def predict(request: Request, name: str = NamePath) -> Dict[str, Any]:
         out["class_names"] = [names[i] for i in labels]
     if body.return_members:
         out["members"] = pred.member_probs.tolist()
+    out["calibrated"] = pred.calibrated
+    out.update({k: v.tolist() for k, v in (pred.uncertainty or {}).items()})
     # already plain JSON (finite floats): skip re-validating it against the response model
     return JSONResponse(out)
 
@@ -269,8 +275,9 @@ def aggregate(request: Request, body: AggregateRequest) -> Dict[str, Any]:
         raise ApiError(422, "empty batch (no items)", "predictions")
     try:
         res = aggregation.aggregate(t, method=method, kind=body.kind, weights=body.weights,
-                                    num_classes=body.num_classes)
+                                    num_classes=body.num_classes, with_uncertainty=body.return_uncertainty)
     except aggregation.AggregationError as exc:
         raise ApiError(422, str(exc), _agg_field(str(exc), "predictions")) from None
     return JSONResponse({"method": method, "kind": body.kind, "labels": res.labels.tolist(),
-                         "probabilities": res.probabilities.tolist(), "agreement": res.agreement.tolist()})
+                         "probabilities": res.probabilities.tolist(), "agreement": res.agreement.tolist(),
+                         **{k: v.tolist() for k, v in (res.uncertainty or {}).items()}})

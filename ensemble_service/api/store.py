@@ -104,8 +104,10 @@ class LoadedEnsemble:
     metrics: Dict[str, float]       # the parent run's ensemble metrics
     executor: ThreadPoolExecutor
 
-    def submit(self, inputs: Any, method: str, weights: Optional[List[float]], return_members: bool) -> Future:
-        return self.executor.submit(self.ensemble.predict, inputs, method, weights, return_members)
+    def submit(self, inputs: Any, method: str, weights: Optional[List[float]], return_members: bool,
+               calibrated: Optional[bool] = None, return_uncertainty: bool = False) -> Future:
+        return self.executor.submit(self.ensemble.predict, inputs, method, weights, return_members,
+                                    calibrated, return_uncertainty)
 
     # No explicit shutdown when a version leaves the cache: a request may still hold it. Once
     # nothing refers to it, the executor is collected and its idle thread exits.
@@ -204,7 +206,8 @@ class EnsembleStore:
         if info.get("run_id"):
             raw = self.registry.run_metrics(self.uri, info["run_id"])
             metrics = {k: float(v) for k, v in raw.items()
-                       if (k in names.PARENT_METRICS or k.startswith("ensemble_")) and _finite(v)}
+                       if (k in names.PARENT_METRICS or k in names.QUALITY_METRICS or k.startswith("ensemble_"))
+                       and _finite(v)}
         self.loads += 1
         log.info("loaded ensemble %s version %s (%d members) in %.2f s", info["name"], info["version"],
                  ensemble.num_members, time.perf_counter() - t0)
