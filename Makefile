@@ -10,7 +10,7 @@ export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench quality clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ bench: $(STAMP)
 	# torchensemble without its dependencies: its unpinned torchvision would swap the CPU torch
 	$(BIN)/python -m pip install -q --no-deps "torchensemble==0.2.0"
 	$(BIN)/python bench/run_all.py
+
+quality: $(STAMP)
+	# every built-in data set x model pair whose data is on disk: 5 members with its recipe, against the floors
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts mlflow.db .ensemble data outputs multirun .pytest_cache

@@ -83,6 +83,9 @@ __all__ = [
     "weights_from_accuracy",
     "agreement",
     "aggregate",
+    "UNCERTAINTY",
+    "uncertainty",
+    "temperature_scale",
 ]
 
 METHODS: Tuple[str, ...] = ("mean", "vote", "weighted", "logit_mean")
@@ -103,11 +106,15 @@ class AggregateResult:
     labels: ``[B]`` int64 ensemble labels.
     probabilities: ``[B, C]`` combined probabilities (vote shares for voting methods).
     agreement: ``[B]`` fraction of members whose own argmax equals ``labels``.
+    uncertainty: with ``with_uncertainty``, ``[B]`` tensors by name: ``entropy``, ``expected_entropy``,
+    ``mutual_information`` (:func:`uncertainty`; not for labels) and, for votes, ``vote_share`` (the
+    share of the (weighted) votes that the label got).
     """
 
     labels: torch.Tensor
     probabilities: torch.Tensor
     agreement: torch.Tensor
+    uncertainty: Optional[dict] = None
 
 
 def _break_ties(primary: torch.Tensor, secondary: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -355,6 +362,7 @@ def aggregate(
     kind: str = "probs",
     weights: Optional[TensorLike] = None,
     num_classes: Optional[int] = None,
+    with_uncertainty: bool = False,
 ) -> AggregateResult:
     """Combine member predictions with one of ``METHODS``.
 
@@ -372,6 +380,8 @@ def aggregate(
         Optional per-member weights, used by every method when given.
     num_classes:
         Required for labels; for probs/logits, if given it must equal C.
+    with_uncertainty:
+        Also return each item's uncertainty (``AggregateResult.uncertainty``).
 
     Raises :class:`AggregationError` on any bad input.
     """
@@ -394,7 +404,8 @@ def aggregate(
         if weights is not None:
             w = normalize_weights(weights, t.shape[0], dtype=torch.float64).to(t.device)
         labels, shares = _vote_labels(t, c, w)
-        return AggregateResult(labels, shares, agreement(t, labels, dtype=shares.dtype))
+        unc = {"vote_share": _share(shares, labels)} if with_uncertainty else None
+        return AggregateResult(labels, shares, agreement(t, labels, dtype=shares.dtype), unc)
 
     if kind == "probs":
         p = validate_probs(predictions)
@@ -420,4 +431,66 @@ def aggregate(
     if not bool(torch.isfinite(combined).all()):  # a guard: every finite input above gives a finite result
         raise AggregationError("predictions cannot be combined: the result is not finite")
     member_labels = first_argmax(p)
-    return AggregateResult(labels, combined, agreement(member_labels, labels, dtype=p.dtype))
+    unc = None
+    if with_uncertainty:
+        unc = _uncertainty(p, w)
+        if method == "vote":
+            unc["vote_share"] = _share(combined, labels)
+    return AggregateResult(labels, combined, agreement(member_labels, labels, dtype=p.dtype), unc)
+
+
+# ------------------------------------------------------------------------ uncertainty
+
+#: the per-item uncertainty fields of :func:`uncertainty`, in order
+UNCERTAINTY: Tuple[str, ...] = ("entropy", "expected_entropy", "mutual_information")
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """``-sum_c p_c ln p_c`` over the last dim (``0 ln 0 = 0``), float64."""
+    p64 = p.to(torch.float64)
+    return -torch.special.xlogy(p64, p64).sum(dim=-1)
+
+
+def uncertainty(probs: TensorLike, weights: Optional[TensorLike] = None) -> dict:
+    """Per-item uncertainty of the (weighted) mean ensemble of member probabilities ``[M, B, C]``,
+    in nats (natural log), each ``[B]`` in the dtype of the probabilities:
+
+    * ``entropy``: the predictive entropy ``H[p_bar]`` of the mean ``p_bar = sum_m w_m p_m``
+      (total uncertainty; Lakshminarayanan et al. 2017);
+    * ``expected_entropy``: ``sum_m w_m H[p_m]``, the members' mean entropy (aleatoric);
+    * ``mutual_information``: ``H[p_bar] - sum_m w_m H[p_m]`` (epistemic: the members' disagreement;
+      Depeweg et al. 2018), >= 0 by the concavity of the entropy; rounding below 0 is clipped to 0.
+
+    ``weights`` (one per member) default to ``1/M``. Two members ``[[1, 0]]`` and ``[[0, 1]]`` give
+    entropy ``ln 2``, expected entropy 0 and mutual information ``ln 2``; identical members give 0.
+    """
+    p = validate_probs(probs)
+    return _uncertainty(p, _weights_or_none(weights, p.shape[0], p))
+
+
+def _share(shares: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return shares.gather(1, labels[:, None]).squeeze(1)
+
+
+def _uncertainty(p: torch.Tensor, w: Optional[torch.Tensor]) -> dict:
+    w64 = (torch.full((p.shape[0],), 1.0 / p.shape[0], dtype=torch.float64, device=p.device) if w is None
+           else w.to(torch.float64))
+    p64 = p.to(torch.float64)
+    total = _entropy(_mean(p64, w64))
+    expected = (w64[:, None] * _entropy(p64)).sum(dim=0)
+    mi = (total - expected).clamp_min(0.0)
+    dtype = float_dtype_of(p)
+    return {"entropy": total.to(dtype), "expected_entropy": expected.to(dtype), "mutual_information": mi.to(dtype)}
+
+
+def temperature_scale(probs: TensorLike, temperature: float) -> torch.Tensor:
+    """Temperature scaling of combined probabilities ``[B, C]`` (Guo et al. 2017):
+    ``softmax(ln p / T)``, i.e. ``p ** (1/T)`` renormalized; ``T > 1`` softens, ``T < 1`` sharpens, the
+    argmax never changes. The logits of a mean ensemble are the log of its mean probabilities
+    (clamped at ``LOG_CLAMP``)."""
+    p = validate_probs(probs, ndim=2)
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise AggregationError(f"temperature must be a positive number, got {temperature!r}")
+    z = torch.log(p.to(torch.float64).clamp_min(LOG_CLAMP)) / t
+    return torch.softmax(z, dim=-1).to(float_dtype_of(p))

@@ -13,7 +13,8 @@ Ensemble directory
 What the model registry logs (the pyfunc model's artifact) and ``ensemble serve`` loads::
 
     manifest.json        format, input_shape, num_classes, strategy, class_names, preprocessing
-                         (the data set's fitted pipeline: raw inputs -> model inputs), the member
+                         (the data set's fitted pipeline: raw inputs -> model inputs), temperature
+                         (fitted on the validation split; absent with calibration=none), the member
                          table (records), and the user code it needs
     members/<sha256[:16]>.pt   one file per distinct blob (MC-dropout samples share one)
     code/<module>        the user's model code (a module file or a package folder), so the

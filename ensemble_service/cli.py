@@ -114,6 +114,9 @@ class ProgressObserver:
     def loaded(self, description: str) -> None:
         self.progress.console.print(description, highlight=False)
 
+    def recipe(self, line: str) -> None:
+        self.progress.console.print(line, highlight=False)
+
     def started(self, plan, resources) -> None:
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         store = resources.get("object_store_memory", 0) / 2 ** 20
@@ -183,10 +186,19 @@ def result_tables(result) -> List[Table]:
     ens.add_row("mean member", f"{e[names.MEAN_MEMBER_TEST_ACC]:.4f}")
     ens.add_row("oracle (any member right)", f"{e[names.ORACLE_TEST_ACC]:.4f}")
     extra = Table(title="Ensemble calibration and diversity (mean aggregation)", title_justify="left")
-    for col in ("NLL", "Brier", "ECE (15 bins)", "disagreement"):
+    cols = ["NLL", "Brier", "ECE (15 bins)", "disagreement"]
+    row = [f"{e[names.ENSEMBLE_MEAN_TEST_NLL]:.4f}", f"{e[names.ENSEMBLE_MEAN_TEST_BRIER]:.4f}",
+           f"{e[names.ENSEMBLE_MEAN_TEST_ECE]:.4f}", f"{e[names.DISAGREEMENT]:.4f}"]
+    if names.ENSEMBLE_TEMPERATURE in e:  # calibration=temperature
+        cols += ["temperature", "NLL at T", "ECE at T"]
+        row += [f"{e[names.ENSEMBLE_TEMPERATURE]:.3f}", f"{e[names.ENSEMBLE_CALIBRATED_TEST_NLL]:.4f}",
+                f"{e[names.ENSEMBLE_CALIBRATED_TEST_ECE]:.4f}"]
+    if names.OOD_AUROC_MI in e:
+        cols += ["OOD AUROC (entropy / MI)"]
+        row += [f"{e[names.OOD_AUROC_ENTROPY]:.3f} / {e[names.OOD_AUROC_MI]:.3f}"]
+    for col in cols:
         extra.add_column(col, justify="right")
-    extra.add_row(f"{e[names.ENSEMBLE_MEAN_TEST_NLL]:.4f}", f"{e[names.ENSEMBLE_MEAN_TEST_BRIER]:.4f}",
-                  f"{e[names.ENSEMBLE_MEAN_TEST_ECE]:.4f}", f"{e[names.DISAGREEMENT]:.4f}")
+    extra.add_row(*row)
     return [members, ens, extra]
 
 
@@ -229,6 +241,10 @@ def _submit_remote(address: str, overrides: List[str], wait: bool) -> None:
         cfg = load_config(overrides, check_files=False)
     except ConfigError as exc:
         fail(str(exc))
+    if cfg.recipe is not None:
+        from ensemble_service.recipes import describe
+
+        console.print(describe(cfg.recipe), highlight=False)
     _warn_without_token(address)
     try:
         job_id = jobs.submit(address, overrides, json.dumps(cfg.to_dict()))
@@ -312,7 +328,9 @@ def _print_result(result) -> None:
 def submit(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="Hydra overrides, e.g. data=mnist1d model=cnn1d strategy.members=3 trainer.epochs=5 "
-                   "(groups: data, model, strategy, optimizer, trainer, cluster, tracking, experiment)."),
+                   "(groups: data, model, strategy, optimizer, trainer, cluster, tracking, recipe, experiment; "
+                   "the data set x model pair's recipe in conf/recipe/ applies where no override or experiment "
+                   "sets its keys, ~recipe leaves it out; calibration=none keeps the ensemble uncalibrated)."),
     address: Optional[str] = typer.Option(
         None, "--address", help="Ray Jobs API of a remote cluster, e.g. http://HEAD:8265: the job runs there "
                                 "(also taken from an http cluster.address override or RAY_ADDRESS)."),

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ensemble_service.recipes import RecipeConfig
 from ensemble_service.strategies import MAX_MEMBERS, STRATEGIES, StrategyConfig, StrategyError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,6 +37,8 @@ class TrainerConfig:
     device: str = "auto"
     precision: str = "fp32"       # fp32 | bf16 (autocast of the training forward and loss)
     channels_last: bool = False   # image models and their batches in channels-last memory format
+    schedule: str = "constant"    # learning rate of plain members: constant | cosine | step (ensemble_service/schedules.py)
+    warmup_epochs: int = 0        # linear warm-up to optimizer.lr over this many epochs
 
 
 @dataclass
@@ -72,6 +75,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    recipe: Optional[RecipeConfig] = None   # conf/recipe/<data>_<model>.yaml, applied by load_config (recipes.py)
+    calibration: str = "temperature"        # temperature: fit one on the validation split, serve with it | none
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -92,7 +97,7 @@ def register_schema() -> None:
         if name != "custom":  # the user's loader takes any arguments: an untyped node
             store.store(group="data", name=f"{name}_schema", node=SOURCES.get(name).schema)
 
-GROUPS = ("data", "model", "strategy", "optimizer", "trainer", "cluster", "tracking", "experiment")
+GROUPS = ("data", "model", "strategy", "optimizer", "trainer", "cluster", "tracking", "recipe", "experiment")
 
 
 def conf_dir() -> Path:
@@ -199,6 +204,10 @@ def compose(overrides: List[str] | None = None):
             raise ConfigError(f"malformed override {o!r}: no key before '='; overrides look like key=value, "
                               "e.g. strategy.members=5")
     overrides = _select_custom_groups(overrides)
+    for o in overrides:  # `optional recipe` would silently skip a recipe that does not exist
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "recipe" and value not in ("", "null") and value not in group_options("recipe"):
+            raise ConfigError(f"unknown recipe {value!r}; choose one of: {', '.join(group_options('recipe'))}")
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
@@ -402,6 +411,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
         raise ConfigError(f"unknown trainer.device '{t.device}'; choose one of: {', '.join(DEVICES)}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"unknown trainer.precision '{t.precision}'; choose one of: {', '.join(PRECISIONS)}")
+    _validate_schedule(cfg)
 
     # cluster
     c = cfg.cluster
@@ -450,6 +460,9 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
             f"cluster.cpus_per_member ({c.cpus_per_member}) exceeds cluster.num_cpus ({c.num_cpus}): no member could start"
         )
 
+    if cfg.calibration not in ("temperature", "none"):
+        raise ConfigError(f"unknown calibration '{cfg.calibration}'; choose one of: temperature, none")
+
     # tracking
     if not cfg.tracking.experiment.strip():
         raise ConfigError("tracking.experiment must not be empty")
@@ -460,6 +473,25 @@ def validate(cfg: Config, *, check_files: bool = True) -> None:
             why = (f"must not contain {' or '.join(repr(c) for c in bad)} (they separate names, versions and "
                    "aliases in models:/name@alias)") if bad else "must not be empty or start/end with spaces"
             raise ConfigError(f"tracking.model_name={name!r} {why}; leave it null to use the experiment name")
+
+
+def _validate_schedule(cfg: Config) -> None:
+    """trainer.schedule / trainer.warmup_epochs: known, in range, and only where members train plainly."""
+    from ensemble_service.schedules import SCHEDULES
+
+    t = cfg.trainer
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown trainer.schedule '{t.schedule}'; choose one of: {', '.join(SCHEDULES)}")
+    if t.warmup_epochs < 0:
+        raise ConfigError(f"trainer.warmup_epochs must be >= 0, got {t.warmup_epochs}")
+    if (t.schedule != "constant" or t.warmup_epochs) and STRATEGIES.get(cfg.strategy.name).trajectory:
+        raise ConfigError(f"trainer.schedule and trainer.warmup_epochs apply to strategy=independent; "
+                          f"strategy={cfg.strategy.name} sets its own learning rate (use trainer.schedule=constant "
+                          "trainer.warmup_epochs=0)")
+    for ms in model_variants(cfg):
+        if t.warmup_epochs >= ms.epochs:
+            where = "trainer.epochs" if ms.where == "model" else f"{ms.where}.trainer.epochs"
+            raise ConfigError(f"trainer.warmup_epochs ({t.warmup_epochs}) must be below {where} ({ms.epochs})")
 
 
 def _validate_strategy(cfg: Config, model) -> None:
@@ -508,17 +540,22 @@ def config_from_dict(d: Dict[str, Any]) -> Config:
 
     try:
         strategy = STRATEGIES.get(d["strategy"]["name"]).Config(**d["strategy"])
+        recipe = RecipeConfig(**d["recipe"]) if d.get("recipe") else None   # applied already
         return Config(data=as_config(dict(d["data"])), model=dict(d["model"]), strategy=strategy,
                       optimizer=dict(d["optimizer"]), trainer=TrainerConfig(**d["trainer"]),
-                      cluster=ClusterConfig(**d["cluster"]), tracking=TrackingConfig(**d["tracking"]))
+                      cluster=ClusterConfig(**d["cluster"]), tracking=TrackingConfig(**d["tracking"]), recipe=recipe,
+                      calibration=d.get("calibration", "temperature"))
     except (KeyError, TypeError, ValueError, StrategyError, DataError) as exc:
         raise ConfigError(f"not a resolved ensemble config ({type(exc).__name__}: {exc})") from None
 
 
 def load_config(overrides: List[str] | None = None, *, check_files: bool = True) -> Config:
     """Compose, convert to the plain dataclass and validate. Raises ConfigError."""
+    from ensemble_service import recipes
+
     cfg = to_plain(compose(overrides))
     _resolve_alias(cfg, list(overrides or []))
+    recipes.apply(cfg, list(overrides or []), lambda name: _conf_node("optimizer", name, f"recipe {cfg.recipe.name}"))
     validate(cfg, check_files=check_files)
     _resolve_entries(cfg)
     return cfg

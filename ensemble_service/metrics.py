@@ -19,6 +19,7 @@ Conventions
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,6 +37,11 @@ __all__ = [
     "oracle_accuracy",
     "member_metrics",
     "ensemble_metrics",
+    "fit_temperature",
+    "calibration_metrics",
+    "auroc",
+    "selective_risk",
+    "uncertainty_metrics",
 ]
 
 
@@ -241,3 +247,128 @@ def ensemble_metrics(
         "oracle_acc": oracle_accuracy(p, t),
         "num_members": float(m),
     }
+
+
+# ------------------------------------------------------------ calibration (temperature scaling)
+
+
+def fit_temperature(probs: Any, targets: Any, max_iter: int = 100) -> float:
+    """The temperature ``T`` that minimizes the NLL of ``softmax(ln p / T)`` (Guo et al. 2017) for
+    combined probabilities ``[B, C]`` (a mean ensemble's logits are ``ln p_bar``).
+
+    One scalar, fitted with L-BFGS (strong Wolfe line search) on ``ln T`` from ``T = 1`` in float64,
+    kept in ``[0.01, 100]``. It never raises the NLL it is fitted on: when the optimum found is not
+    below the NLL at ``T = 1`` (already calibrated, or a degenerate case), the answer is ``1.0``.
+    """
+    p, t = _probs_targets(probs, targets)
+    logp = torch.log(p.detach().to(torch.float64).clamp_min(agg.LOG_CLAMP))
+
+    def loss_at(log_t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logp / log_t.exp(), t)
+
+    with torch.enable_grad():
+        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=int(max_iter), line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_at(log_t)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    with torch.no_grad():
+        bound = math.log(100.0)
+        log_t = log_t.detach().clamp(-bound, bound)
+        base, fitted = float(loss_at(torch.zeros((), dtype=torch.float64))), float(loss_at(log_t))
+    if not (math.isfinite(fitted) and fitted < base):
+        return 1.0
+    return float(log_t.exp())
+
+
+def calibration_metrics(val_probs: Any, y_val: Any, test_probs: Any, y_test: Any, n_bins: int = 15
+                        ) -> Dict[str, float]:
+    """``{"temperature", "calibrated_nll", "calibrated_ece"}``: the temperature fitted on the
+    validation split's combined probabilities ``[B, C]``, and the test split's NLL and ECE once scaled."""
+    temperature = fit_temperature(val_probs, y_val)
+    scaled = agg.temperature_scale(test_probs, temperature)
+    return {"temperature": temperature, "calibrated_nll": nll(scaled, y_test),
+            "calibrated_ece": ece(scaled, y_test, n_bins=n_bins)}
+
+
+# ------------------------------------------------------------------ uncertainty as a ranking
+
+
+def auroc(scores: Any, positives: Any) -> float:
+    """Area under the ROC curve of ``scores`` ``[B]`` (higher = more likely positive) for the
+    boolean labels ``positives`` ``[B]``: the probability that a random positive scores above a random
+    negative, ties counting 1/2 (Mann-Whitney U / (n_pos n_neg), with average ranks). NaN when there
+    are no positives or no negatives."""
+    s = validation.as_tensor(scores, "scores").to(torch.float64).reshape(-1)
+    y = validation.as_tensor(positives, "positives").reshape(-1).to(torch.bool)
+    if s.shape != y.shape:
+        raise AggregationError(f"scores has {s.shape[0]} entries but positives has {y.shape[0]}")
+    validation.check_finite(s, "scores")
+    n_pos = int(y.sum())
+    n_neg = int(y.numel()) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)
+    ranks = (ends - (counts.to(torch.float64) - 1) / 2)[inverse]   # 1-based average ranks
+    u = float(ranks[y].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def selective_risk(scores: Any, correct: Any, coverage: float = 0.9) -> Tuple[float, float]:
+    """Selective classification (Geifman & El-Yaniv 2017): keep the items with the lowest
+    uncertainty ``scores`` ``[B]`` first. Returns ``(AURC, accuracy at coverage)``: AURC is the mean,
+    over k = 1..B, of the error rate among the k kept items; the accuracy is that of the
+    ``ceil(coverage * B)`` kept items. Items with equal scores are kept in random order, counted by
+    their expected errors (so the answer does not depend on the items' order)."""
+    s = validation.as_tensor(scores, "scores").to(torch.float64).reshape(-1)
+    ok = validation.as_tensor(correct, "correct").reshape(-1).to(torch.bool)
+    if s.shape != ok.shape or s.numel() == 0:
+        raise AggregationError(f"scores ({s.numel()}) and correct ({ok.numel()}) must be equal, non-empty")
+    if not (isinstance(coverage, (int, float)) and 0 < coverage <= 1):
+        raise AggregationError(f"coverage must be in (0, 1], got {coverage!r}")
+    validation.check_finite(s, "scores")
+    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    errors = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, (~ok).to(torch.float64))
+    ends, err_ends = torch.cumsum(counts, 0), torch.cumsum(errors, 0)
+    n = s.numel()
+    k = torch.arange(1, n + 1)
+    g = torch.searchsorted(ends, k, right=False)       # the tie group holding the k-th kept item
+    before = (ends - counts)[g]
+    expected = (err_ends - errors)[g] + (k - before).to(torch.float64) * errors[g] / counts[g].to(torch.float64)
+    risk = expected / k.to(torch.float64)
+    kept = max(1, math.ceil(coverage * n - 1e-9))
+    return float(risk.mean()), float(1.0 - risk[kept - 1])
+
+
+def uncertainty_metrics(member_probs: Any, targets: Any, ood_member_probs: Any = None) -> Dict[str, float]:
+    """How well the mean ensemble's per-item uncertainty (``aggregation.uncertainty``: predictive
+    entropy, mutual information) ranks its own errors and out-of-distribution inputs.
+
+    Keys, for ``score`` in ``entropy`` and ``mi``: ``mean_<score>`` (over the items), ``aurc_<score>`` and
+    ``selective_acc_at_90_<score>`` (:func:`selective_risk`), ``misclassification_auroc_<score>``
+    (:func:`auroc` of the score for the items the ensemble gets wrong; NaN when it gets none or all
+    wrong) and, with ``ood_member_probs`` (the members on out-of-distribution inputs, ``[M, B', C]``),
+    ``ood_auroc_<score>`` (the score on those inputs against the score on ``member_probs``' inputs).
+    """
+    p = _member_probs(member_probs)
+    t = _targets(targets, p.shape[1], p.shape[2], p.device)
+    u = agg.uncertainty(p)
+    scores = {"entropy": u["entropy"], "mi": u["mutual_information"]}
+    correct = validation.first_argmax(p.mean(0)) == t
+    out: Dict[str, float] = {}
+    ood = None if ood_member_probs is None else agg.uncertainty(_member_probs(ood_member_probs))
+    for name, score in scores.items():
+        out[f"mean_{name}"] = float(score.to(torch.float64).mean())
+        out[f"aurc_{name}"], out[f"selective_acc_at_90_{name}"] = selective_risk(score, correct, 0.9)
+        out[f"misclassification_auroc_{name}"] = auroc(score, ~correct)
+        if ood is not None:
+            other = ood["entropy" if name == "entropy" else "mutual_information"]
+            out[f"ood_auroc_{name}"] = auroc(torch.cat([score, other]),
+                                             torch.cat([torch.zeros(len(score)), torch.ones(len(other))]))
+    return out

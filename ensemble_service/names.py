@@ -64,6 +64,28 @@ BASELINE_TEST_ECE = "baseline_test_ece"
 TEACHER_FORWARD_SECONDS = "teacher_forward_seconds"  # one forward over the test split
 STUDENT_FORWARD_SECONDS = "student_forward_seconds"
 FORWARD_TIME_RATIO = "forward_time_ratio"            # teacher / student
+# calibration (calibration=temperature): the temperature fitted on the validation split, the test split scaled
+ENSEMBLE_TEMPERATURE = "ensemble_temperature"
+ENSEMBLE_CALIBRATED_TEST_NLL = "ensemble_calibrated_test_nll"
+ENSEMBLE_CALIBRATED_TEST_ECE = "ensemble_calibrated_test_ece"
+# uncertainty on the test split (ensemble_service/evaluation.py): mean per-item predictive entropy and mutual
+# information; selective classification and misclassification detection ranking by each; the OOD check
+ENSEMBLE_MEAN_TEST_ENTROPY = "ensemble_mean_test_entropy"
+ENSEMBLE_MEAN_TEST_MI = "ensemble_mean_test_mi"
+AURC_ENTROPY = "aurc_entropy"
+AURC_MI = "aurc_mi"
+SELECTIVE_ACC_90_ENTROPY = "selective_acc_at_90_entropy"
+SELECTIVE_ACC_90_MI = "selective_acc_at_90_mi"
+MISCLASSIFICATION_AUROC_ENTROPY = "misclassification_auroc_entropy"
+MISCLASSIFICATION_AUROC_MI = "misclassification_auroc_mi"
+OOD_AUROC_ENTROPY = "ood_auroc_entropy"
+OOD_AUROC_MI = "ood_auroc_mi"
+#: calibration and uncertainty metrics of the parent run (each only where defined: no temperature with
+#: calibration=none, no misclassification AUROC when the ensemble gets every test item right)
+QUALITY_METRICS: Tuple[str, ...] = (
+    ENSEMBLE_TEMPERATURE, ENSEMBLE_CALIBRATED_TEST_NLL, ENSEMBLE_CALIBRATED_TEST_ECE, ENSEMBLE_MEAN_TEST_ENTROPY,
+    ENSEMBLE_MEAN_TEST_MI, AURC_ENTROPY, AURC_MI, SELECTIVE_ACC_90_ENTROPY, SELECTIVE_ACC_90_MI,
+    MISCLASSIFICATION_AUROC_ENTROPY, MISCLASSIFICATION_AUROC_MI, OOD_AUROC_ENTROPY, OOD_AUROC_MI)
 
 # -- member runs --------------------------------------------------------------------------------
 TRAIN_LOSS = "train_loss"

@@ -33,6 +33,8 @@ class MemberSpec:
     checkpoint_path: str        # absolute path or object-store URI; the worker resumes from it when it exists
     precision: str = "fp32"     # fp32 | bf16 (trainer.precision)
     channels_last: bool = False # trainer.channels_last
+    schedule: str = "constant"  # trainer.schedule: the learning rate per iteration (ensemble_service/schedules.py)
+    warmup_epochs: int = 0      # trainer.warmup_epochs
 
     @property
     def architecture(self) -> str:
@@ -168,6 +170,8 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None, start: int = 0) -> Ense
             device=cfg.trainer.device,
             checkpoint_path=storage.join(ckdir, f"member_{i:03d}.ckpt"),
             precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last,
+            schedule=cfg.trainer.schedule,
+            warmup_epochs=cfg.trainer.warmup_epochs,
         )
         for i, ms in enumerate(member_settings(cfg)) if i >= start
     ]
@@ -182,12 +186,12 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None, start: int = 0) -> Ense
 
 
 def pack_members(members: List[MemberSpec], k: int, ckdir: str) -> List[Any]:
-    """Group members with the same model, optimizer, epochs and batch size into PackedSpecs of at
+    """Group members with the same model, optimizer, epochs, batch size and schedule into PackedSpecs of at
     most k (a group of one stays a plain MemberSpec). A task's id (its `index`) is its first member's index, so ids
     of packs and of single members never collide."""
     groups: Dict[str, List[MemberSpec]] = {}
     for m in members:
-        shared = [m.model, m.optimizer, m.epochs, m.batch_size, m.device]
+        shared = [m.model, m.optimizer, m.epochs, m.batch_size, m.device, m.schedule, m.warmup_epochs]
         groups.setdefault(json.dumps(shared, sort_keys=True, default=str), []).append(m)
     tasks: List[Any] = []
     for group in groups.values():

@@ -5,7 +5,7 @@ Pure functions of tensors returning PNG bytes (matplotlib's Agg backend, no disp
 from __future__ import annotations
 
 import io
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -67,7 +67,10 @@ def accuracy_vs_size_png(curve: Dict[str, List[float]], member_accs: Sequence[fl
 
 
 def reliability_png(ensemble_probs: torch.Tensor, best_probs: torch.Tensor, targets: torch.Tensor,
-                    title: str, n_bins: int = 15) -> bytes:
+                    title: str, n_bins: int = 15, *, calibrated: Optional[torch.Tensor] = None,
+                    temperature: Optional[float] = None) -> bytes:
+    """The reliability diagram of the mean ensemble, of its best member and, when given, of the
+    ensemble after temperature scaling (``calibrated``, with ``temperature``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +78,10 @@ def reliability_png(ensemble_probs: torch.Tensor, best_probs: torch.Tensor, targ
 
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
-    for probs, label, marker in ((ensemble_probs, "ensemble (mean)", "o-"), (best_probs, "best member", "s-")):
+    curves = [(ensemble_probs, "ensemble (mean)", "o-"), (best_probs, "best member", "s-")]
+    if calibrated is not None:
+        curves.insert(1, (calibrated, f"ensemble, T = {temperature:.2f}", "^-"))
+    for probs, label, marker in curves:
         bins = metrics.reliability_bins(probs, targets, n_bins=n_bins)
         xs = [c for c, n in zip(bins["confidence"], bins["count"]) if n > 0]
         ys = [a for a, n in zip(bins["accuracy"], bins["count"]) if n > 0]

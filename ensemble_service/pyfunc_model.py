@@ -15,7 +15,9 @@ any Python process with torch, numpy and mlflow::
 DataFrame with one row per item and ``prod(input_shape)`` numeric columns (the flattened
 input, in C order). The result is the ensemble's **mean**-aggregated probabilities,
 float32 ``[batch, num_classes]``; ``params={"method": "vote" | "weighted" |
-"logit_mean"}`` picks another method. Loading and inference are
+"logit_mean"}`` picks another method. An ensemble registered with a temperature (fitted on the
+validation split, ``calibration=temperature``) answers temperature-scaled probabilities;
+``params={"calibrated": False}`` answers the raw ones. Loading and inference are
 ``ensemble_service.serving`` (the HTTP API runs the same code).
 """
 from __future__ import annotations
@@ -40,8 +42,13 @@ class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
         self.ensemble = load_ensemble_dir(context.artifacts[ARTIFACT])
 
     def predict(self, context, model_input: np.ndarray, params=None):
-        method = str((params or {}).get("method") or "mean")
-        return self.ensemble.predict(model_input, method).probabilities.numpy()
+        params = params or {}
+        method = str(params.get("method") or "mean")
+        calibrated = params.get("calibrated", True)
+        if isinstance(calibrated, str):  # a params dict from JSON may carry the flag as text
+            calibrated = calibrated.strip().lower() not in ("false", "0", "no")
+        use = bool(calibrated) and self.ensemble.temperature is not None
+        return self.ensemble.predict(model_input, method, calibrated=use).probabilities.numpy()
 
 
 # The model is logged "from code" (MLflow executes this file when it loads the model, with the
@@ -51,8 +58,10 @@ mlflow.models.set_model(EnsemblePyfunc())
 
 def signature():
     """The logged signature: no input schema (inputs are checked by serving.Ensemble.prepare),
-    one optional param ``method`` (default ``mean``)."""
+    optional params ``method`` (default ``mean``) and ``calibrated`` (default true: the stored
+    temperature, when there is one)."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec
 
-    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec("method", "string", "mean")]))
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([
+        ParamSpec("method", "string", "mean"), ParamSpec("calibrated", "boolean", True)]))

@@ -87,7 +87,8 @@ def _stage_code(dest: Path) -> Path:
 def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, member_blobs: List[bytes],
                       member_info: List[Dict[str, Any]], strategy: str, *, alias: str = "latest",
                       description: Optional[str] = None, class_names: Optional[List[str]] = None,
-                      preprocessing: Optional[Mapping[str, Any]] = None) -> RegisteredEnsemble:
+                      preprocessing: Optional[Mapping[str, Any]] = None,
+                      temperature: Optional[float] = None) -> RegisteredEnsemble:
     """Log the ensemble as a pyfunc model under the parent run and register a new version.
 
     ``member_info[i]`` describes ``member_blobs[i]``: ``index``, ``architecture``, ``model``
@@ -95,7 +96,8 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
     ``weighted`` unless ``weight`` is given), optional ``weight`` (every member's or none: the
     served ensemble's aggregation weights, e.g. a selection's pick shares), optional ``run_id`` and ``extra`` (the worker result's ``extra``: MC-dropout samples carry ``role``,
     ``sample`` and their seed). ``class_names`` and ``preprocessing`` (the data set's fitted
-    pipeline) go into the manifest; the user code the member models need is shipped with it.
+    pipeline) go into the manifest, and so does ``temperature`` (fitted on the validation split:
+    serving applies it unless asked not to); the user code the member models need is shipped with it.
     Sets ``alias`` on the new version (see above for `latest`) and tags the parent run with
     ``ensemble.registered_model`` / ``ensemble.model_version``.
     """
@@ -132,6 +134,8 @@ def register_ensemble(uri: Optional[str], parent_run_id: str, model_name: str, m
         meta["class_names"] = [str(c) for c in class_names]
     if preprocessing is not None:
         meta["preprocessing"] = dict(preprocessing)
+    if temperature is not None:
+        meta["temperature"] = float(temperature)
     user_code = artifact.user_code(info.get("model") or {} for info in member_info)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from ensemble_service import metrics, names, plots, runs_view, storage
+from ensemble_service import metrics, names, plots, recipes, runs_view, storage
 from ensemble_service.aggregation import mean
 from ensemble_service.config import Config, ConfigError, check_members, model_variants
 from ensemble_service.data import DataBundle, DataError, describe, load
@@ -58,6 +58,7 @@ class Observer:
     """Hooks for a front end (progress bars); all optional."""
 
     def loaded(self, description: str) -> None: ...
+    def recipe(self, line: str) -> None: ...    # what the data set x model pair's recipe set (recipes.describe)
     def started(self, plan: EnsemblePlan, resources: Dict[str, Any]) -> None: ...
     def event(self, event: Dict[str, Any]) -> None: ...
     def member_done(self, row: Dict[str, Any]) -> None: ...
@@ -214,17 +215,21 @@ def check_failures(cfg: Config, plan: EnsemblePlan, results, failures, reused: i
 @dataclass
 class Summary:
     """The ensemble on the test split, from its members' predictions (pure: no MLflow, no Ray)."""
-    metrics: Dict[str, float]             # the parent run's metrics (names.PARENT_METRICS)
+    metrics: Dict[str, float]             # the parent run's metrics (names.PARENT_METRICS, names.QUALITY_METRICS)
     member_probs: torch.Tensor            # [M, B, C], members in index order
     curve: Dict[str, List[float]]         # the size curve: k, acc, nll
     plots: Dict[str, bytes]               # artifact path -> PNG
+    temperature: Optional[float] = None   # fitted on the validation split (calibration=temperature)
 
 
-def summarize(results, targets: torch.Tensor, title: str, picks: Optional[List[int]] = None) -> Summary:
-    """The ensemble of ``results`` (members in index order). ``picks`` (``ensemble select``) are
-    positions in that order, with repetitions, in the order they were picked: the ensemble is then
-    the picks' (a member picked twice counts twice: its weight is its share of the picks), and the
-    size curve follows the picks. ``member_probs`` stay one per distinct member."""
+def summarize(results, targets: torch.Tensor, title: str, picks: Optional[List[int]] = None,
+              data: Optional[DataBundle] = None, calibration: str = "none") -> Summary:
+    """The ensemble of ``results`` (members in index order) on the test split (``targets``): accuracy
+    under each aggregation, NLL, Brier, ECE, diversity, the size curve, and with ``data``
+    (``evaluation.quality``) its calibration (``calibration``) and uncertainty. ``picks`` (``ensemble
+    select``) are positions in that order, with repetitions, in the order they were picked: the
+    ensemble is then the picks' (a member picked twice counts twice: its weight is its share of the
+    picks), and the size curve follows the picks. ``member_probs`` stay one per distinct member."""
     results = sorted(results, key=lambda r: r.index)
     member_probs = torch.stack([torch.as_tensor(r.test_probs) for r in results])
     order = list(range(len(results))) if picks is None else list(picks)
@@ -233,26 +238,36 @@ def summarize(results, targets: torch.Tensor, title: str, picks: Optional[List[i
     values = {names.PARENT_METRIC_OF[k]: v for k, v in m.items() if k in names.PARENT_METRIC_OF}
     values[names.LAST_MEMBER_TEST_ACC] = results[order[-1]].metrics[names.TEST_ACC]
     values[names.LAST_MEMBER_TEST_NLL] = results[order[-1]].metrics[names.TEST_NLL]
+    temperature, calibrated = None, None
+    if data is not None:
+        from ensemble_service.evaluation import quality
+
+        q = quality(results, data, calibration)
+        values.update(q.metrics)
+        temperature, calibrated = q.temperature, q.calibrated_probs
     curve = plots.size_curve(picked, targets)
     member_accs = [results[i].metrics[names.TEST_ACC] for i in order]
     best = max(order, key=lambda i: results[i].metrics[names.TEST_ACC])
     pngs = {names.PLOT_ACCURACY_VS_SIZE: plots.accuracy_vs_size_png(curve, member_accs, title),
-            names.PLOT_RELIABILITY: plots.reliability_png(mean(picked), member_probs[best], targets, title)}
-    return Summary(values, member_probs, curve, pngs)
+            names.PLOT_RELIABILITY: plots.reliability_png(mean(picked), member_probs[best], targets, title,
+                                                          calibrated=calibrated, temperature=temperature)}
+    return Summary(values, member_probs, curve, pngs, temperature)
 
 
-def register(cfg: Config, tracker, parent: str, results, data: DataBundle) -> str:
-    """Register the ensemble (``tracking.register``); ``<name>/versions/<N>`` or ''."""
+def register(cfg: Config, tracker, parent: str, results, data: DataBundle, temperature: Optional[float] = None) -> str:
+    """Register the ensemble (``tracking.register``) with its fitted temperature (None: none);
+    ``<name>/versions/<N>`` or ''."""
     if not cfg.tracking.register:
         return ""
     return register_members(tracker, parent, cfg.tracking.model_name or cfg.tracking.experiment, results,
-                            cfg.strategy.name, data.class_names, data.preprocessing)
+                            cfg.strategy.name, data.class_names, data.preprocessing, temperature=temperature)
 
 
 def register_members(tracker, parent: str, model_name: str, results, strategy: str, class_names, preprocessing,
-                     weights: Optional[List[float]] = None) -> str:
+                     weights: Optional[List[float]] = None, temperature: Optional[float] = None) -> str:
     """Register ``results`` (members in index order; ``weights``, one per member, go into the manifest
-    and become the served ensemble's aggregation weights) under ``model_name``; ``<name>/versions/<N>``."""
+    and become the served ensemble's aggregation weights; ``temperature``, fitted on the validation
+    split, scales the served probabilities) under ``model_name``; ``<name>/versions/<N>``."""
     from ensemble_service.registry import register_ensemble
 
     results = sorted(results, key=lambda r: r.index)
@@ -266,7 +281,8 @@ def register_members(tracker, parent: str, model_name: str, results, strategy: s
             info["weight"] = float(weights[k])
         infos.append(info)
     registered = register_ensemble(tracker.uri, parent, model_name, [r.weights for r in results], infos,
-                                   strategy=strategy, class_names=class_names, preprocessing=preprocessing)
+                                   strategy=strategy, class_names=class_names, preprocessing=preprocessing,
+                                   temperature=temperature)
     tracker.log_metrics(parent, {names.REGISTRATION_SECONDS: registered.seconds})
     return f"{registered.name}/versions/{registered.version}"
 
@@ -335,6 +351,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None,
     if reuse:
         reuse.check_data(data)
     observer.loaded(describe(data))
+    if cfg.recipe is not None:
+        observer.recipe(recipes.describe(cfg.recipe))
     resources = scheduler.connect(cfg.cluster)
     problem = unschedulable(cfg, scheduler.node_resources())
     if problem:                                # a task no node can run would wait forever
@@ -357,7 +375,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None,
         if degraded:
             tracker.set_tags(runs.parent, {names.TAG_DEGRADED: degraded[:4000]})
         results = reused + list(results)
-        summary = summarize(results, data.y_test, f"{cfg.strategy.name} on {data.label}")
+        summary = summarize(results, data.y_test, f"{cfg.strategy.name} on {data.label}", data=data,
+                            calibration=cfg.calibration)
         wall = time.perf_counter() - t0
         table = [collector.rows[i] for i in sorted(collector.rows)]
         tracker.log_ensemble(runs.parent, {
@@ -365,7 +384,8 @@ def submit(cfg: Config, observer: Optional[Observer] = None, *, scheduler=None,
             names.MEMBERS_PLANNED: len(reused) + len(plan.slots),
             names.TRAIN_SECONDS_TOTAL: sum(collector.task_seconds.values()),
         }, summary.curve, summary.plots, table, mean(summary.member_probs).numpy())
-        model_version = register(cfg, tracker, runs.parent, results, data)  # a failed registration fails the run
+        # a failed registration fails the run
+        model_version = register(cfg, tracker, runs.parent, results, data, summary.temperature)
         overview(tracker, cfg, plan, data, runs.parent, table, summary.metrics, model_version, degraded)
         tracker.end(runs.parent, "FINISHED")
     # the members' weights are in MLflow now; their resume checkpoints are not needed any more

@@ -40,6 +40,16 @@ average), ``vote``, ``weighted`` (weights from the members' validation accuracy 
 given) and ``logit_mean``. An ensemble whose manifest gives every member a ``weight`` (a
 selection's share of the picks, ``ensemble select``) uses those weights for every method unless
 the caller gives others: its ``mean`` is the weighted mean, its ``vote`` a weighted vote.
+
+Calibration and uncertainty
+---------------------------
+An ensemble registered with a temperature (its manifest's ``temperature``, fitted on the validation
+split) answers the combined probabilities of ``mean``, ``weighted`` and ``logit_mean`` scaled by it,
+``softmax(ln p / T)`` (``aggregation.temperature_scale``; labels do not change), unless asked
+``calibrated=False``; vote shares are never scaled. ``return_uncertainty`` adds, per item, the
+members' predictive entropy, expected entropy and mutual information
+(``aggregation.uncertainty``, with the request's weights, from the members' own probabilities, so
+``entropy = expected_entropy + mutual_information``), and for ``vote`` the winning label's vote share.
 """
 from __future__ import annotations
 
@@ -255,16 +265,23 @@ class Prediction:
     probabilities: torch.Tensor     # [B, C] (vote shares for "vote")
     agreement: torch.Tensor         # [B]
     member_probs: Optional[torch.Tensor] = field(default=None, metadata={"batch_axis": 1})  # [M, B, C] when asked
+    calibrated: bool = False        # the probabilities were temperature-scaled
+    uncertainty: Optional[Dict[str, torch.Tensor]] = None  # [B] each: entropy, expected_entropy, mutual_information
+                                                            # (+ vote_share for vote), when asked
 
     def rows(self, start: int, stop: int) -> "Prediction":
-        """The answer for rows ``start:stop`` of the batch: every tensor sliced along its batch axis
-        (0, or the field's ``batch_axis`` metadata: a field whose batch axis is not the first must say so)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.narrow(f.metadata.get("batch_axis", 0), start, stop - start) \
-                if isinstance(v, torch.Tensor) else v
-        return type(self)(**out)
+        """The answer for rows ``start:stop`` of the batch: every tensor (and every tensor of a dict
+        field) sliced along its batch axis (0, or the field's ``batch_axis`` metadata: a field whose
+        batch axis is not the first must say so)."""
+        def cut(v, axis):
+            if isinstance(v, torch.Tensor):
+                return v.narrow(axis, start, stop - start)
+            if isinstance(v, dict):
+                return {k: cut(t, axis) for k, t in v.items()}
+            return v
+
+        return type(self)(**{f.name: cut(getattr(self, f.name), f.metadata.get("batch_axis", 0))
+                             for f in dataclasses.fields(self)})
 
 
 # --------------------------------------------------------------------------- ensemble
@@ -285,6 +302,8 @@ class Ensemble:
         self.pipeline: Optional[Pipeline] = Pipeline.from_dict(pre) if pre else None
         names = self.meta.get("class_names")
         self.class_names: Optional[List[str]] = [str(n) for n in names] if names else None
+        t = self.meta.get("temperature")
+        self.temperature: Optional[float] = float(t) if t is not None else None
         self.groups: List[Union[_StackedGroup, _MCGroup]] = []
         stacked: Dict[str, List[int]] = {}
         mc: Dict[str, List[int]] = {}
@@ -428,10 +447,15 @@ class Ensemble:
         return z[self._inverse.to(z.device)].float().cpu()
 
     def predict(self, x: Any, method: str = "mean", weights: Optional[Any] = None,
-                return_members: bool = False) -> Prediction:
-        """Combine the members' predictions for ``x`` with ``method`` (see the module docstring)."""
+                return_members: bool = False, calibrated: Optional[bool] = None,
+                return_uncertainty: bool = False) -> Prediction:
+        """Combine the members' predictions for ``x`` with ``method`` (see the module docstring);
+        ``calibrated`` (default: whether a temperature is stored) scales soft methods' probabilities."""
         if method not in aggregation.METHODS:
             raise ServingError(f"unknown method {method!r}; choose one of: {', '.join(aggregation.METHODS)}", "method")
+        if calibrated and self.temperature is None:
+            raise ServingError("this ensemble has no fitted temperature (it was trained with calibration=none)",
+                               "calibrated")
         if weights is None and self.stored_weights is not None:
             weights = self.stored_weights
         if weights is None and method == "weighted":
@@ -445,11 +469,15 @@ class Ensemble:
                 raise ServingError(str(exc), "weights") from None
         z = self.logits(x)
         try:
-            res = aggregation.aggregate(z, method=method, kind="logits", weights=weights)
+            res = aggregation.aggregate(z, method=method, kind="logits", weights=weights,
+                                        with_uncertainty=return_uncertainty)
         except aggregation.AggregationError as exc:  # e.g. outputs overflowed for extreme inputs
             raise ServingError(f"the members' outputs for these inputs cannot be combined: {exc}", "inputs") from None
-        return Prediction(res.labels, res.probabilities, res.agreement,
-                          torch.softmax(z, dim=-1) if return_members else None)
+        probs, scaled = res.probabilities, False
+        if (self.temperature is not None if calibrated is None else calibrated) and method != "vote":
+            probs, scaled = aggregation.temperature_scale(probs, self.temperature), True
+        return Prediction(res.labels, probs, res.agreement, torch.softmax(z, dim=-1) if return_members else None,
+                          scaled, res.uncertainty)
 
 
 

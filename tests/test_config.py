@@ -46,9 +46,16 @@ def test_every_experiment_preset_composes_and_validates(preset):
 def test_defaults():
     cfg = load_config([])
     assert (cfg.data.name, cfg.model["name"], cfg.strategy.name) == ("digits", "mlp", "independent")
-    assert cfg.optimizer == {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.001, "weight_decay": 0.0}
+    # the digits x mlp recipe (conf/recipe/digits_mlp.yaml) sets the training keys
+    assert cfg.recipe.name == "digits_mlp"
+    assert cfg.optimizer == {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "weight_decay": 0.0005,
+                             "momentum": 0.9, "nesterov": False}
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.schedule) == (50, 16, "constant")
     assert cfg.cluster.address is None and cfg.tracking.uri is None
     assert cfg.strategy.members == 5
+    bare = load_config(["~recipe"])   # without the recipe: conf/optimizer/adam.yaml and conf/trainer/default.yaml
+    assert bare.recipe is None and bare.trainer.epochs == 10
+    assert bare.optimizer == {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.001, "weight_decay": 0.0}
 
 
 def test_user_keys_are_typed_and_reach_the_config():
@@ -134,7 +141,7 @@ BAD = [
     (["optimizer.lr=-0.1"], "optimizer.lr must be a positive number, got -0.1"),
     (["optimizer=sgd", "optimizer.momentum=-1.5"], "optimizer._target_=torch.optim.SGD raised ValueError: Invalid momentum value: -1.5"),
     (["optimizer._target_=torch.optim.Nope"], "optimizer._target_=torch.optim.Nope: torch.optim has no attribute 'Nope'"),
-    (["+optimizer.bogus=1"], "optimizer._target_=torch.optim.Adam raised TypeError"),
+    (["~recipe", "+optimizer.bogus=1"], "optimizer._target_=torch.optim.Adam raised TypeError"),
     (["model._target_=nosuchmodule.Net"], "model._target_=nosuchmodule.Net: no module named 'nosuchmodule'"),
     (["model._target_=torch.nn.NoSuchNet"], "model._target_=torch.nn.NoSuchNet: torch.nn has no attribute 'NoSuchNet'"),
     (["model._target_=math.pi"], "model._target_=math.pi is a float, not a class or function"),

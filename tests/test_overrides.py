@@ -33,11 +33,14 @@ def base():
 
 
 def test_overrides_change_values_groups_and_add_keys(base):
+    import copy
+
+    before = copy.deepcopy(base)
     d = apply_overrides(base, ["optimizer.lr=0.5", "trainer.epochs=7", "model=lenet", "+model.width=4",
                                "trainer.device=cpu"])
     assert d["optimizer"]["lr"] == 0.5 and d["trainer"]["epochs"] == 7 and d["trainer"]["device"] == "cpu"
     assert d["model"]["name"] == "lenet" and d["model"]["width"] == 4
-    assert base["model"]["name"] == "mlp" and base["trainer"]["epochs"] == 10   # the original is untouched
+    assert base == before and base["model"]["name"] == "mlp"   # the original is untouched
     assert apply_overrides(base, ["optimizer.lr=1"])["optimizer"]["lr"] == 1.0   # an int where a float is
     cfg = resolved_config(base, ["model=lenet"], {"strategy.members": 5})
     assert cfg.strategy.members == 5 and cfg.model["name"] == "lenet"

@@ -41,6 +41,8 @@ class Spec:
     batch_size: int = 32
     bagging: bool = False
     device: str = "cpu"
+    schedule: str = "constant"
+    warmup_epochs: int = 0
 
     @property
     def architecture(self) -> str:

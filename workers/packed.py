@@ -38,7 +38,7 @@ run of that member would draw (the equality with ``train_member`` holds for ``dr
 
 Reports: ``{"type": "start", "task", "members", "epoch", "epochs", "resumed_from", "restarts",
 "device"}`` once, then per epoch ``{"type": "epoch", "task", "epoch", "epochs", "train_loss",
-"val_acc", "val_nll", "seconds", "members": {member index: {"train_loss", "val_acc", "val_nll"}}}``
+"val_acc", "val_nll", "lr", "seconds", "members": {member index: {"train_loss", "val_acc", "val_nll", "lr"}}}``
 (the top-level values are means over the members), and after the last epoch
 ``{"type": "collected", "task", "member", "epoch"}`` for each member.
 
@@ -75,13 +75,14 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from ensemble_service.data import DataBundle, bootstrap_indices
+from ensemble_service.schedules import member_scheduler
 from workers.state import (
     EVAL_BATCH, Checkpoint, MemberError, MemberResult, Report, Timer, build_model, build_optimizer, collected_event,
-    diverged, epoch_event, evaluate, has_batchnorm, setup, start_event, val_metrics,
+    diverged, epoch_event, evaluate, has_batchnorm, setup, start_event, steps_per_epoch, val_metrics,
 )
 
 #: What every member of a pack must share (they are one stacked model with one optimizer).
-SHARED = ("model", "optimizer", "epochs", "batch_size", "device")
+SHARED = ("model", "optimizer", "epochs", "batch_size", "device", "schedule", "warmup_epochs")
 
 
 def check_pack(spec) -> tuple:
@@ -162,6 +163,9 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
     buffers = {k: v.detach() for k, v in stacked_buffers.items()}
     optimizer = build_optimizer(list(params.values()), first.optimizer, **_fused(device))
     skip_single = has_batchnorm(base)
+    # trainer.schedule: one per-iteration LR scheduler for the stacked optimizer (every member's lr is the same)
+    scheduler = member_scheduler(optimizer, first.schedule, first.warmup_epochs, epochs,
+                                 steps_per_epoch(n, batch_size, base))
 
     # functional_call's per-call untying pass is only needed when the model ties weights (none of
     # the registered models does); skipping it saves ~40 us per step.
@@ -176,11 +180,11 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_val, y_val = data.x_val, data.y_val
 
-    states = {"stacked": _Stacked(params, buffers), "optimizer": optimizer}
+    states = {"stacked": _Stacked(params, buffers), "optimizer": optimizer, "scheduler": scheduler}
     identity = {"kind": "packed", "task": spec.index, "member_indices": [m.index for m in members],
                 "seeds": [m.seed for m in members], "bagging": [bool(m.bagging) for m in members],
                 "model": dict(first.model), "optimizer": dict(first.optimizer), "epochs": epochs,
-                "batch_size": batch_size}
+                "batch_size": batch_size, "schedule": [first.schedule, first.warmup_epochs]}
     checkpoint = Checkpoint(spec.checkpoint_path, identity, device)
     progress = checkpoint.resume(states, orders)
     histories = progress.history or [[] for _ in members]  # one history per member
@@ -194,6 +198,7 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
                                  for idx, order in zip(train_idx, orders.values())]).to(device)
             base.train()
             batch_losses, sizes = [], []  # [K] tensors and batch sizes, summed (and synced) once per epoch
+            lr = float(optimizer.param_groups[0]["lr"])
             for i in range(0, n, batch_size):
                 idx = perms[:, i:i + batch_size]
                 b = idx.shape[1]
@@ -205,7 +210,10 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
                 for p in params.values():
                     p.grad = None
                 losses.sum().backward()  # member k's gradient = the gradient of its own mean loss
+                lr = float(optimizer.param_groups[0]["lr"])
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 batch_losses.append(losses.detach())
                 sizes.append(b)
             if batch_losses:  # the solo loop's sum of batch loss * batch size / samples, per member
@@ -221,14 +229,15 @@ def train_packed(spec, data: DataBundle, *, num_threads: int = 1, gpu_assigned: 
         per_member = {}
         for k, m in enumerate(members):
             record = {"epoch": epoch + 1, "train_loss": train_loss[k], "val_acc": vals[k]["acc"],
-                      "val_nll": vals[k]["nll"]}
+                      "val_nll": vals[k]["nll"], "lr": lr}
             histories[k].append(record)
-            per_member[m.index] = {key: record[key] for key in ("train_loss", "val_acc", "val_nll")}
+            per_member[m.index] = {key: record[key] for key in ("train_loss", "val_acc", "val_nll", "lr")}
         progress.epoch = epoch + 1
         checkpoint.save(progress, states, orders)
         report(epoch_event(spec.index, epochs, progress.train_seconds,
                            {"epoch": epoch + 1, "train_loss": _mean(train_loss),
-                            "val_acc": _mean([v["acc"] for v in vals]), "val_nll": _mean([v["nll"] for v in vals])},
+                            "val_acc": _mean([v["acc"] for v in vals]), "val_nll": _mean([v["nll"] for v in vals]),
+                            "lr": lr},
                            members=per_member))
 
     results = []

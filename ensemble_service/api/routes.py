@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import typing
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ def _field_kinds(model) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     """(list fields, boolean fields) of a request model: how their query parameters are read."""
     lists = tuple(n for n, f in model.model_fields.items() if typing.get_origin(f.annotation) in (list, typing.Union)
                   and any(typing.get_origin(a) is list for a in (f.annotation, *typing.get_args(f.annotation))))
-    flags = tuple(n for n, f in model.model_fields.items() if f.annotation is bool)
+    flags = tuple(n for n, f in model.model_fields.items() if f.annotation in (bool, Optional[bool]))
     return lists, flags
 
 
@@ -230,7 +230,8 @@ async def _array_body(request: Request, model, field: str, max_rows: int, row_wh
 
 async def _predict_body(request: Request) -> Tuple[PredictRequest, Any]:
     """The request and its inputs: a JSON body, a .npy body (fields as query parameters), or
-    multipart/form-data with image ``files`` (plus optional ``method`` / ``return_members`` fields)."""
+    multipart/form-data with image ``files`` (plus optional ``method``, ``return_members``,
+    ``calibrated`` and ``return_uncertainty`` fields)."""
     settings = _settings(request)
     if _ctype(request) != "multipart/form-data":
         return await _array_body(request, PredictRequest, "inputs", settings.max_batch_items)
@@ -239,15 +240,17 @@ async def _predict_body(request: Request) -> Tuple[PredictRequest, Any]:
     except Exception as exc:  # malformed multipart, too many parts
         raise ApiError(422, f"cannot be read as multipart/form-data ({str(exc).splitlines()[0] if str(exc) else exc!r})",
                        "body") from None
-    unknown = sorted(set(form.keys()) - {"files", "method", "return_members"})
+    known = ("files", "method", "return_members", "calibrated", "return_uncertainty")
+    unknown = sorted(set(form.keys()) - set(known))
     if unknown:
-        raise ApiError(422, f"unknown form field(s) {', '.join(unknown)}; send files, method, return_members",
-                       unknown[0])
+        raise ApiError(422, f"unknown form field(s) {', '.join(unknown)}; send {', '.join(known)}", unknown[0])
     files = [f for f in form.getlist("files") if hasattr(f, "read")]
     if not files:
         raise ApiError(422, "no image files (send them as the form field 'files')", "files")
     fields = {"inputs": [[0]], "method": form.get("method") or "mean",
-              "return_members": str(form.get("return_members") or "false").lower() in ("1", "true", "yes", "on")}
+              **codec.query_fields([(k, str(form.get(k))) for k in ("return_members", "calibrated", "return_uncertainty")
+                                    if form.get(k) is not None],
+                                   flags=("return_members", "calibrated", "return_uncertainty"))}
     body = _validate(PredictRequest, fields)
     return body, [await f.read() for f in files]
 
@@ -266,8 +269,9 @@ async def predict(request: Request, name: str = NamePath) -> Any:
     settings = _settings(request)
     files = isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], bytes)
     _check_items(inputs, "files" if files else "inputs", settings.max_batch_items)
-    if npy_answer and body.return_members:
-        raise ApiError(406, "return_members needs a JSON answer: drop 'accept: application/x-npy'", "accept")
+    for wanted in ("return_members", "return_uncertainty"):
+        if npy_answer and getattr(body, wanted):
+            raise ApiError(406, f"{wanted} needs a JSON answer: drop 'accept: application/x-npy'", "accept")
     store = _store(request)
     le = store.peek(name) or await run_in_threadpool(store.get, name)  # MLflow reads off the event loop
     if body.weights is not None and len(body.weights) != le.ensemble.num_members:
@@ -275,6 +279,9 @@ async def predict(request: Request, name: str = NamePath) -> Any:
     if files and (le.ensemble.pipeline is None or le.ensemble.pipeline.kind != "image"):
         raise ApiError(422, "this ensemble was not trained on images: send its inputs as JSON", "files")
     method = _method_used(body.method, body.weights if body.weights is not None else le.ensemble.stored_weights)
+    if body.calibrated and le.ensemble.temperature is None:
+        raise ApiError(422, "this ensemble has no fitted temperature (it was trained with calibration=none)",
+                       "calibrated")
     options = predict_options({**body.model_dump(exclude={"inputs"}), "method": method})
     try:  # the forward runs on the ensemble's own worker thread, stacked with concurrent requests
         pred = await le.predict(inputs, options)
@@ -291,6 +298,8 @@ async def predict(request: Request, name: str = NamePath) -> Any:
         out["class_names"] = [names[i] for i in labels]
     if body.return_members:
         out["members"] = codec.as_float64(pred.member_probs)
+    out["calibrated"] = pred.calibrated
+    out.update({k: codec.as_float64(v) for k, v in (pred.uncertainty or {}).items()})
     # already plain JSON (finite floats): skip re-validating it against the response model
     return codec.json_answer(out)
 
@@ -340,7 +349,7 @@ async def aggregate(request: Request) -> Any:
 
     def combine():
         return aggregation.aggregate(t, method=method, kind=body.kind, weights=body.weights,
-                                     num_classes=body.num_classes)
+                                     num_classes=body.num_classes, with_uncertainty=body.return_uncertainty)
 
     try:
         res = await run_in_threadpool(combine) if t.numel() > _THREADPOOL_ELEMENTS else combine()
@@ -351,4 +360,5 @@ async def aggregate(request: Request) -> Any:
         return codec.npy_answer(res.probabilities, labels, {"x-method": method, "x-kind": body.kind})
     return codec.json_answer({"method": method, "kind": body.kind, "labels": labels,
                               "probabilities": codec.as_float64(res.probabilities),
-                              "agreement": codec.as_float64(res.agreement)})
+                              "agreement": codec.as_float64(res.agreement),
+                              **{k: codec.as_float64(v) for k, v in (res.uncertainty or {}).items()}})

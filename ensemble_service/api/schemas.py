@@ -18,6 +18,9 @@ StrictNumber = Annotated[float, Field(strict=True)]
 _NESTED = {"type": "array", "minItems": 1,
            "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {}}]}}
 _EXAMPLE_INPUT = [[0.0] * 64]
+_UNCERTAINTY_DOC = ("Also answer, per item, the members' predictive entropy H[mean p], expected entropy "
+                    "mean_m H[p_m] (aleatoric) and their difference, the mutual information (epistemic), in nats "
+                    "(with the request's weights); for method 'vote' also the label's vote share.")
 
 
 class ErrorItem(BaseModel):
@@ -50,6 +53,11 @@ class PredictRequest(BaseModel):
                           "weighted mean and is answered as 'weighted'. Default: the ensemble's own "
                           "weights where it has them (a selection's, `ensemble select`), for every method; "
                           "else, for method 'weighted', proportional to the members' validation accuracy.")
+    calibrated: Optional[bool] = Field(
+        None, strict=True, description="Scale the probabilities of mean, weighted and logit_mean by the temperature "
+                                       "fitted on the validation split (vote shares are never scaled). Default: "
+                                       "true when the ensemble has one; true without one is a 422.")
+    return_uncertainty: bool = Field(False, strict=True, description=_UNCERTAINTY_DOC)
 
 
 class PredictResponse(BaseModel):
@@ -63,6 +71,11 @@ class PredictResponse(BaseModel):
         None, description="The name of each predicted label, when the ensemble's data set names its classes.")
     members: Optional[List[List[List[float]]]] = Field(
         None, description="[members, batch, classes] member probabilities (only with return_members).")
+    calibrated: bool = Field(False, description="Whether the probabilities were temperature-scaled.")
+    entropy: Optional[List[float]] = Field(None, description="Per item, H[mean p] in nats (return_uncertainty).")
+    expected_entropy: Optional[List[float]] = Field(None, description="Per item, mean over members of H[p_m].")
+    mutual_information: Optional[List[float]] = Field(None, description="Per item, entropy - expected_entropy.")
+    vote_share: Optional[List[float]] = Field(None, description="Per item, the label's share of the votes (vote).")
 
 
 class AggregateRequest(BaseModel):
@@ -83,6 +96,7 @@ class AggregateRequest(BaseModel):
                           "used by every method (a weighted vote, a weighted mean of logits); method 'mean' with "
                           "weights is the weighted mean and is answered as 'weighted'.")
     num_classes: Optional[int] = Field(None, strict=True, ge=1, description="Required for labels.")
+    return_uncertainty: bool = Field(False, strict=True, description=_UNCERTAINTY_DOC + " Labels get vote_share only.")
 
 
 class AggregateResponse(BaseModel):
@@ -92,6 +106,10 @@ class AggregateResponse(BaseModel):
     labels: List[int]
     probabilities: List[List[float]] = Field(..., description="[batch, classes]; vote shares for method 'vote'.")
     agreement: List[float]
+    entropy: Optional[List[float]] = None
+    expected_entropy: Optional[List[float]] = None
+    mutual_information: Optional[List[float]] = None
+    vote_share: Optional[List[float]] = None
 
 
 class Health(BaseModel):

@@ -237,7 +237,8 @@ class EnsembleStore:
         if info.get("run_id"):
             raw = self.registry.run_metrics(self.uri, info["run_id"])
             metrics = {k: float(v) for k, v in raw.items()
-                       if (k in names.PARENT_METRICS or k.startswith("ensemble_")) and _finite(v)}
+                       if (k in names.PARENT_METRICS or k in names.QUALITY_METRICS or k.startswith("ensemble_"))
+                       and _finite(v)}
         self.loads += 1
         log.info("loaded ensemble %s version %s (%d members) in %.2f s", info["name"], info["version"],
                  ensemble.num_members, time.perf_counter() - t0)
