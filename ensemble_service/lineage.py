@@ -33,11 +33,15 @@ from ensemble_service.config import ConfigError
 
 def data_digest(data) -> str:
     """sha256 of what makes a data set and split the same: input shape, classes, the fitted
-    preprocessing and the labels of the train, validation and test splits, in order."""
+    preprocessing and the labels of the train, validation and test splits, in order (a streamed data
+    set's training labels are not on the driver: its training split counts by its size)."""
     h = hashlib.sha256()
     h.update(json.dumps({"input_shape": [int(s) for s in data.input_shape], "num_classes": int(data.num_classes),
                          "preprocessing": data.preprocessing}, sort_keys=True, default=str).encode())
-    for y in (data.y_train, data.y_val, data.y_test):
+    y_train = getattr(data, "y_train", None)
+    if y_train is None:
+        h.update(f"|train:{data.sizes()['train']}|".encode())
+    for y in (() if y_train is None else (y_train,)) + (data.y_val, data.y_test):
         a = np.ascontiguousarray(np.asarray(y, dtype="<i8"))
         h.update(f"|{len(a)}|".encode())
         h.update(a.tobytes())

@@ -58,15 +58,25 @@ def dataset_inputs(data) -> List[Dict[str, Any]]:
     ``digest``, ``context`` (train / validation / test), ``source_type``, ``source``, ``schema``
     and ``profile`` (JSON strings: the split's number of rows, input shape and classes)."""
     out = []
+    stream = getattr(data, "stream", None)   # a streamed data set: no inputs (nor training labels) on the driver
     for split, context in SPLITS:
-        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        x, y = getattr(data, f"x_{split}", None), getattr(data, f"y_{split}", None)
+        rows = int(y.shape[0]) if y is not None else int(data.sizes()[split])
+        if x is not None:
+            digest = _digest(x, y)
+        else:
+            h = hashlib.sha256(json.dumps([getattr(stream, "uri", ""), [list(u) for u in getattr(stream, "units", ())],
+                                           split, rows], default=str).encode())
+            if y is not None:
+                h.update(y.contiguous().cpu().numpy().tobytes())
+            digest = h.hexdigest()[:10]
         shape = [-1, *[int(d) for d in data.input_shape]]
         schema = {"mlflow_tensorspec": {
             "features": json.dumps([{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": shape}}]),
             "targets": json.dumps([{"type": "tensor", "tensor-spec": {"dtype": "int64", "shape": [-1]}}])}}
-        profile = {"split": split, "num_rows": int(y.shape[0]), "input_shape": list(data.input_shape),
+        profile = {"split": split, "num_rows": rows, "input_shape": list(data.input_shape),
                    "num_classes": int(data.num_classes)}
-        out.append({"name": data.label or data.name, "digest": _digest(x, y), "context": context,
+        out.append({"name": data.label or data.name, "digest": digest, "context": context,
                     "source_type": "code", "source": json.dumps({"tags": {names.TAG_DATA: data.label or data.name}}),
                     "schema": json.dumps(schema), "profile": json.dumps(profile)})
     return out

@@ -56,7 +56,8 @@ def test_submit_three_members_tracks_parent_members_and_ensemble_metrics(ray_clu
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["ensemble.strategy"] == "independent"
     assert parent.data.tags["ensemble.data"] == "digits" and parent.data.tags["ensemble.model"] == "mlp"
-    assert parent.data.params["strategy.members"] == "3" and parent.data.params["optimizer._target_"] == "torch.optim.Adam"
+    # the digits x mlp recipe chose the optimizer (conf/recipe/digits_mlp.yaml)
+    assert parent.data.params["strategy.members"] == "3" and parent.data.params["optimizer._target_"] == "torch.optim.SGD"
     for key in PARENT_METRICS:
         assert key in parent.data.metrics, key
     assert parent.info.run_id in result.output

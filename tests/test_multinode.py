@@ -173,7 +173,7 @@ TRAIN = ["data=synthetic", "data.n_train=4000", "data.input_shape=[1,16,16]", "m
          "model.depth=1", "model.width=32", "trainer.batch_size=8", "cluster.cpus_per_member=1"]
 
 
-EPOCHS = 16
+EPOCHS = 40   # long enough that a member seen mid-way (metrics reach MLflow up to ~2 s late) is still training when killed
 
 
 def test_job_on_two_nodes_survives_a_killed_worker_and_resumes_from_s3(stack):
@@ -192,7 +192,7 @@ def test_job_on_two_nodes_survives_a_killed_worker_and_resumes_from_s3(stack):
             for m in members:
                 done = len(client.get_metric_history(m.info.run_id, "train_loss"))
                 pid = m.data.tags.get("ensemble.pid")
-                if pid and 1 <= done <= EPOCHS // 2 and m.info.status == "RUNNING" and Path(f"/proc/{pid}").exists():
+                if pid and 1 <= done <= EPOCHS // 5 and m.info.status == "RUNNING" and Path(f"/proc/{pid}").exists():
                     return m
             return None
 

@@ -65,9 +65,13 @@ def test_the_serving_sections_commands_run_as_written_after_make_demo(demo):
                               timeout=120)
         assert proc.returncode == 0, f"{line}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         out = proc.stdout.strip()
-        if line.startswith("curl"):
+        if line.startswith("curl") and " -o " in line:  # a binary answer to a file, its headers on stdout
+            assert out.startswith("HTTP/1.1 200") and "x-labels:" in out, (line, out)
+        elif line.startswith("curl"):
             body = json.loads(out)
             assert "detail" not in body, (line, body)
+        if "print(np.load('probs.npy').shape)" in line:
+            assert out == "(64, 10)", out
         if "predict demo digits.npy" in line:
             rows = [r.split("\t") for r in out.splitlines()]
             assert len(rows) == 5 and all(name == label for label, name in rows), out  # digits name themselves
