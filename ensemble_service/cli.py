@@ -118,6 +118,7 @@ class ProgressObserver:
         self.progress.console.print(line, highlight=False)
 
     def started(self, plan, resources) -> None:
+        self.progress.start()   # once: a sweep's later plans add their bars to the same display
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         store = resources.get("object_store_memory", 0) / 2 ** 20
         self.progress.console.print(
@@ -283,9 +284,12 @@ def _on_ray(cluster_address: Optional[str], work):
     connected_before = scheduler.is_connected()  # a cluster this command did not connect stays up
     interrupt = Interrupt().install()
     observer = ProgressObserver(progress, interrupt)
-    try:
-        with progress:
+    try:  # the bars start with the first plan (ProgressObserver.started): an early error prints no empty display
+        try:
             return work(observer)
+        finally:
+            if progress.live.is_started:
+                progress.stop()
     except ConfigError as exc:
         fail(str(exc))
     except EnsembleFailed as exc:

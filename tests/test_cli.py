@@ -298,3 +298,15 @@ def test_ui_on_a_run_outside_any_ensemble_says_so(tmp_path):
     result = runner.invoke(app, ["ui", "--port", str(_free_port()), "--tracking-uri", uri, "--run", other])
     assert result.exit_code == 2 and result.output.strip() == (
         f"error: run {other} is not an ensemble's parent or member run"), result.output
+
+
+def test_an_error_found_after_the_config_prints_one_line_on_stderr_and_nothing_on_stdout(tmp_path):
+    """Found by preflight (checkpoint storage under a file): no empty progress display on stdout."""
+    import subprocess
+
+    (tmp_path / "afile").write_text("x")
+    proc = subprocess.run([str(Path(sys.executable).parent / "ensemble"), "submit", "data=synthetic",
+                           f"cluster.storage={tmp_path}/afile/ck", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "is a file, not a directory" in proc.stderr
