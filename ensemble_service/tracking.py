@@ -653,7 +653,8 @@ class RunNotFound(TrackingError, LookupError):
 
 def ensemble_page(uri: Optional[str] = None, run_id: Optional[str] = None) -> Optional[Dict[str, str]]:
     """What the UI should open: the ensemble of ``run_id`` (its parent run, or one of its member
-    runs), else the newest ensemble in the store; None when the store holds none (or does not
+    runs), else the newest finished ensemble in the store (the newest of any status when none
+    finished); None when the store holds none (or does not
     exist and no run was asked for). A dict with ``experiment_id``, ``run_id`` (the parent),
     ``run_name``, ``ensemble_id`` and ``view`` (the key of its saved view, '' when the experiment
     has none, e.g. for an ensemble trained before views were written). RunNotFound for an unknown
@@ -680,10 +681,12 @@ def ensemble_page(uri: Optional[str] = None, run_id: Optional[str] = None) -> Op
         if run.data.tags.get(names.TAG_KIND) != names.KIND_PARENT:
             raise RunNotFound(f"run {run_id} is not an ensemble's parent or member run")
     else:
-        found = recent_parent_runs(uri, limit=1)
+        # the newest ensemble that finished (one that was stopped or failed has no metrics to show),
+        # else the newest of any status
+        found = recent_parent_runs(uri, limit=50)
         if not found:
             return None
-        run = found[0]
+        run = next((r for r in found if r.info.status == "FINISHED"), found[0])
     ensemble_id = run.data.tags.get(names.TAG_ID, "")
     key = runs_view.view_key(ensemble_id) if ensemble_id else ""
     tags = client.get_experiment(run.info.experiment_id).tags or {}

@@ -310,3 +310,20 @@ def test_an_error_found_after_the_config_prints_one_line_on_stderr_and_nothing_o
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1 and "is a file, not a directory" in proc.stderr
+
+
+def test_ui_opens_the_newest_finished_ensemble_not_a_newer_stopped_one(tmp_path):
+    import time
+
+    from ensemble_service import names
+    from ensemble_service.cli import ui_pages
+    from ensemble_service.tracking import EnsembleTracker
+
+    uri, exp, ids = _two_ensembles(tmp_path)
+    time.sleep(0.01)
+    tr = EnsembleTracker(uri, "ui")
+    killed = tr.start_parent("run-e-killed", {}, {names.TAG_ID: "e-killed", names.TAG_STRATEGY: "independent"})
+    tr.end_all("KILLED")
+    lines = ui_pages(uri, "http://h:1", None, None)
+    assert f"(parent run {ids['e-new']})" in lines[1] and killed not in " ".join(lines)
+    assert f"(parent run {killed})" in ui_pages(uri, "http://h:1", None, killed)[1]   # asked for: still opened
