@@ -56,6 +56,9 @@ def test_the_serving_sections_commands_run_as_written_after_make_demo(demo):
     blocks = re.findall(r"```bash\n(.*?)```", section("Serving"), flags=re.S)
     lines = [c for b in blocks for c in commands(b)]
     assert any(line.startswith(".venv/bin/ensemble serve") for line in lines)
+    # pasted as a whole, the block must wait for the server it starts in the background before its first request
+    serve = next(i for i, line in enumerate(lines) if line.startswith(".venv/bin/ensemble serve &"))
+    assert lines[serve + 1].startswith("until curl -sf http://127.0.0.1:8000/healthz"), lines[serve + 1]
     ran = 0
     for line in lines:
         if line.startswith(".venv/bin/ensemble serve"):

@@ -120,6 +120,25 @@ class Source:
 SOURCES: Catalog[Source] = Catalog("data set", DataError)
 
 
+def table_features(columns: List[str], target: str, features: Optional[List[str]], where: str,
+                   eligible=lambda column: True) -> List[str]:
+    """The feature columns of a table (CSV, parquet) with ``columns``: ``features`` as given (each a
+    column, none the target), else every column but ``target`` that ``eligible`` accepts (possibly
+    none: the caller says why that is wrong). ``where`` names the table in the one-line errors."""
+    if target not in columns:
+        raise DataError(f"data.target={target!r} is not a column of {where} (columns: {', '.join(columns)})")
+    if not features:
+        return [c for c in columns if c != target and eligible(c)]
+    features = list(features)
+    unknown = [c for c in features if c not in columns]
+    if unknown:
+        raise DataError(f"data.features names column(s) {', '.join(unknown)} that {where} does not have "
+                        f"(columns: {', '.join(columns)})")
+    if target in features:
+        raise DataError(f"data.features must not include the target column {target!r}")
+    return features
+
+
 def register_source(cls: Type[Source]) -> Type[Source]:
     """Class decorator: register one instance of ``cls`` under ``cls.name``."""
     SOURCES.add(cls.name, cls())

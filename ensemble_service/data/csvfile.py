@@ -15,7 +15,7 @@ from typing import List, Optional
 import numpy as np
 
 from ensemble_service.data.arrays import path_of
-from ensemble_service.data.base import DataConfig, DataError, Raw, Source, register_source
+from ensemble_service.data.base import DataConfig, DataError, Raw, Source, register_source, table_features
 from ensemble_service.data.preprocess import Pipeline
 
 
@@ -60,15 +60,7 @@ class Csv(Source):
         frame.columns = columns
         if frame.empty:
             raise DataError(f"{path.name} has a header but no data rows")
-        if cfg.target not in columns:
-            raise DataError(f"data.target={cfg.target!r} is not a column of {path.name} (columns: {', '.join(columns)})")
-        features = list(cfg.features) if cfg.features else [c for c in columns if c != cfg.target]
-        unknown = [c for c in features if c not in columns]
-        if unknown:
-            raise DataError(f"data.features names column(s) {', '.join(unknown)} that {path.name} does not have "
-                            f"(columns: {', '.join(columns)})")
-        if cfg.target in features:
-            raise DataError(f"data.features must not include the target column {cfg.target!r}")
+        features = table_features(columns, cfg.target, cfg.features, path.name)
         if not features:
             raise DataError(f"{path.name} has no feature columns besides the target {cfg.target!r}")
         frame = frame[features + [cfg.target]]

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ensemble_service.data.base import DataConfig, DataError, Raw, Source, register_source
+from ensemble_service.data.base import DataConfig, DataError, Raw, Source, register_source, table_features
 from ensemble_service.data.preprocess import Pipeline
 from ensemble_service.data.streamed import StreamingBundle
 from ensemble_service.data.streaming import TEST, TRAIN, VAL, Moments, StreamSpec, assign_split, row_keys
@@ -113,24 +113,16 @@ def _schema(cfg: ParquetData, fs, files: List[str]):
     names = list(schema.names)
     if not cfg.target:
         raise DataError("data=parquet needs data.target=COLUMN (the column holding the classes)")
-    if cfg.target not in names:
-        raise DataError(f"data.target={cfg.target!r} is not a column of data.path={cfg.path} (columns: {', '.join(names)})")
-    if cfg.features:
-        features = list(cfg.features)
-        unknown = [c for c in features if c not in names]
-        if unknown:
-            raise DataError(f"data.features names column(s) {', '.join(unknown)} that data.path={cfg.path} does not "
-                            f"have (columns: {', '.join(names)})")
-        if cfg.target in features:
-            raise DataError(f"data.features must not include the target column {cfg.target!r}")
-        bad = [c for c in features if not _numeric(schema.field(c).type)]
-        if bad:
-            raise DataError(f"data.path={cfg.path}: feature column(s) {', '.join(map(repr, bad))} are not numeric; "
-                            "encode them as numbers, or list the numeric ones with data.features=[...]")
-    else:
-        features = [c for c in names if c != cfg.target and _numeric(schema.field(c).type)]
-        if not features:
-            raise DataError(f"data.path={cfg.path} has no numeric feature columns besides the target {cfg.target!r}")
+    def numeric(column: str) -> bool:
+        return _numeric(schema.field(column).type)
+
+    features = table_features(names, cfg.target, cfg.features, f"data.path={cfg.path}", eligible=numeric)
+    bad = [c for c in features if not numeric(c)]
+    if bad:  # only columns the user listed can be non-numeric
+        raise DataError(f"data.path={cfg.path}: feature column(s) {', '.join(map(repr, bad))} are not numeric; "
+                        "encode them as numbers, or list the numeric ones with data.features=[...]")
+    if not features:
+        raise DataError(f"data.path={cfg.path} has no numeric feature columns besides the target {cfg.target!r}")
     if not units:
         raise DataError(f"data.path={cfg.path} has no rows")
     return features, units
