@@ -987,6 +987,9 @@ def serve(
     batch_wait_ms: Optional[float] = typer.Option(
         None, min=0, help="Under concurrent load, how long a forward waits for more requests to stack (default 2; "
                           "a lone client never waits; with --ray, serve.batch always waits this long)."),
+    inline_forward_ms: Optional[float] = typer.Option(
+        None, min=0, help="A lone request whose forward should take at most this long runs on the event loop "
+                          "instead of the ensemble's thread, saving the hand-off (default 2; 0: never)."),
     max_members: Optional[int] = typer.Option(None, min=1, help="Members per /v1/aggregate request (default 64)."),
     alias_ttl: Optional[float] = typer.Option(None, min=0, help="Seconds before name@alias is resolved again (default 2)."),
     threads: int = typer.Option(0, min=0, help="torch intra-op threads (0: torch's default). Small models "
@@ -1033,6 +1036,7 @@ def serve(
     settings = Settings.from_env(device=device, preload=preload, gc_freeze=True, max_body_bytes=max_body_bytes,
                                  max_batch_items=max_batch_items, max_members=max_members, alias_ttl_s=alias_ttl,
                                  batching=batching, batch_wait_ms=batch_wait_ms,
+                                 inline_forward_ms=inline_forward_ms,
                                  api_keys=tuple(api_key) if api_key else None,
                                  cors_origins=tuple(cors_origin) if cors_origin else None)
     problem = auth.check_keys(settings.api_keys) or auth.check_origins(settings.cors_origins)

@@ -288,3 +288,61 @@ def test_concurrent_http_requests_share_a_forward_and_get_their_unbatched_answer
         assert got["labels"] == alone.labels.tolist() and got["agreement"] == alone.agreement.tolist()
         np.testing.assert_allclose(got["probabilities"], alone.probabilities.numpy(), rtol=1e-6, atol=1e-7)
         assert ("members" in got) == body["return_members"]
+
+
+# ----------------------------------------------------------------- requests from the event loop
+
+
+def _loop_requests(batcher: Batcher, items, gap: bool):
+    """Run ``items`` ((inputs, options) pairs) through ``batcher.predict`` on one event loop: one
+    after another (``gap``: each awaited before the next starts) or all in one loop iteration."""
+    import asyncio
+
+    async def go():
+        if gap:
+            return [await batcher.predict(x, o) for x, o in items]
+        return await asyncio.gather(*(batcher.predict(x, o) for x, o in items), return_exceptions=True)
+
+    return asyncio.run(go())
+
+
+def test_a_lone_cheap_request_runs_on_the_event_loop_with_the_same_answer(ensemble):
+    jobs = _jobs(3)
+    b = Batcher(ensemble, "t", inline_s=10.0)
+    got = _loop_requests(b, [(j.inputs, j.options) for j in jobs], gap=True)
+    # the first forward has no timing yet: it goes to the thread; every later lone one runs inline
+    assert (b.batches, b.requests, b.inline) == (len(jobs), len(jobs), len(jobs) - 1)
+    for job, pred in zip(jobs, got):
+        alone = ensemble.predict(job.inputs, **job.options)
+        assert torch.equal(pred.labels, alone.labels)
+        assert torch.allclose(pred.probabilities, alone.probabilities, atol=1e-6)
+
+
+def test_requests_gathered_in_one_loop_iteration_share_the_threads_forward(ensemble):
+    jobs = _jobs(4)
+    b = Batcher(ensemble, "t", inline_s=10.0)
+    _loop_requests(b, [(jobs[0].inputs, jobs[0].options)], gap=True)   # a timing exists now
+    got = _loop_requests(b, [(j.inputs, j.options) for j in jobs], gap=False)
+    assert b.inline == 0 and b.batches == 2 and b.requests == 1 + len(jobs)  # all six in one forward
+    for job, pred in zip(jobs, got):
+        assert torch.equal(pred.labels, ensemble.predict(job.inputs, **job.options).labels)
+
+
+def test_inline_is_off_at_zero_and_for_forwards_expected_to_take_longer(ensemble):
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32) * 16
+    off = Batcher(ensemble, "t", inline_s=0.0)
+    _loop_requests(off, [(x, {"method": "mean"})] * 3, gap=True)
+    assert (off.batches, off.inline) == (3, 0)
+    tight = Batcher(ensemble, "t", inline_s=1e-9)   # any forward takes longer than a nanosecond
+    _loop_requests(tight, [(x, {"method": "mean"})] * 3, gap=True)
+    assert (tight.batches, tight.inline) == (3, 0)
+
+
+def test_a_bad_lone_request_on_the_event_loop_fails_with_its_own_error(ensemble):
+    b = Batcher(ensemble, "t", inline_s=10.0)
+    good = np.zeros((1, 64), np.float32)
+    bad = np.zeros((2, 5), np.float32)
+    got = _loop_requests(b, [(good, {"method": "mean"})], gap=True)
+    assert got[0].labels.shape == (1,)
+    got = _loop_requests(b, [(bad, {"method": "mean"})], gap=False)
+    assert b.inline == 1 and isinstance(got[0], ServingError)

@@ -19,9 +19,20 @@ queued behind it, up to ``max_rows`` rows in all. When the ensemble is under con
 first request for more to arrive; a lone client never waits. With ``enabled=False`` every
 request runs alone. The Ray Serve deployment (``api/ray_serve.py``) batches with
 ``serve.batch`` instead and calls the same :func:`run_jobs`.
+
+On the event loop (``await Batcher.predict``) requests are gathered per loop iteration: every
+request whose handler reached the batcher in one iteration is handed over together (one wake-up
+of the thread). A *lone* request (nothing else gathered, the thread idle with nothing queued,
+and the last batch not a stacked one) whose forward is expected to take at most ``inline_s``
+(from the last forward's time per row; unknown at first, so the first forward always uses the
+thread) runs right there on the event loop instead: handing a ~1 ms forward to another thread
+and waking the loop again costs ~0.3-0.5 ms on a small machine (``bench/bench_endpoint.py``).
+The loop is blocked for at most about ``inline_s``; requests that arrive meanwhile are gathered
+in the next iteration and, being several, go to the thread stacked. ``inline_s=0`` turns this off.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import inspect
 import threading
@@ -66,6 +77,7 @@ class Job:
     rows: int = 0
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+    waiter: Optional["asyncio.Future"] = None   # set by Batcher.predict: resolved on its event loop instead
 
     def __post_init__(self) -> None:
         self.rows = self.rows or rows(self.inputs)
@@ -135,26 +147,65 @@ class Batcher:
     ``submit`` returns a ``concurrent.futures.Future`` of the request's :class:`Prediction`."""
 
     def __init__(self, ensemble: Ensemble, name: str = "ensemble", max_rows: int = 1024, wait_s: float = 0.002,
-                 enabled: bool = True):
+                 enabled: bool = True, inline_s: float = 0.0):
         self.ensemble, self.name = ensemble, name
         self.max_rows, self.wait_s = max(1, int(max_rows)), max(0.0, float(wait_s))
         self.enabled = bool(enabled) and ensemble.batchable
+        self.inline_s = max(0.0, float(inline_s))
         self._queue: Deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._busy = False             # the last forward served several requests: wait for more
+        self._running = False          # the thread is running a forward
+        self._row_s: Optional[float] = None   # seconds per row of the last forward (None: none yet)
+        self._gathered: List[Job] = []  # requests gathered on the event loop in this iteration
         self.batches = 0               # forwards run and requests served (tests, benchmarks)
         self.requests = 0
+        self.inline = 0                # of which run on the event loop
 
     def submit(self, inputs: Any, options: Dict[str, Any]) -> Future:
         job = Job(inputs, dict(options))
+        self._enqueue([job])
+        return job.future
+
+    def _enqueue(self, jobs: List[Job]) -> None:
         with self._cv:
-            self._queue.append(job)
+            self._queue.extend(jobs)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"ensemble-{self.name}", daemon=True)
                 self._thread.start()
             self._cv.notify()
-        return job.future
+
+    async def predict(self, inputs: Any, options: Dict[str, Any]) -> Prediction:
+        """The Prediction for ``inputs``, from the event loop (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        job = Job(inputs, dict(options), waiter=loop.create_future())
+        if not self._gathered:
+            loop.call_soon(self._flush)
+        self._gathered.append(job)
+        return await job.waiter
+
+    def _flush(self) -> None:
+        """Hand this loop iteration's requests over: a lone cheap one runs here, the rest go to the thread."""
+        jobs, self._gathered = self._gathered, []
+        if len(jobs) == 1 and self._may_inline(jobs[0]):
+            job = jobs[0]
+            if job.future.set_running_or_notify_cancel() and not job.waiter.done():  # done: cancelled
+                self.inline += 1
+                try:
+                    self._serve([job], on_loop=True)
+                except BaseException as exc:  # run_jobs keeps a request's errors its own; this is a bug
+                    if not job.waiter.done():
+                        job.waiter.set_exception(exc)
+            return
+        self._enqueue(jobs)
+
+    def _may_inline(self, job: Job) -> bool:
+        row_s = self._row_s
+        if not self.inline_s or row_s is None or self._busy or row_s * max(job.rows, 1) > self.inline_s:
+            return False
+        with self._cv:
+            return not self._running and not self._queue
 
     def _take(self) -> Optional[List[Job]]:
         """The next batch (None: idle too long, the thread exits)."""
@@ -164,6 +215,7 @@ class Batcher:
                     self._thread = None
                     return None
             first = self._queue.popleft()
+            self._running = True
             batch, total = [first], first.rows
             if not self.enabled:
                 return batch
@@ -187,14 +239,43 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
-            jobs = [j for j in batch if j.future.set_running_or_notify_cancel()]  # skip cancelled requests
+            jobs = [j for j in batch if j.future.set_running_or_notify_cancel()  # skip cancelled requests
+                    and (j.waiter is None or not j.waiter.done())]
             self._busy = len(batch) > 1
             if not jobs:
+                with self._cv:
+                    self._running = False
                 continue
-            self.batches += 1
-            self.requests += len(jobs)
-            for job, outcome in zip(jobs, run_jobs(self.ensemble, jobs)):
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
+            try:
+                self._serve(jobs)
+            finally:
+                with self._cv:
+                    self._running = False
+
+    def _serve(self, jobs: List[Job], on_loop: bool = False) -> None:
+        """One forward for ``jobs`` (already running), their futures resolved; times it. A job from
+        :meth:`predict` is resolved on its event loop (directly when ``on_loop``)."""
+        self.batches += 1
+        self.requests += len(jobs)
+        start = time.perf_counter()
+        outcomes = run_jobs(self.ensemble, jobs)
+        self._row_s = (time.perf_counter() - start) / max(1, sum(j.rows for j in jobs))
+        for job, outcome in zip(jobs, outcomes):
+            if job.waiter is not None:
+                if on_loop:
+                    _settle(job.waiter, outcome)
                 else:
-                    job.future.set_result(outcome)
+                    job.waiter.get_loop().call_soon_threadsafe(_settle, job.waiter, outcome)
+            elif isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+
+
+def _settle(waiter: "asyncio.Future", outcome: Outcome) -> None:
+    if waiter.done():  # the request was cancelled (its client went away)
+        return
+    if isinstance(outcome, BaseException):
+        waiter.set_exception(outcome)
+    else:
+        waiter.set_result(outcome)

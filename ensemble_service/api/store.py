@@ -39,6 +39,7 @@ class Settings:
     max_batch_items: int = 1024             # items per request (inputs / predictions' batch); rows per batched forward
     batching: bool = True                   # stack concurrent predict requests into one forward (api/batching.py)
     batch_wait_ms: float = 2.0              # under concurrent load, wait this long for more requests to stack
+    inline_forward_ms: float = 2.0          # a lone request's forward expected to be this short runs on the event loop
     max_members: int = 64                   # members in /v1/aggregate
     max_classes: int = 10000                # classes in /v1/aggregate (and num_classes)
     body_timeout_s: float = 1.0             # a request body that stalls this long: 408, connection closed
@@ -99,7 +100,8 @@ def error_body(message: str, field: Optional[str] = None, errors: Optional[List[
 class LoadedEnsemble:
     """A loaded version. Its forwards run one at a time, in arrival order, on its own worker
     thread (torch already uses every core; a FIFO queue keeps tail latency fair under load),
-    with concurrent requests stacked into one forward (``batcher``, see ``api/batching.py``)."""
+    with concurrent requests stacked into one forward, and a lone short forward on the event loop
+    (``batcher``, see ``api/batching.py``)."""
 
     name: str
     version: str
@@ -117,8 +119,8 @@ class LoadedEnsemble:
 
     async def predict(self, inputs: Any, options: Dict[str, Any]) -> Any:
         """The Prediction for ``inputs``, awaited on the event loop."""
-        run = getattr(self.batcher, "run", None)
-        if run is not None:  # an asyncio batcher (Ray Serve's serve.batch)
+        run = getattr(self.batcher, "run", None) or getattr(self.batcher, "predict", None)
+        if run is not None:  # a batcher with an asyncio side (batching.Batcher; Ray Serve's serve.batch)
             return await run(inputs, options)
         import asyncio
 
@@ -260,7 +262,7 @@ class EnsembleStore:
 
 def _thread_batcher(ensemble: Ensemble, name: str, settings: Settings) -> Batcher:
     return Batcher(ensemble, name, max_rows=settings.max_batch_items, wait_s=settings.batch_wait_ms / 1000.0,
-                   enabled=settings.batching)
+                   enabled=settings.batching, inline_s=settings.inline_forward_ms / 1000.0)
 
 
 def _finite(v: Any) -> bool:
