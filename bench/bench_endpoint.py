@@ -7,11 +7,15 @@ off, `--no-batching`; and `--ray --replicas 2` on a private local Ray cluster) a
 one run:
 
 1. endpoint_[npy_]vs_inprocess_batch{1,64}: seconds per request of POST
-   /v1/ensembles/<name>/predict (method mean; one keep-alive client on http.client, bodies encoded
-   once, the answer read but not decoded) over seconds per call of the same forward + aggregation
-   in-process (serving.Ensemble.predict on a tensor); medians of 5 alternating runs. JSON: a JSON
-   body and answer; npy: a .npy body (content-type application/x-npy) and a .npy answer
-   (accept: application/x-npy);
+   /v1/ensembles/<name>/predict (method mean; one keep-alive connection, the request's bytes
+   built once, the answer read by its Content-Length but not decoded) over seconds per call of
+   the same forward + aggregation in-process (serving.Ensemble.predict on a tensor); medians of 5
+   alternating runs. JSON: a JSON body and answer; npy: a .npy body (content-type
+   application/x-npy) and a .npy answer (accept: application/x-npy). The client is a raw socket
+   (RawClient), as the throughput clients are: http.client's own request building and header
+   parsing took 0.15 ms of a 0.22 ms round trip to a bare uvicorn app here, time that is the
+   client's, not the endpoint's. The same requests through http.client are reported beside it
+   (a_httpclient_s, ratio_httpclient);
 2. endpoint_throughput / endpoint_throughput_batched: 32 concurrent clients (keep-alive
    connections on asyncio streams) each sending 40 batch-1 JSON requests back to back, against
    the server without and with batching, alternately, 3 runs each: requests/s (median), errors,
@@ -149,6 +153,44 @@ class Client:
         return r.status, r.read(), dict(r.getheaders())
 
 
+class RawClient:
+    """One keep-alive HTTP/1.1 connection on a plain socket: the request's bytes are sent as they
+    are, the answer is read by its Content-Length (no header objects, no chunked decoding: the
+    server answers with Content-Length)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.prepared: dict = {}
+
+    def post(self, path: str, body: bytes, headers: dict) -> tuple:
+        key = (path, id(body))
+        req = self.prepared.get(key)
+        if req is None:
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            req = self.prepared[key] = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{self.port}\r\n{head}"
+                                        f"content-length: {len(body)}\r\n\r\n").encode() + body
+        self.sock.sendall(req)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            buf += chunk
+        head, _, content = buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        fields = dict((k.strip().lower().decode(), v.strip().decode())
+                      for k, _, v in (line.partition(b":") for line in lines[1:]))
+        length = int(fields.get("content-length", 0))
+        while len(content) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            content += chunk
+        return int(lines[0].split()[1]), content, fields
+
+
 def per_call(fn, n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -170,12 +212,12 @@ def request(x: torch.Tensor, fmt: str) -> tuple:
     return PATH + "?method=mean", npy_bytes(x.numpy()), {"content-type": NPY, "accept": NPY}
 
 
-def latency(client: Client, ens: Ensemble, batch: int, fmt: str) -> dict:
+def latency(client: "RawClient", ens: Ensemble, batch: int, fmt: str, slow_client: Client) -> dict:
     x = torch.rand(batch, *SHAPE, generator=torch.Generator().manual_seed(batch))
     path, body, headers = request(x, fmt)
 
-    def endpoint():
-        status, content, _ = client.post(path, body, headers)
+    def endpoint(via=client):
+        status, content, _ = via.post(path, body, headers)
         if status != 200:
             raise RuntimeError(f"{status}: {content[:200]}")
 
@@ -189,20 +231,23 @@ def latency(client: Client, ens: Ensemble, batch: int, fmt: str) -> dict:
         assert json.loads(content)["probabilities"] == expected.tolist(), "endpoint != in-process"
     else:
         assert np.array_equal(np.load(io.BytesIO(content), allow_pickle=False), expected.numpy()), "npy != in-process"
-    per_call(endpoint, 10)
-    per_call(inprocess, 10)
-    a, b = [], []
-    for _ in range(ROUNDS):  # alternate so drift hits both sides alike
+    slow = lambda: endpoint(slow_client)  # noqa: E731
+    for fn in (endpoint, slow, inprocess):
+        per_call(fn, 10)
+    a, b, c = [], [], []
+    for _ in range(ROUNDS):  # alternate so drift hits every side alike
         a.append(per_call(endpoint, CALLS[batch]))
         b.append(per_call(inprocess, CALLS[batch]))
-    a_s, b_s = statistics.median(a), statistics.median(b)
+        c.append(per_call(slow, CALLS[batch]))
+    a_s, b_s, c_s = statistics.median(a), statistics.median(b), statistics.median(c)
     what = ("JSON body and answer" if fmt == "json" else
             ".npy body (content-type application/x-npy) and .npy answer (accept)")
     return {"name": f"endpoint_{'' if fmt == 'json' else 'npy_'}vs_inprocess_batch{batch}", "a_s": a_s, "b_s": b_s,
             "ratio": a_s / b_s, "format": fmt, "request_bytes": len(body),
             "a": f"POST /v1/ensembles/<name>/predict, batch {batch}, {MEMBERS} members, {what}, loopback, keep-alive",
             "b": f"serving.Ensemble.predict in-process (same stacked forward + mean), batch {batch}",
-            "runs": ROUNDS, "calls_per_run": CALLS[batch], "a_runs_s": a, "b_runs_s": b}
+            "runs": ROUNDS, "calls_per_run": CALLS[batch], "a_runs_s": a, "b_runs_s": b,
+            "client": "raw socket (RawClient)", "a_httpclient_s": c_s, "ratio_httpclient": c_s / b_s}
 
 
 async def _throughput(port: int, fmt: str) -> dict:
@@ -392,10 +437,10 @@ def main() -> None:
             servers["batched"] = (start_server(uri, port, Path(tmp) / "batched.log"), port)
             port = free_port()
             servers["unbatched"] = (start_server(uri, port, Path(tmp) / "unbatched.log", "--no-batching"), port)
-            client = Client(servers["batched"][1])
+            client, slow_client = RawClient(servers["batched"][1]), Client(servers["batched"][1])
             for fmt in ("json", "npy"):
                 for batch in (1, 64):
-                    results.append(latency(client, ens, batch, fmt))
+                    results.append(latency(client, ens, batch, fmt, slow_client))
             tp = throughput({"unbatched": servers["unbatched"], "batched": servers["batched"]})
             b1 = per_call(lambda: ens.predict(torch.rand(1, *SHAPE), "mean"), 200)
             un, ba = tp["unbatched"], tp["batched"]
@@ -453,7 +498,8 @@ def main() -> None:
                         f"p99 {r['p99_ms']:.1f} ms; CPU per request: server {r['server_cpu_ms_per_request']:.2f} ms, "
                         f"client {r['client_cpu_ms_per_request']:.2f} ms")
             else:
-                note = f"medians of {r['runs']} alternating runs x {r['calls_per_run']} calls"
+                note = (f"medians of {r['runs']} alternating runs x {r['calls_per_run']} calls; through "
+                        f"http.client {1000 * r['a_httpclient_s']:.3f} ms, ratio {r['ratio_httpclient']:.2f}")
             print(f"{r['name']:36s} {r['a_s']:11.6f} {r['b_s']:11.6f} {r['ratio']:8.2f}  {note}")
         else:
             print(f"{r['name']:36s} {r['seconds']:11.3f} {'':>11s} {'':>8s}  {r['members']} members")
