@@ -154,7 +154,7 @@ def load_stream(cfg, labels: Callable, class_names_of: Callable) -> StreamingBun
     check(cfg)
     where = f"data.path={cfg.path}"
     seed = check_seed(cfg.split_seed)
-    fs, path, members, class_names = _members(cfg, where, class_names_of)
+    _, _, members, class_names = _members(cfg, where, class_names_of)
     # a ready-made split is kept: x's rows go to it with fraction 0
     val_fraction = 0.0 if "x_val" in members else check_fraction("val_fraction", cfg.val_fraction)
     test_fraction = 0.0 if "x_test" in members else check_fraction("test_fraction", cfg.test_fraction)
