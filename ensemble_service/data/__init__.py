@@ -10,6 +10,8 @@ Sources (one module each, one registry :data:`SOURCES`; pick one with ``data=<na
 * ``custom`` (``data._target_=mypkg.data.load``): the user's function;
 * ``parquet`` (``data.path=DIR_OR_URI data.target=COLUMN``): tables larger than memory, streamed by
   the members through Ray Data (:mod:`.streaming`: a :class:`StreamingBundle` instead of tensors).
+  ``arrays`` and ``image_folder`` stream too with ``data.streaming=true`` (:mod:`.arrays_stream`,
+  :mod:`.image_stream`).
 
 Everything here is plain PyTorch / NumPy: no Ray, no MLflow. The driver calls :func:`load` once
 and ships the :class:`DataBundle` (plain tensors, picklable) to the workers through Ray's object

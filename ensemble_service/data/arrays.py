@@ -5,6 +5,9 @@ The archive holds ``x`` (numbers, ``[N, ...]``) and ``y`` (integer labels 0..C-1
 ``data.test_fraction``, stratified) and ``class_names`` (C strings). It is read with
 ``allow_pickle=False``. Raw inputs are ``x``'s rows as they are; ``data.standardize=true``
 standardizes each feature (element of a row) with the training split's mean and std.
+
+``data.streaming=true`` streams an archive larger than memory (written by ``numpy.savez``, local or
+``s3://``/``gs://``) through Ray Data instead of loading it: :mod:`.arrays_stream`.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ class ArraysData(DataConfig):
     name: str = "arrays"
     path: str = ""              # a .npz archive with x, y (and optionally x_val, y_val, x_test, y_test, class_names)
     standardize: bool = False   # standardize each feature with the training split's mean and std
+    streaming: bool = False     # stream the archive through Ray Data (it needs numpy.savez, not savez_compressed)
+    read_tasks: int = 1         # concurrent Ray Data read tasks per member (streaming)
+    rows_per_unit: Optional[int] = None   # rows per read unit (streaming; null: about 8 MiB of inputs)
 
 
 def path_of(cfg: Any, key: str = "path", suffixes=None) -> Path:
@@ -90,7 +96,33 @@ class Arrays(Source):
     description = "your arrays: a .npz with x, y (optional x_val, y_val, x_test, y_test, class_names)"
 
     def check(self, cfg: ArraysData) -> None:
-        path_of(cfg, suffixes=(".npz",))
+        from ensemble_service.data import arrays_stream
+
+        arrays_stream.check_options(cfg)
+        if cfg.streaming:
+            arrays_stream.check(cfg)
+        else:
+            path_of(cfg, suffixes=(".npz",))
+
+    def load_stream(self, cfg: ArraysData):
+        from ensemble_service.data import arrays_stream
+
+        return arrays_stream.load_stream(cfg, labels=labels, class_names_of=class_names_of)
+
+    def read_unit(self, stream, path: str, unit: int):
+        from ensemble_service.data import arrays_stream
+
+        return arrays_stream.read_unit(stream, path, unit)
+
+    def split_of(self, stream, path: str, keys: np.ndarray) -> np.ndarray:
+        from ensemble_service.data import arrays_stream
+
+        return arrays_stream.split_of(stream, path, keys)
+
+    def unit_splits(self, stream, path: str):
+        from ensemble_service.data import arrays_stream
+
+        return arrays_stream.unit_splits(stream, path)
 
     def load(self, cfg: ArraysData) -> Raw:
         path = path_of(cfg, suffixes=(".npz",))

@@ -116,6 +116,19 @@ class Source:
         driver, streamed by the members through Ray Data."""
         raise DataError(f"data={self.name} cannot stream; set data.streaming=false")
 
+    def split_of(self, stream, path: str, keys: np.ndarray) -> np.ndarray:
+        """The split (``streaming.TRAIN``/``VAL``/``TEST``) of each row of unit ``path`` from its row
+        keys: drawn by ``streaming.assign_split`` unless the source puts a unit wholly in one split."""
+        from ensemble_service.data.streaming import assign_split
+
+        return assign_split(keys, stream.val_fraction, stream.test_fraction, stream.split_seed)
+
+    def unit_splits(self, stream, path: str) -> Tuple[int, ...]:
+        """The splits rows of unit ``path`` can belong to (a member streaming one skips the others)."""
+        from ensemble_service.data.streaming import TEST, TRAIN, VAL
+
+        return TRAIN, VAL, TEST
+
 
 SOURCES: Catalog[Source] = Catalog("data set", DataError)
 

@@ -6,6 +6,9 @@ grey, else all become RGB (3 channels); ``data.channels=1|3`` forces one. Other 
 an image Pillow cannot decode is an error naming the file. Raw inputs are ``[S, S, C]`` pixel
 values 0-255 (height, width, channel), or image files sent to the endpoint; the model sees
 ``(C, S, S)`` / 255.
+
+``data.streaming=true`` keeps a folder larger than memory on disk: the members decode chunks of
+files through Ray Data (:mod:`.image_stream`).
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ class ImageFolderData(DataConfig):
     root: str = ""                  # a folder with one sub-folder of images per class
     image_size: int = 32            # every image is resized to image_size x image_size
     channels: Optional[int] = None  # 1 (grey) or 3 (RGB); null: grey only if every image is grey
+    streaming: bool = False         # stream the images through Ray Data (decoded by the members)
+    read_tasks: int = 1             # concurrent Ray Data read tasks per member (streaming)
+    rows_per_unit: Optional[int] = None   # images per read unit (streaming; null: about 8 MiB of inputs)
 
 
 def _classes(cfg: ImageFolderData) -> Tuple[Path, List[Tuple[str, List[Path]]]]:
@@ -54,6 +60,24 @@ def _classes(cfg: ImageFolderData) -> Tuple[Path, List[Tuple[str, List[Path]]]]:
     return root, classes
 
 
+def channels_of(cfg: ImageFolderData, classes: List[Tuple[str, List[Path]]]) -> int:
+    """data.channels, else 1 when every image is grey and 3 otherwise (reading the images' headers)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if cfg.channels is not None:
+        return cfg.channels
+    for _, files in classes:
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    mode = img.mode
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise DataError(f"{f} is not an image Pillow can read ({str(exc).splitlines()[0]})") from None
+            if mode not in GREY_MODES and not mode.startswith("I;16"):
+                return 3
+    return 1
+
+
 @register_source
 class ImageFolder(Source):
     name = "image_folder"
@@ -61,27 +85,28 @@ class ImageFolder(Source):
     description = "your images: one sub-folder per class under data.root, resized to data.image_size"
 
     def check(self, cfg: ImageFolderData) -> None:
+        from ensemble_service.data.arrays_stream import check_options
+
+        check_options(cfg)
         _classes(cfg)
 
-    def load(self, cfg: ImageFolderData) -> Raw:
-        from PIL import Image, UnidentifiedImageError
+    def load_stream(self, cfg: ImageFolderData):
+        from ensemble_service.data import image_stream
 
+        from ensemble_service.data.arrays_stream import check_options
+
+        check_options(cfg)
         root, classes = _classes(cfg)
-        channels = cfg.channels
-        if channels is None:
-            channels = 1
-            for _, files in classes:
-                for f in files:
-                    try:
-                        with Image.open(f) as img:
-                            mode = img.mode
-                    except (UnidentifiedImageError, OSError, ValueError) as exc:
-                        raise DataError(f"{f} is not an image Pillow can read ({str(exc).splitlines()[0]})") from None
-                    if mode not in GREY_MODES and not mode.startswith("I;16"):
-                        channels = 3
-                        break
-                if channels == 3:
-                    break
+        return image_stream.load_stream(cfg, root, classes, channels_of(cfg, classes))
+
+    def read_unit(self, stream, path: str, unit: int):
+        from ensemble_service.data import image_stream
+
+        return image_stream.read_unit(stream, path, unit)
+
+    def load(self, cfg: ImageFolderData) -> Raw:
+        root, classes = _classes(cfg)
+        channels = channels_of(cfg, classes)
         xs, ys = [], []
         for label, (_, files) in enumerate(classes):
             for f in files:

@@ -1,7 +1,8 @@
 """The Ray Data pipelines a member streams its data through (the only data module that imports Ray).
 
-Each call builds one Ray Data ``Dataset`` over the source's read units (``StreamSpec.units``: one
-parquet row group each) and iterates it from inside the member's Ray task:
+Each call builds one Ray Data ``Dataset`` over the source's read units (``StreamSpec.units``: a
+parquet row group, a slice of an ``.npz`` array's rows, a chunk of image files; units that cannot
+hold the split are left out) and iterates it from inside the member's Ray task:
 
 ``from_items(units, in this epoch's order) -> map_batches(read: rows of the split, model inputs,
 bootstrap repeats) -> iter_torch_batches(batch_size, local shuffle buffer)``
@@ -16,7 +17,8 @@ bootstrap repeats) -> iter_torch_batches(batch_size, local shuffle buffer)``
   ``iter_torch_batches`` mixes neighbouring units through a seeded local shuffle buffer. A member
   resumed at epoch k sees the batches an uninterrupted run would.
 
-The rows of a split are picked by their keys (``streaming.assign_split``) inside the read task, and
+The rows of a split are picked by their keys (``Source.split_of``: ``streaming.assign_split`` unless a
+unit belongs wholly to a ready-made split) inside the read task, and
 the pipeline fitted on the driver turns raw values into model inputs there too.
 """
 from __future__ import annotations
@@ -38,19 +40,20 @@ SHUFFLE_BUFFER_BATCHES = 4   # the local shuffle buffer holds this many batches
 
 
 def read_unit(stream: streaming.StreamSpec, path: str, row_group: int) -> Tuple[np.ndarray, np.ndarray]:
-    """One read unit's raw features ``[n, F]`` (float32) and labels ``[n]`` (class indices), read
-    by the source that described it (``Source.read_unit``)."""
+    """One read unit's raw inputs ``[n, *raw_shape]`` and labels ``[n]`` (class indices), read by the
+    source that described it (``Source.read_unit``)."""
     return SOURCES.get(stream.source).read_unit(stream, path, row_group)
 
 
 def _reader(stream: streaming.StreamSpec, split: int, seed: Optional[int], epoch: int, bagging: bool):
     pipeline = Pipeline.from_dict(stream.preprocessing)
+    source = SOURCES.get(stream.source)
 
     def read(batch: Dict[str, np.ndarray]):
         for path, group in zip(batch["path"], batch["row_group"]):
             x, y = read_unit(stream, str(path), int(group))
             keys = streaming.row_keys(x, y)
-            keep = streaming.assign_split(keys, stream.val_fraction, stream.test_fraction, stream.split_seed) == split
+            keep = source.split_of(stream, str(path), keys) == split
             x, y, keys = x[keep], y[keep], keys[keep]
             if seed is not None:  # training: the member's bootstrap sample, its rows in a per-epoch order
                 if bagging:
@@ -72,7 +75,8 @@ def _dataset(stream: streaming.StreamSpec, split: int, seed: Optional[int], epoc
     if not ray.is_initialized():  # Ray Data would start (or join) a cluster of its own
         raise RuntimeError(f"data={stream.source} streams through Ray Data inside a Ray cluster; this process "
                            "is not connected to one (members run as Ray tasks)")
-    units = [{"path": p, "row_group": g} for p, g, _ in stream.units]
+    source = SOURCES.get(stream.source)
+    units = [{"path": p, "row_group": g} for p, g, _ in stream.units if split in source.unit_splits(stream, p)]
     if seed is not None:
         order = np.random.default_rng([seed, epoch]).permutation(len(units))
         units = [units[i] for i in order]

@@ -1,7 +1,8 @@
 """Data sets larger than memory: what a streaming source hands the members instead of tensors.
 
-A streaming source (``data=parquet``; ``data.streaming=true``) is read once on the driver, batch by
-batch with ``pyarrow`` (no Ray yet, bounded memory), to check the values, find the classes, fit the
+A streaming source (``data=parquet``; ``data=arrays`` / ``data=image_folder`` with
+``data.streaming=true``) is read once on the driver, unit by unit (a parquet row group, a slice of
+an ``.npz`` array's rows, a chunk of image files; no Ray yet, bounded memory), to check the values, find the classes, fit the
 preprocessing on the training split and count the splits. It returns a :class:`StreamingBundle`:
 the same facts a :class:`~ensemble_service.data.DataBundle` has (shape, classes, class names, the
 fitted pipeline, split sizes, and the validation and test *labels*), plus :class:`StreamSpec`, the
@@ -11,11 +12,16 @@ reads its epochs itself through Ray Data (``ensemble_service.data.raydata``) and
 
 Rows are identified by their content. :func:`row_keys` hashes each row's raw feature values (as
 float32 bits) and its label to a 64-bit key, identically on the driver and in every Ray Data task
-whatever the file layout or read order. The key decides
+whatever the file layout or read order: column by column (splitmix64) for rows of up to
+:data:`WIDE_ROW` values (a table's columns), per row with BLAKE2b (8-byte digest of the row's
+float32 bytes) for wider rows (images, long arrays), where a Python loop over the columns would be
+slow. The key decides
 
 * the split: ``u = key / 2**64`` (mixed with ``data.split_seed``); test if ``u < test_fraction``,
   validation if ``u < test_fraction + val_fraction``, else training. Not stratified (the in-memory
-  sources stratify); identical rows always land in the same split;
+  sources stratify); identical rows always land in the same split. A source with ready-made splits
+  (an ``.npz``'s ``x_val``/``x_test``) puts those units wholly in their split and draws only the
+  others' rows, with the fraction of a given split set to 0 (``Source.split_of``);
 * bagging: each training row appears ``Poisson(1)`` times in a member's sample, the count drawn from
   the key and the member's seed (the streaming form of a bootstrap sample: about 63.2% of the rows,
   some repeated, the same sample every epoch);
@@ -28,7 +34,8 @@ module is the pure part (NumPy): row keys, splits, bootstrap counts, statistics.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
@@ -52,13 +59,22 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z
 
 
+#: rows with more raw values than this are hashed per row (BLAKE2b), not column by column
+WIDE_ROW = 1024
+
+
 def row_keys(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """uint64 ``[B]``: a hash of each row's raw features (float32 bits) and its label."""
     bits = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1)).view(np.uint32)
-    h = np.full(len(bits), 0x243F6A8885A308D3, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for j in range(bits.shape[1]):
-            h = _mix(h ^ (bits[:, j].astype(np.uint64) + _GOLDEN * np.uint64(j + 1)))
+        if bits.shape[1] > WIDE_ROW:
+            digests = b"".join(hashlib.blake2b(row.astype("<u4", copy=False).tobytes(), digest_size=8).digest()
+                               for row in bits)
+            h = np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+        else:
+            h = np.full(len(bits), 0x243F6A8885A308D3, dtype=np.uint64)
+            for j in range(bits.shape[1]):
+                h = _mix(h ^ (bits[:, j].astype(np.uint64) + _GOLDEN * np.uint64(j + 1)))
         h = _mix(h ^ (np.asarray(y).astype(np.int64).astype(np.uint64) + np.uint64(0x13198A2E03707344)))
     return h
 
@@ -92,9 +108,9 @@ def poisson_counts(keys: np.ndarray, seed: int) -> np.ndarray:
 @dataclass(frozen=True)
 class StreamSpec:
     """Where the rows are and how a raw row becomes a model input (plain values: picklable)."""
-    source: str                         # the data source ("parquet")
-    uri: str                            # data.path as given (a path or an object-store URI)
-    units: Tuple[Tuple[str, int, int], ...]   # (file, row group, rows): what one read task reads
+    source: str                         # the data source ("parquet", "arrays", "image_folder")
+    uri: str                            # data.path / data.root (a path or an object-store URI)
+    units: Tuple[Tuple[str, int, int], ...]   # (file or array, unit, rows): what one read task reads
     features: Tuple[str, ...]
     target: str
     classes: Tuple[Any, ...]            # target value of class i
@@ -103,6 +119,7 @@ class StreamSpec:
     test_fraction: float
     split_seed: int
     read_tasks: int = 1                 # concurrent Ray Data read tasks per member
+    extra: Dict[str, Any] = field(default_factory=dict)   # what else the source's read_unit needs
 
 
 def is_streaming(data: Any) -> bool:
@@ -125,9 +142,9 @@ class Moments:
         self.n, self.mean, self.m2 = 0, None, None
 
     def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-        if not len(x):
+        if not len(x):  # (a unit without training rows: reshape(0, -1) would fail)
             return
+        x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
         n_b, mean_b = len(x), x.mean(0)
         m2_b = ((x - mean_b) ** 2).sum(0)
         if self.mean is None:
