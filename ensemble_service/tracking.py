@@ -147,8 +147,16 @@ class EnsembleTracker:
             if EXPERIMENT_KIND_TAG not in (exp.tags or {}):  # one made elsewhere (or before this tag was set)
                 self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri),
-                                             tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri),
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException as exc:  # another submit (a sweep's other job) created it since the lookup
+            exp = self.client.get_experiment_by_name(name) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     # -- runs -------------------------------------------------------------
     @uninterrupted

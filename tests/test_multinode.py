@@ -298,6 +298,29 @@ def test_a_users_project_runs_as_the_job_on_a_head_started_from_the_virtualenv(s
     assert client.get_registered_model("users-project").name == "users-project"
 
 
+def test_a_sweep_on_a_remote_cluster_is_one_job_per_combination_with_one_sweep_tag(stack):
+    from ensemble_service import names
+
+    proc = cli("submit", "--multirun", "--address", stack["address"], "--wait", "data=digits", "model=mlp",
+               "strategy.members=2", "trainer.epochs=1,2", "cluster.cpus_per_member=1",
+               f"tracking.uri={stack['tracking']}", "tracking.experiment=remote-sweep", "tracking.sweep=rs1",
+               "tracking.model_name=remote-sweep", f"cluster.storage=s3://{CHECKPOINTS}/remote-sweep", timeout=400)
+    if proc.returncode != 0:  # the failed job's own log says why
+        import re
+
+        failed = re.findall(r"job (raysubmit_\w+) FAILED", proc.stdout)
+        logs = "".join(cli("logs", j, "--address", stack["address"]).stdout[-3000:] for j in failed)
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-1000:] + logs)
+    assert proc.stdout.count("submitted job ") == 2 and proc.stdout.count(" SUCCEEDED") == 2, proc.stdout
+    client = MlflowClient(stack["tracking"])
+    parents, members = experiment_runs(client, "remote-sweep")
+    assert len(parents) == 2 and len(members) == 4
+    assert {p.info.status for p in parents} == {"FINISHED"}
+    assert {p.data.tags[names.TAG_SWEEP] for p in parents} == {"rs1"}
+    epochs = sorted(int(p.data.params["trainer.epochs"]) for p in parents)
+    assert epochs == [1, 2]
+
+
 def test_cancelled_job_leaves_runs_killed(stack):
     client = MlflowClient(stack["tracking"])
     overrides = [*TRAIN, "strategy.members=2", "trainer.epochs=200", f"tracking.uri={stack['tracking']}",

@@ -149,3 +149,23 @@ def test_an_existing_experiment_without_a_kind_is_marked_model_training(tmp_path
     client.set_experiment_tag(exp_id, "mlflow.experimentKind", "genai_development")   # someone's own choice stays
     EnsembleTracker(uri, "older")
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_an_experiment_created_by_another_submit_after_the_lookup_is_joined(tmp_path, monkeypatch):
+    """Two jobs of a sweep start at once: both look the experiment up, find none and create it;
+    the second create fails in the store (RESOURCE_ALREADY_EXISTS) and must join the first's."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    other = MlflowClient(uri)
+    lookup = MlflowClient.get_experiment_by_name
+    calls = []
+
+    def racing_lookup(self, name):
+        calls.append(name)
+        if len(calls) == 1:   # this submit's lookup: not there yet; the other submit creates it now
+            other.create_experiment(name)
+            return None
+        return lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", racing_lookup)
+    tracker = EnsembleTracker(uri, "sweep-exp")
+    assert tracker.experiment_id == lookup(other, "sweep-exp").experiment_id and len(calls) == 2
