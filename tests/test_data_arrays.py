@@ -181,3 +181,20 @@ def test_values_beyond_float32_are_an_error(tmp_path):
     # finite as float64, infinite as the model's float32
     x = np.concatenate([np.full((1, 2), -1e300), np.zeros((9, 2))])
     one_line(_error(tmp_path, x=x, y=np.arange(10) % 2), "bad.npz", "split has 2 input value(s) beyond float32's range")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_labels_that_leave_classes_empty_are_refused_unless_named(tmp_path, streaming):
+    x = np.random.default_rng(1).normal(size=(90, 4)).astype(np.float32)
+    shifted = np.arange(90) % 3 + 5                      # 5, 6, 7: classes 0..4 would have no sample
+    with pytest.raises(DataError) as err:
+        load(_cfg(write_npz(tmp_path / "s.npz", x=x, y=shifted), streaming=streaming))
+    one_line(err, "s.npz", "has labels up to 7 but no sample of class(es) 0, 1, 2, 3, 4", "labels must be 0..C-1")
+    gaps = (np.arange(90) % 3) * 2                       # 0, 2, 4
+    with pytest.raises(DataError) as err:
+        load(_cfg(write_npz(tmp_path / "g.npz", x=x, y=gaps), streaming=streaming))
+    one_line(err, "has labels up to 4 but no sample of class(es) 1, 3")
+    # the user names five classes: 1 and 3 are declared, just without samples
+    named = load(_cfg(write_npz(tmp_path / "n.npz", x=x, y=gaps, class_names=np.array(list("abcde"))),
+                      streaming=streaming))
+    assert named.num_classes == 5

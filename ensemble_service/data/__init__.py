@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from ensemble_service.data.base import (
-    SOURCES, DataBundle, DataConfig, DataError, DatasetInfo, Raw, Source, as_config, register_source,
+    SOURCES, DataBundle, DataConfig, DataError, DatasetInfo, Raw, Source, as_config, check_classes_present,
+    register_source,
 )
 from ensemble_service.data.preprocess import Pipeline, PreprocessError
 from ensemble_service.data.splits import bootstrap_indices, check_fraction, check_seed, count, split
@@ -147,6 +148,8 @@ def load(cfg: Union[DataConfig, dict]) -> Union[DataBundle, StreamingBundle]:
     present = np.unique(np.concatenate([np.asarray(y).ravel() for _, y in splits.values()]))
     if len(present) < 2:  # e.g. every label is 1: two classes by count, one in the data
         raise DataError(f"'{name}' has samples of only 1 class (label {present[0]}); a classifier needs at least 2")
+    if raw.num_classes is None and raw.class_names is None:
+        check_classes_present(present, num_classes, f"'{name}'")
     if raw.class_names is not None and len(raw.class_names) != num_classes:
         if raw.num_classes is None and len(raw.class_names) > num_classes:
             num_classes = len(raw.class_names)  # classes without samples still have names

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ensemble_service.data import npz
-from ensemble_service.data.base import DataError
+from ensemble_service.data.base import DataError, check_classes_present
 from ensemble_service.data.preprocess import Pipeline
 from ensemble_service.data.streamed import StreamingBundle
 from ensemble_service.data.streaming import TEST, TRAIN, VAL, Moments, StreamSpec, assign_split, row_keys
@@ -200,6 +200,8 @@ def load_stream(cfg, labels: Callable, class_names_of: Callable) -> StreamingBun
         if counts[s] == 0:
             raise DataError(f"{where}: no {name} rows out of {n} (x's rows are split by a hash of their content); "
                             "add rows or raise data.val_fraction / data.test_fraction")
+    if class_names is None:
+        check_classes_present(present, num_classes, where)
     if class_names is not None and len(class_names) != num_classes:
         if len(class_names) > num_classes:
             num_classes = len(class_names)  # classes without samples still have names

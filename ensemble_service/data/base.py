@@ -152,6 +152,19 @@ def table_features(columns: List[str], target: str, features: Optional[List[str]
     return features
 
 
+def check_classes_present(present, num_classes: int, where: str) -> None:
+    """Labels are class indices 0..C-1: a class below the largest label with no sample anywhere
+    (labels 5..7, or 0, 2, 4) means the labels were not remapped, and a model would learn empty
+    classes. ``present``: the distinct labels over every split; call it only where the classes
+    come from the labels alone (no class names, no count from the source)."""
+    missing = sorted(set(range(int(num_classes))) - {int(v) for v in present})
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        raise DataError(f"{where} has labels up to {int(num_classes) - 1} but no sample of class(es) {shown}; labels "
+                        "must be 0..C-1 (remap them, e.g. y = numpy.unique(y, return_inverse=True)[1]), or list "
+                        "every class in class_names")
+
+
 def register_source(cls: Type[Source]) -> Type[Source]:
     """Class decorator: register one instance of ``cls`` under ``cls.name``."""
     SOURCES.add(cls.name, cls())
