@@ -489,8 +489,10 @@ def _validate_schedule(cfg: Config) -> None:
                           f"strategy={cfg.strategy.name} sets its own learning rate (use trainer.schedule=constant "
                           "trainer.warmup_epochs=0)")
     for ms in model_variants(cfg):
+        where = "trainer.epochs" if ms.where == "model" else f"{ms.where}.trainer.epochs"
+        if isinstance(ms.epochs, bool) or not isinstance(ms.epochs, int) or ms.epochs < 1:
+            raise ConfigError(f"{where} must be at least 1, got {ms.epochs}")
         if t.warmup_epochs >= ms.epochs:
-            where = "trainer.epochs" if ms.where == "model" else f"{ms.where}.trainer.epochs"
             raise ConfigError(f"trainer.warmup_epochs ({t.warmup_epochs}) must be below {where} ({ms.epochs})")
 
 

@@ -141,6 +141,7 @@ def test_growing_twice_keeps_every_earlier_member(tmp_path):
     (("bad", 1, ["data.split_seed=1"]), "the data set differs from the one bad/versions/1 was trained on"),
     (("bad", 1, ["strategy.members=9"]), "grow keeps the ensemble's strategy"),
     (("bad", 1, ["trainer.epochs=x"]), "bad value for trainer.epochs"),
+    (("bad", 1, ["trainer.epochs=-3"]), "trainer.epochs must be at least 1, got -3"),
 ])
 def test_grow_bad_input_is_one_line_and_leaves_no_run(tmp_path, args, message):
     submit(tmp_path, "bad", "strategy.members=1")
