@@ -48,6 +48,11 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 member', '3 members'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -122,7 +127,8 @@ class ProgressObserver:
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         store = resources.get("object_store_memory", 0) / 2 ** 20
         self.progress.console.print(
-            f"ensemble {plan.ensemble_id}: {len(plan.slots)} members from {len(plan.tasks)} Ray tasks, "
+            f"ensemble {plan.ensemble_id}: {_count(len(plan.slots), 'member')} from "
+            f"{_count(len(plan.tasks), 'Ray task')}, "
             f"strategy '{plan.strategy}' on '{plan.data}'; Ray cluster with {cpus:g} CPUs, {gpus:g} GPUs, "
             f"{store:.0f} MiB object store", highlight=False)
         self.tasks, self.done = {}, set()   # a sweep runs one plan after another through one observer
@@ -294,7 +300,9 @@ def _on_ray(cluster_address: Optional[str], work):
         fail(str(exc))
     except EnsembleFailed as exc:
         fail(str(exc), EXIT_FAILED)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if interrupt.signum is None and isinstance(exc, SystemExit) and exc.code in (signal.SIGINT, signal.SIGTERM):
+            interrupt.signum = int(exc.code)  # Ray's own handler, active while ray.init runs: sys.exit(signum)
         closed = (f"its {observer.killed} MLflow runs were marked KILLED" if observer.killed
                   else "no MLflow run had been created")
         fail(f"interrupted by {interrupt.name}; {closed}", interrupt.exit_code)

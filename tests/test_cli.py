@@ -327,3 +327,21 @@ def test_ui_opens_the_newest_finished_ensemble_not_a_newer_stopped_one(tmp_path)
     lines = ui_pages(uri, "http://h:1", None, None)
     assert f"(parent run {ids['e-new']})" in lines[1] and killed not in " ".join(lines)
     assert f"(parent run {killed})" in ui_pages(uri, "http://h:1", None, killed)[1]   # asked for: still opened
+
+
+def test_sigterm_while_ray_starts_is_reported_as_sigterm(capsys):
+    """While ray.init runs, Ray's own SIGTERM handler is in place and calls sys.exit(15): the
+    command still says SIGTERM and exits 143 (it said SIGINT, 130)."""
+    import signal
+
+    import typer
+
+    from ensemble_service import cli as cli_module
+
+    def work(observer):
+        raise SystemExit(signal.SIGTERM)
+
+    with pytest.raises(typer.Exit) as exit_info:
+        cli_module._on_ray(None, work)
+    assert exit_info.value.exit_code == 143
+    assert "interrupted by SIGTERM; no MLflow run had been created" in capsys.readouterr().err

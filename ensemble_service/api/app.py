@@ -14,7 +14,7 @@ over ``max_body_bytes`` is answered 413 before it is parsed; a body that stops a
 closed; more than ``max_members`` members, ``max_batch_items`` items or ``max_classes``
 classes is a 422, and so is a body that cannot be read (bad JSON, a ``.npy`` file that is not one,
 is truncated or holds non-numbers: ``api/codec.py``). Every 4xx body is
-``{"detail": "<field>: <problem>", "field": "<field>"}`` (``path`` for an unknown route,
+``{"detail": "<problem>", "field": "<field>"}``, the detail starting with the field (``path`` for an unknown route,
 ``http_method`` for a 405); a bad request never gets a 500.
 
 POST ``/v1/ensembles/{name}/predict`` goes from the body limit straight to its handler
