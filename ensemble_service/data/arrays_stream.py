@@ -19,13 +19,14 @@ import math
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
-import torch
 
 from ensemble_service.data import npz
-from ensemble_service.data.base import DataError, check_classes_present
+from ensemble_service.data.base import DataError, check_classes_present, check_split_counts
 from ensemble_service.data.preprocess import Pipeline
 from ensemble_service.data.streamed import StreamingBundle
-from ensemble_service.data.streaming import TEST, TRAIN, VAL, Moments, StreamSpec, assign_split, row_keys
+from ensemble_service.data.streaming import (
+    TEST, TRAIN, VAL, Moments, StreamSpec, assign_split, labels_in_key_order, row_keys,
+)
 
 SPLIT_KEYS = (("x", "y"), ("x_val", "y_val"), ("x_test", "y_test"))
 UNIT_BYTES = 8 * 2 ** 20      # a read unit's model inputs (float32), when data.rows_per_unit is not set
@@ -192,14 +193,7 @@ def load_stream(cfg, labels: Callable, class_names_of: Callable) -> StreamingBun
     if len(present) < 2:
         raise DataError(f"{where}: samples of only {len(present)} class(es) (labels {sorted(present)}); "
                         "a classifier needs at least 2")
-    n = sum(counts.values())
-    if counts[TRAIN] == 0:
-        raise DataError(f"{where}: the split leaves no training rows out of {n}; lower data.val_fraction / "
-                        "data.test_fraction")
-    for s, name in ((VAL, "validation"), (TEST, "test")):
-        if counts[s] == 0:
-            raise DataError(f"{where}: no {name} rows out of {n} (x's rows are split by a hash of their content); "
-                            "add rows or raise data.val_fraction / data.test_fraction")
+    check_split_counts(counts, where, val_fraction, test_fraction)
     if class_names is None:
         check_classes_present(present, num_classes, where)
     if class_names is not None and len(class_names) != num_classes:
@@ -214,12 +208,7 @@ def load_stream(cfg, labels: Callable, class_names_of: Callable) -> StreamingBun
         ops = [{"op": "standardize", "mode": "feature", "mean": moments.mean.tolist(), "std": std.tolist()}]
     pipeline = Pipeline(shape, ops)
 
-    def ordered(parts):
-        keys = np.concatenate([k for k, _ in parts])
-        y = np.concatenate([v for _, v in parts])
-        return torch.from_numpy(y[np.argsort(keys, kind="stable")].astype(np.int64))
-
     return StreamingBundle(name="arrays", input_shape=tuple(pipeline.input_shape), num_classes=num_classes,
-                           y_val=ordered(held[VAL]), y_test=ordered(held[TEST]), stream=spec(pipeline.to_dict()),
+                           y_val=labels_in_key_order(held[VAL]), y_test=labels_in_key_order(held[TEST]), stream=spec(pipeline.to_dict()),
                            train_size=counts[TRAIN], class_names=class_names, preprocessing=pipeline.to_dict(),
                            label=label)

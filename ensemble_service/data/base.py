@@ -165,6 +165,21 @@ def check_classes_present(present, num_classes: int, where: str) -> None:
                         "every class in class_names")
 
 
+def check_split_counts(counts: Dict[int, int], where: str, val_fraction: float, test_fraction: float,
+                       what: str = "rows") -> None:
+    """A one-line DataError when the content-hash split left a split without ``what`` (rows, images)."""
+    from ensemble_service.data.streaming import TEST, TRAIN, VAL
+
+    n = sum(counts.values())
+    if counts[TRAIN] == 0:
+        raise DataError(f"{where}: val_fraction={val_fraction} and test_fraction={test_fraction} leave no "
+                        f"training {what} out of {n}; lower them")
+    for s, name in ((VAL, "validation"), (TEST, "test")):
+        if counts[s] == 0:
+            raise DataError(f"{where}: no {name} {what} out of {n} ({what} are split by a hash of their content); "
+                            f"add {what} or raise data.val_fraction / data.test_fraction")
+
+
 def register_source(cls: Type[Source]) -> Type[Source]:
     """Class decorator: register one instance of ``cls`` under ``cls.name``."""
     SOURCES.add(cls.name, cls())

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
-import torch
 
-from ensemble_service.data.base import DataError
+from ensemble_service.data.base import DataError, check_split_counts
 from ensemble_service.data.preprocess import PreprocessError, decode_image, image_pipeline
 from ensemble_service.data.streamed import StreamingBundle
-from ensemble_service.data.streaming import TEST, TRAIN, VAL, StreamSpec, assign_split, row_keys
+from ensemble_service.data.streaming import (
+    TEST, TRAIN, VAL, StreamSpec, assign_split, labels_in_key_order, row_keys,
+)
 
 UNIT_BYTES = 8 * 2 ** 20      # a read unit's model inputs (float32), when data.rows_per_unit is not set
 UNIT = "images"               # the units' "path": one list of files
@@ -78,21 +79,9 @@ def load_stream(cfg, given: Path, classes: List[Tuple[str, List[Path]]], channel
             counts[s] += int((split == s).sum())
         for s in held:
             held[s].append((keys[split == s], y[split == s]))
-    where, n = f"data.root={cfg.root}", len(files)
-    if counts[TRAIN] == 0:
-        raise DataError(f"{where}: val_fraction={val_fraction} and test_fraction={test_fraction} leave no "
-                        f"training images out of {n}; lower them")
-    for s, name in ((VAL, "validation"), (TEST, "test")):
-        if counts[s] == 0:
-            raise DataError(f"{where}: no {name} images out of {n} (images are split by a hash of their content); "
-                            "add images or raise data.val_fraction / data.test_fraction")
-
-    def ordered(parts):
-        keys = np.concatenate([k for k, _ in parts])
-        y = np.concatenate([v for _, v in parts])
-        return torch.from_numpy(y[np.argsort(keys, kind="stable")].astype(np.int64))
+    check_split_counts(counts, f"data.root={cfg.root}", val_fraction, test_fraction, "images")
 
     return StreamingBundle(name="image_folder", input_shape=tuple(pipeline.input_shape), num_classes=len(classes),
-                           y_val=ordered(held[VAL]), y_test=ordered(held[TEST]), stream=stream,
+                           y_val=labels_in_key_order(held[VAL]), y_test=labels_in_key_order(held[TEST]), stream=stream,
                            train_size=counts[TRAIN], class_names=[name for name, _ in classes],
                            preprocessing=pipeline.to_dict(), label=f"image_folder:{given.name}")

@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 
-from ensemble_service.data.base import DataConfig, DataError, Raw, Source, register_source, table_features
+from ensemble_service.data.base import (
+    DataConfig, DataError, Raw, Source, check_split_counts, register_source, table_features,
+)
 from ensemble_service.data.preprocess import Pipeline
 from ensemble_service.data.streamed import StreamingBundle
-from ensemble_service.data.streaming import TEST, TRAIN, VAL, Moments, StreamSpec, assign_split, row_keys
+from ensemble_service.data.streaming import (
+    TEST, TRAIN, VAL, Moments, StreamSpec, assign_split, labels_in_key_order, row_keys,
+)
 
 
 @dataclass
@@ -237,14 +240,7 @@ class Parquet(Source):
                 counts[s] += int((split == s).sum())
             for s in held:
                 held[s].append((keys[split == s], y[split == s]))
-        n = sum(counts.values())
-        if counts[TRAIN] == 0:
-            raise DataError(f"{where}: val_fraction={val_fraction} and test_fraction={test_fraction} leave no "
-                            f"training rows out of {n}; lower them")
-        for s, name in ((VAL, "validation"), (TEST, "test")):
-            if counts[s] == 0:
-                raise DataError(f"{where}: no {name} rows out of {n} (rows are split by a hash of their content); "
-                                "add rows or raise data.val_fraction / data.test_fraction")
+        check_split_counts(counts, where, val_fraction, test_fraction)
         ops = []
         if cfg.standardize:
             std = moments.std()
@@ -255,13 +251,8 @@ class Parquet(Source):
                             tuple(classes.tolist()), pipeline.to_dict(), val_fraction, test_fraction, seed,
                             int(cfg.read_tasks))
 
-        def ordered(parts):
-            keys = np.concatenate([k for k, _ in parts])
-            y = np.concatenate([v for _, v in parts])
-            return torch.from_numpy(y[np.argsort(keys, kind="stable")].astype(np.int64))
-
         return StreamingBundle(name="parquet", input_shape=(len(features),), num_classes=len(classes),
-                               y_val=ordered(held[VAL]), y_test=ordered(held[TEST]), stream=stream,
+                               y_val=labels_in_key_order(held[VAL]), y_test=labels_in_key_order(held[TEST]), stream=stream,
                                train_size=counts[TRAIN], class_names=[_class_name(v) for v in classes.tolist()],
                                preprocessing=pipeline.to_dict(), label=f"parquet:{_label(cfg.path)}")
 

@@ -158,3 +158,12 @@ class Moments:
 
     def std(self) -> np.ndarray:
         return np.sqrt(self.m2 / max(self.n, 1))
+
+
+def labels_in_key_order(parts: Sequence[Tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
+    """The labels of ``parts`` (each a unit's row keys and labels) sorted by row key: the order in
+    which every member returns its validation and test predictions."""
+    keys = np.concatenate([k for k, _ in parts])
+    y = np.concatenate([v for _, v in parts])
+    return torch.from_numpy(y[np.argsort(keys, kind="stable")].astype(np.int64))
+
