@@ -24,7 +24,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import typer
 from rich.console import Console
@@ -950,9 +950,7 @@ def _load_inputs(path: Path) -> Dict[str, Any]:
             fail(f"cannot read {path} as CSV: {' '.join(str(exc).split())[:200]}")
         # rows as {column: value}: the ensemble picks its feature columns by name (others are ignored)
         return {"inputs": json.loads(frame.to_json(orient="records"))}
-    if suffix == ".npy":  # sent as it is: a .npy body (application/x-npy), not JSON
-        import io
-
+    if suffix == ".npy":  # sent as a .npy body (application/x-npy), not JSON
         import numpy as np
 
         try:
@@ -961,9 +959,7 @@ def _load_inputs(path: Path) -> Dict[str, Any]:
             fail(f"cannot read {path} as a NumPy array: {str(exc).splitlines()[0]}")
         if arr.dtype.kind not in "biuf":
             fail(f"{path} holds {arr.dtype} values; inputs must be numbers")
-        buf = io.BytesIO()
-        np.save(buf, arr, allow_pickle=False)
-        return {"npy": buf.getvalue()}
+        return {"npy": arr}
     if suffix == ".json":
         try:
             data = json.loads(path.read_text())
@@ -1111,16 +1107,18 @@ def predict(
     method: Optional[str] = typer.Option(None, help="mean, vote, weighted or logit_mean (default: mean)."),
     url: str = typer.Option(os.environ.get("ENSEMBLE_URL", DEFAULT_URL), help="Base URL of `ensemble serve`."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole response as JSON instead of the labels."),
-    timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for the answer."),
+    timeout: float = typer.Option(60.0, min=0.1, help="Seconds to wait for each answer."),
+    batch_rows: int = typer.Option(1024, min=1, help="Send the inputs in requests of at most this many rows "
+                                                     "(the server's --max-batch-items, default 1024); the answers "
+                                                     "are joined in order."),
 ) -> None:
     """Ask a running `ensemble serve` for the labels of the inputs in FILES (one label per line, with
     the class name when the ensemble knows it). Inputs are raw, in the training data's format: the
-    ensemble applies its own preprocessing. The API key, when the server has them, comes from
-    ENSEMBLE_API_KEY."""
+    ensemble applies its own preprocessing. More rows than --batch-rows go in several requests. The
+    API key, when the server has them, comes from ENSEMBLE_API_KEY."""
     from urllib.parse import quote
 
     import httpx
-
 
     images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if images and len(images) != len(files):
@@ -1130,40 +1128,82 @@ def predict(
     endpoint = f"{url.rstrip('/')}/v1/ensembles/{quote(name, safe='@/')}/predict"
     key = os.environ.get("ENSEMBLE_API_KEY", "").strip()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        if images:
-            for f in images:
-                if not f.is_file():
-                    fail(f"no such file: {f}")
-            form = {"method": method} if method is not None else {}
-            resp = httpx.post(endpoint, files=[("files", (f.name, f.read_bytes())) for f in images], data=form,
+    if images:
+        for f in images:
+            if not f.is_file():
+                fail(f"no such file: {f}")
+        form = {"method": method} if method is not None else {}
+        rows: Any = images
+
+        def send(part):
+            return httpx.post(endpoint, files=[("files", (f.name, f.read_bytes())) for f in part], data=form,
                               timeout=timeout, headers=headers)
-        else:
-            body = _load_inputs(files[0])
-            if "npy" in body:  # the binary path: the array as a .npy body, the other fields as query parameters
-                resp = httpx.post(endpoint, content=body["npy"], params={"method": method} if method else None,
+    else:
+        body = _load_inputs(files[0])
+        if "npy" in body:  # the binary path: the array as a .npy body, the other fields as query parameters
+            rows = body["npy"] if body["npy"].ndim else body["npy"].reshape(1)
+
+            def send(part):
+                return httpx.post(endpoint, content=_npy_bytes(part), params={"method": method} if method else None,
                                   timeout=timeout, headers={**headers, "content-type": "application/x-npy"})
-            else:
-                if method is not None:
-                    body["method"] = method
-                resp = httpx.post(endpoint, json=body, timeout=timeout, headers=headers)
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach {url}: {exc}", EXIT_FAILED)
-    try:
-        data = resp.json()
-    except ValueError:
-        data = {"detail": resp.text[:500]}
-    if resp.status_code != 200:
-        detail = data.get("detail") if isinstance(data, dict) else data
-        if resp.status_code == 401:
-            detail = f"{detail} ({'check' if key else 'set'} ENSEMBLE_API_KEY)"
-        fail(f"{resp.status_code}: {detail}", 2 if 400 <= resp.status_code < 500 else EXIT_FAILED)
+        else:
+            if method is not None:
+                body["method"] = method
+            rows = body["inputs"] if isinstance(body["inputs"], list) else [body["inputs"]]
+            whole = not isinstance(body["inputs"], list)  # not a list: sent as it is (the server says what is wrong)
+
+            def send(part):
+                return httpx.post(endpoint, json=body if whole else {**body, "inputs": part}, timeout=timeout,
+                                  headers=headers)
+    answers = []
+    for start in range(0, max(len(rows), 1), batch_rows):
+        part = rows[start:start + batch_rows]
+        try:
+            resp = send(part)
+        except httpx.HTTPError as exc:
+            fail(f"cannot reach {url}: {exc}", EXIT_FAILED)
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {"detail": resp.text[:500]}
+        if resp.status_code != 200:
+            detail = data.get("detail") if isinstance(data, dict) else data
+            if resp.status_code == 401:
+                detail = f"{detail} ({'check' if key else 'set'} ENSEMBLE_API_KEY)"
+            where = f" (rows {start}-{start + len(part) - 1})" if len(rows) > batch_rows else ""
+            fail(f"{resp.status_code}{where}: {detail}", 2 if 400 <= resp.status_code < 500 else EXIT_FAILED)
+        answers.append((len(part), data))
+    data = _join_answers(answers)
     if as_json:
         console.print_json(json.dumps(data))
         return
     names = data.get("class_names")
     for i, label in enumerate(data["labels"]):
         typer.echo(f"{label}\t{names[i]}" if names else label)
+
+
+def _npy_bytes(arr) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _join_answers(answers: List[Tuple[int, Dict[str, Any]]]) -> Dict[str, Any]:
+    """One predict answer from the answers of consecutive chunks ((rows, answer) each): the per-row
+    lists joined in order (``members``, member x row, joined per member); the rest from the first."""
+    if len(answers) == 1:
+        return answers[0][1]
+    out = dict(answers[0][1])
+    for k, v in out.items():
+        if k == "members" and isinstance(v, list):
+            out[k] = [[row for _, a in answers for row in a[k][m]] for m in range(len(v))]
+        elif isinstance(v, list) and len(v) == answers[0][0]:
+            out[k] = [item for _, a in answers for item in a[k]]
+    return out
 
 
 def main() -> None:

@@ -804,6 +804,29 @@ def test_real_uvicorn_server_and_predict_command(live_server, store, tmp_path):
     r = runner.invoke(app, ["predict", "alpha", str(tmp_path / "bad.npy"), "--url", live_server])
     assert r.exit_code == 2 and "422" in r.output and "inputs" in r.output
 
+    # more rows than one request takes: sent in chunks, the answers joined in order
+    assert len(x) >= 5
+    r = runner.invoke(app, ["predict", "alpha", str(tmp_path / "x.npy"), "--method", "vote", "--url", live_server,
+                            "--batch-rows", "2"])
+    assert r.exit_code == 0, r.output
+    assert [int(v) for v in r.output.split()] == body["labels"]
+    (tmp_path / "m.json").write_text(json.dumps({"inputs": _inputs(x), "return_members": True}))
+    whole = runner.invoke(app, ["predict", "alpha", str(tmp_path / "m.json"), "--url", live_server, "--json"])
+    parts = runner.invoke(app, ["predict", "alpha", str(tmp_path / "m.json"), "--url", live_server, "--json",
+                                "--batch-rows", "2"])
+    assert whole.exit_code == 0 and parts.exit_code == 0, parts.output
+    whole, parts = json.loads(whole.output), json.loads(parts.output)
+    assert parts["labels"] == whole["labels"] and len(parts["labels"]) == len(x)
+    assert np.allclose(parts["probabilities"], whole["probabilities"], atol=1e-6)
+    assert np.asarray(parts["members"]).shape == np.asarray(whole["members"]).shape
+    assert np.allclose(parts["members"], whole["members"], atol=1e-6)
+    # a bad chunk names its rows
+    np.save(tmp_path / "half_bad.npy", np.concatenate([x.numpy().reshape(len(x), -1)[:2],
+                                                      np.full((2, 64), np.nan, np.float32)]))
+    r = runner.invoke(app, ["predict", "alpha", str(tmp_path / "half_bad.npy"), "--url", live_server,
+                            "--batch-rows", "2"])
+    assert r.exit_code == 2 and "422 (rows 2-3)" in r.output, r.output
+
 
 def _raw_request(url: str, head: bytes, body: bytes, pause: float = 0.0, rest: bytes = b"") -> tuple:
     """Send ``head`` + ``body`` on a raw socket, optionally ``rest`` after ``pause`` seconds; then
