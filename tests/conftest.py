@@ -59,3 +59,18 @@ def s3(s3_server, monkeypatch, request):
     name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:50].strip("-") + "-b"
     s3_server.create_bucket(name)
     return Bucket(s3_server, name)
+
+
+@pytest.fixture(scope="module")
+def ray_here():
+    """A Ray cluster for streaming tests: the session's one if this process is already connected (a
+    test that ran `ensemble submit` in-process may have stopped it), else a private one stopped
+    afterwards. Ray Data must never start one on its own."""
+    from ensemble_service import scheduler
+    from ensemble_service.config import ClusterConfig
+
+    started = not scheduler.is_connected()
+    scheduler.connect(ClusterConfig(num_cpus=2, num_gpus=0))
+    yield
+    if started:
+        scheduler.shutdown()

@@ -170,20 +170,6 @@ class Stop(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def ray_here():
-    """A Ray cluster for this module's members to stream through: the session's when it is still
-    connected (a test that ran `ensemble submit` in-process may have stopped it), else a private one
-    that is stopped afterwards. Ray Data must never start one on its own."""
-    from ensemble_service import scheduler
-    from ensemble_service.config import ClusterConfig
-
-    started = not scheduler.is_connected()
-    scheduler.connect(ClusterConfig(num_cpus=2, num_gpus=0))
-    yield
-    if started:
-        scheduler.shutdown()
-
 
 @pytest.mark.slow
 def test_a_streaming_member_resumes_like_an_uninterrupted_run(ray_here, pq_dir, tmp_path):

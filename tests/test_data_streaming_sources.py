@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import zipfile
 
 import numpy as np
 import pytest
@@ -284,18 +283,6 @@ def test_streaming_arrays_and_images_are_refused_for_trajectories_and_packs(tmp_
 
 # --------------------------------------------------------------------------- members streaming (Ray Data)
 
-
-@pytest.fixture(scope="module")
-def ray_here():
-    """The session's Ray cluster when connected, else a private one stopped afterwards."""
-    from ensemble_service import scheduler
-    from ensemble_service.config import ClusterConfig
-
-    started = not scheduler.is_connected()
-    scheduler.connect(ClusterConfig(num_cpus=2, num_gpus=0))
-    yield
-    if started:
-        scheduler.shutdown()
 
 
 @pytest.mark.slow

@@ -19,10 +19,10 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from ensemble_service.data.arrays_stream import SPLIT_KEYS, check_pairs
 from ensemble_service.data.base import DataConfig, DataError, Raw, Source, register_source
 from ensemble_service.data.preprocess import Pipeline
 
-SPLIT_KEYS = (("x", "y"), ("x_val", "y_val"), ("x_test", "y_test"))
 
 
 @dataclass
@@ -144,13 +144,7 @@ class Arrays(Source):
                     except ValueError as exc:  # object arrays need pickle: refused
                         raise DataError(f"{where}: array {key!r} cannot be read without unpickling "
                                         f"({_first(exc)}); save plain numeric arrays") from None
-        for xk, yk in SPLIT_KEYS:
-            if (xk in arrays) != (yk in arrays):
-                have, lack = (xk, yk) if xk in arrays else (yk, xk)
-                raise DataError(f"{where} has {have!r} but no {lack!r}")
-        if "x" not in arrays:
-            raise DataError(f"{where} has no arrays 'x' and 'y' (found: {', '.join(found) or 'none'}); "
-                            "save them with numpy.savez(path, x=inputs, y=labels)")
+        check_pairs(found, where)
         out = {}
         for xk, yk in SPLIT_KEYS:
             if xk in arrays:

@@ -29,6 +29,18 @@ from ensemble_service.data.streaming import (
 )
 
 SPLIT_KEYS = (("x", "y"), ("x_val", "y_val"), ("x_test", "y_test"))
+
+
+def check_pairs(found, where: str) -> None:
+    """The archive's array names ``found`` hold ``x`` and ``y``, and each split's inputs with its labels
+    (one-line DataError otherwise); the in-memory load checks the same (``arrays.py``)."""
+    for xk, yk in SPLIT_KEYS:
+        if (xk in found) != (yk in found):
+            have, lack = (xk, yk) if xk in found else (yk, xk)
+            raise DataError(f"{where} has {have!r} but no {lack!r}")
+    if "x" not in found:
+        raise DataError(f"{where} has no arrays 'x' and 'y' (found: {', '.join(sorted(found)) or 'none'}); "
+                        "save them with numpy.savez(path, x=inputs, y=labels)")
 UNIT_BYTES = 8 * 2 ** 20      # a read unit's model inputs (float32), when data.rows_per_unit is not set
 FIXED = {"x_val": VAL, "x_test": TEST}
 
@@ -68,13 +80,7 @@ def _members(cfg, where: str, class_names_of: Callable):
     with fs.open_input_file(path) as f:
         members = npz.locate(f, where)
         names = npz.read_whole(f, "class_names", where) if "class_names" in members else None
-    for xk, yk in SPLIT_KEYS:
-        if (xk in members) != (yk in members):
-            have, lack = (xk, yk) if xk in members else (yk, xk)
-            raise DataError(f"{where} has {have!r} but no {lack!r}")
-    if "x" not in members:
-        raise DataError(f"{where} has no arrays 'x' and 'y' (found: {', '.join(sorted(members)) or 'none'}); "
-                        "save them with numpy.savez(path, x=inputs, y=labels)")
+    check_pairs(members, where)
     shape = members["x"].shape[1:]
     for xk, yk in SPLIT_KEYS:
         if xk not in members:
