@@ -75,9 +75,15 @@ class Job:
     inputs: Any
     options: Dict[str, Any]
     rows: int = 0
-    future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
-    waiter: Optional["asyncio.Future"] = None   # set by Batcher.predict: resolved on its event loop instead
+    future: Optional[Future] = None             # Batcher.submit's answer (from any thread)
+    waiter: Optional["asyncio.Future"] = None   # Batcher.predict's answer, resolved on its event loop
+
+    def start(self) -> bool:
+        """Mark the job as being served; False when its caller has cancelled it."""
+        if self.waiter is not None:
+            return not self.waiter.done()
+        return self.future is None or self.future.set_running_or_notify_cancel()
 
     def __post_init__(self) -> None:
         self.rows = self.rows or rows(self.inputs)
@@ -164,7 +170,7 @@ class Batcher:
         self.inline = 0                # of which run on the event loop
 
     def submit(self, inputs: Any, options: Dict[str, Any]) -> Future:
-        job = Job(inputs, dict(options))
+        job = Job(inputs, dict(options), future=Future())
         self._enqueue([job])
         return job.future
 
@@ -190,7 +196,7 @@ class Batcher:
         jobs, self._gathered = self._gathered, []
         if len(jobs) == 1 and self._may_inline(jobs[0]):
             job = jobs[0]
-            if job.future.set_running_or_notify_cancel() and not job.waiter.done():  # done: cancelled
+            if job.start():
                 self.inline += 1
                 try:
                     self._serve([job], on_loop=True)
@@ -239,8 +245,7 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
-            jobs = [j for j in batch if j.future.set_running_or_notify_cancel()  # skip cancelled requests
-                    and (j.waiter is None or not j.waiter.done())]
+            jobs = [j for j in batch if j.start()]  # skip cancelled requests
             self._busy = len(batch) > 1
             if not jobs:
                 with self._cv:
@@ -266,10 +271,11 @@ class Batcher:
                     _settle(job.waiter, outcome)
                 else:
                     job.waiter.get_loop().call_soon_threadsafe(_settle, job.waiter, outcome)
-            elif isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
-            else:
-                job.future.set_result(outcome)
+            elif job.future is not None:
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
 
 
 def _settle(waiter: "asyncio.Future", outcome: Outcome) -> None:
