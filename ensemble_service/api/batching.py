@@ -252,19 +252,31 @@ class Batcher:
                     self._running = False
                 continue
             try:
-                self._serve(jobs)
+                outcomes = self._forward(jobs)
+            except BaseException as exc:  # run_jobs keeps a request's errors its own; this is a bug
+                outcomes = [exc] * len(jobs)
             finally:
-                with self._cv:
+                with self._cv:  # idle before the answers wake the loop: its next lone request may run inline
                     self._running = False
+            self._resolve(jobs, outcomes)
 
     def _serve(self, jobs: List[Job], on_loop: bool = False) -> None:
-        """One forward for ``jobs`` (already running), their futures resolved; times it. A job from
-        :meth:`predict` is resolved on its event loop (directly when ``on_loop``)."""
+        """One forward for ``jobs`` (already running), their answers resolved."""
+        self._resolve(jobs, self._forward(jobs), on_loop)
+
+    def _forward(self, jobs: List[Job]) -> List[Outcome]:
+        """Each job's outcome from one forward (``run_jobs``), timed."""
         self.batches += 1
         self.requests += len(jobs)
         start = time.perf_counter()
         outcomes = run_jobs(self.ensemble, jobs)
         self._row_s = (time.perf_counter() - start) / max(1, sum(j.rows for j in jobs))
+        return outcomes
+
+    @staticmethod
+    def _resolve(jobs: List[Job], outcomes: List[Outcome], on_loop: bool = False) -> None:
+        """Hand each job its outcome: a job from :meth:`predict` on its event loop (directly when
+        ``on_loop``), one from :meth:`submit` through its Future."""
         for job, outcome in zip(jobs, outcomes):
             if job.waiter is not None:
                 if on_loop:
