@@ -142,7 +142,7 @@ class Collector:
     def __init__(self, tracker, runs: Runs, plan: EnsemblePlan, observer: Observer, keep_open=()):
         self.tracker, self.runs, self.plan, self.observer = tracker, runs, plan, observer
         self.keep_open = set(keep_open)   # members whose run stays open after its result (a student's)
-        self.logged = {i: 0 for i in runs.members}          # member index -> last epoch logged
+        self.logged = {i: set() for i in runs.members}      # member index -> epochs logged
         self.open: Dict[int, List[int]] = {}                 # task index -> members still collecting epochs
         for slot in plan.slots:
             self.open.setdefault(slot.task, []).append(slot.index)
@@ -150,10 +150,12 @@ class Collector:
         self.task_seconds: Dict[int, float] = {}             # a trajectory's or pack's members share one time
 
     def _epochs(self, index: int, records: List[Dict[str, Any]]) -> None:
-        new = [r for r in records if r["epoch"] > self.logged[index]]
+        """Log the epochs not logged yet: a worker killed after its checkpoint but before that epoch's
+        event arrived resumes at the next epoch, and the result's history fills the gap."""
+        new = [r for r in records if int(r["epoch"]) not in self.logged[index]]
         if new:
             self.tracker.log_epochs(self.runs.members[index], new)
-            self.logged[index] = int(new[-1]["epoch"])
+            self.logged[index].update(int(r["epoch"]) for r in new)
 
     def on_event(self, event: Dict[str, Any]) -> None:
         members = self.open.get(event["task"], [])

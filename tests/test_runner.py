@@ -24,8 +24,9 @@ class InProcess:
     """The scheduler's three calls, with the workers run one after another in this process.
     ``fail`` names task indices whose worker raises; ``interrupt_at`` a task before which Ctrl-C comes."""
 
-    def __init__(self, fail=(), interrupt_at=None):
+    def __init__(self, fail=(), interrupt_at=None, lose_epoch=None):
         self.fail, self.interrupt_at, self.connected = set(fail), interrupt_at, False
+        self.lose_epoch = lose_epoch  # this epoch's events never arrive (its worker died right after its checkpoint)
 
     def connect(self, cluster):
         self.connected = True
@@ -43,7 +44,8 @@ class InProcess:
             try:
                 if spec.index in self.fail:
                     raise MemberError(f"task {spec.index} broke on purpose")
-                out = train(spec, data, report=on_event)
+                out = train(spec, data, report=lambda e: None if e["type"] == "epoch" and e["epoch"] == self.lose_epoch
+                            else on_event(e))
             except MemberError as exc:
                 members = list(getattr(spec, "member_indices", [spec.index]))
                 failures.append(TaskFailure(spec.index, members, str(exc)))
@@ -158,3 +160,13 @@ def test_a_trajectory_logs_each_members_epochs_up_to_where_it_was_collected(tmp_
     steps = [[h.step for h in client.get_metric_history(m.info.run_id, names.TRAIN_LOSS)] for m in members]
     assert steps == [[1, 2], [1, 2, 3, 4]]
     assert [m.data.tags[names.TAG_COLLECTED_EPOCH] for m in members] == ["2", "4"]
+
+
+def test_an_epoch_whose_event_was_lost_is_logged_from_the_members_history(tmp_path):
+    """A worker killed after checkpointing epoch k but before epoch k's event reached the driver
+    resumes at k + 1; the member's result carries the whole history, and epoch k is logged from it."""
+    runner.submit(config(tmp_path, "strategy.members=2", "trainer.epochs=5", "tracking.register=false"),
+                  scheduler=InProcess(lose_epoch=3))
+    client, _, members = runs(tmp_path)
+    for m in members:
+        assert sorted(h.step for h in client.get_metric_history(m.info.run_id, names.TRAIN_LOSS)) == [1, 2, 3, 4, 5]
