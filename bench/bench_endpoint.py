@@ -3,8 +3,8 @@
 Registers a 5-member ensemble (the demo's MLP on digits-shaped inputs, 1x8x8 -> 10 classes;
 untrained, seeded weights cost the same as trained ones) in a temporary SQLite MLflow store,
 starts `ensemble serve` three times on free loopback ports (batching on, the default; batching
-off, `--no-batching`; and `--ray --replicas 2` on a private local Ray cluster) and measures, in
-one run:
+off, `--no-batching`; and `--ray --replicas 2` on a private local Ray cluster), plus the floor
+server (bench/floor_server.py), and measures, in one run:
 
 1. endpoint_[npy_]vs_inprocess_batch{1,64}: seconds per request of POST
    /v1/ensembles/<name>/predict (method mean; one keep-alive connection, the request's bytes
@@ -15,7 +15,11 @@ one run:
    (RawClient), as the throughput clients are: http.client's own request building and header
    parsing took 0.15 ms of a 0.22 ms round trip to a bare uvicorn app here, time that is the
    client's, not the endpoint's. The same requests through http.client are reported beside it
-   (a_httpclient_s, ratio_httpclient);
+   (a_httpclient_s, ratio_httpclient). endpoint_npy_floor_batch{1,64}: the same .npy requests, in
+   the same alternating runs, against bench/floor_server.py (the same registered ensemble behind
+   nothing but uvloop + httptools + the service's .npy codec, the forward run in the protocol's
+   callback): what any Python server pays on this machine; the service's .npy entries carry
+   floor_s and ratio_to_floor;
 2. endpoint_throughput / endpoint_throughput_batched: 32 concurrent clients (keep-alive
    connections on asyncio streams) each sending 40 batch-1 JSON requests back to back, against
    the server without and with batching, alternately, 3 runs each: requests/s (median), errors,
@@ -69,7 +73,7 @@ MEMBERS = 5
 SHAPE, CLASSES = (1, 8, 8), 10
 MODEL = {"name": "mlp", "batchnorm": False, "dropout": 0.0, "init": "default", "activation": "relu",
          "depth": None, "width": None}
-ROUNDS = 5                       # alternating runs per side (medians are taken)
+ROUNDS = 9                       # alternating runs per side (medians are taken)
 CALLS = {1: 200, 64: 60}         # calls per run and batch size
 CLIENTS, PER_CLIENT = 32, 40     # throughput: 32 clients x 40 requests
 TP_ROUNDS = 3                    # alternating throughput runs per server
@@ -212,7 +216,24 @@ def request(x: torch.Tensor, fmt: str) -> tuple:
     return PATH + "?method=mean", npy_bytes(x.numpy()), {"content-type": NPY, "accept": NPY}
 
 
-def latency(client: "RawClient", ens: Ensemble, batch: int, fmt: str, slow_client: Client) -> dict:
+def start_floor(uri: str, port: int, log: Path, timeout: float = 60) -> subprocess.Popen:
+    """bench/floor_server.py on ``port``: the same ensemble behind nothing but uvloop + httptools."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "floor_server.py"), uri, "bench",
+                             str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "BENCH_THREADS": str(THREADS)})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"floor server exited: {log.read_text()[-2000:]}")
+        if "ready" in log.read_text():
+            return proc
+        time.sleep(0.1)
+    stop_server(proc)
+    raise RuntimeError(f"floor server did not start within {timeout:.0f} s")
+
+
+def latency(client: "RawClient", ens: Ensemble, batch: int, fmt: str, slow_client: Client,
+            floor: "RawClient" = None) -> list:
     x = torch.rand(batch, *SHAPE, generator=torch.Generator().manual_seed(batch))
     path, body, headers = request(x, fmt)
 
@@ -232,22 +253,37 @@ def latency(client: "RawClient", ens: Ensemble, batch: int, fmt: str, slow_clien
     else:
         assert np.array_equal(np.load(io.BytesIO(content), allow_pickle=False), expected.numpy()), "npy != in-process"
     slow = lambda: endpoint(slow_client)  # noqa: E731
-    for fn in (endpoint, slow, inprocess):
+    sides = [endpoint, inprocess, slow]
+    if floor is not None:
+        status, content, _ = floor.post(path, body, headers)
+        assert status == 200 and np.array_equal(np.load(io.BytesIO(content), allow_pickle=False),
+                                                expected.numpy()), "floor != in-process"
+        sides.append(lambda: endpoint(floor))
+    for fn in sides:
         per_call(fn, 10)
-    a, b, c = [], [], []
+    runs = [[] for _ in sides]
     for _ in range(ROUNDS):  # alternate so drift hits every side alike
-        a.append(per_call(endpoint, CALLS[batch]))
-        b.append(per_call(inprocess, CALLS[batch]))
-        c.append(per_call(slow, CALLS[batch]))
+        for fn, times in zip(sides, runs):
+            times.append(per_call(fn, CALLS[batch]))
+    a, b, c = runs[:3]
     a_s, b_s, c_s = statistics.median(a), statistics.median(b), statistics.median(c)
     what = ("JSON body and answer" if fmt == "json" else
             ".npy body (content-type application/x-npy) and .npy answer (accept)")
-    return {"name": f"endpoint_{'' if fmt == 'json' else 'npy_'}vs_inprocess_batch{batch}", "a_s": a_s, "b_s": b_s,
+    out = [{"name": f"endpoint_{'' if fmt == 'json' else 'npy_'}vs_inprocess_batch{batch}", "a_s": a_s, "b_s": b_s,
             "ratio": a_s / b_s, "format": fmt, "request_bytes": len(body),
             "a": f"POST /v1/ensembles/<name>/predict, batch {batch}, {MEMBERS} members, {what}, loopback, keep-alive",
             "b": f"serving.Ensemble.predict in-process (same stacked forward + mean), batch {batch}",
             "runs": ROUNDS, "calls_per_run": CALLS[batch], "a_runs_s": a, "b_runs_s": b,
-            "client": "raw socket (RawClient)", "a_httpclient_s": c_s, "ratio_httpclient": c_s / b_s}
+            "client": "raw socket (RawClient)", "a_httpclient_s": c_s, "ratio_httpclient": c_s / b_s}]
+    if floor is not None:
+        f_s = statistics.median(runs[3])
+        out[0].update(floor_s=f_s, ratio_to_floor=a_s / f_s)
+        out.append({"name": f"endpoint_npy_floor_batch{batch}", "a_s": f_s, "b_s": b_s, "ratio": f_s / b_s,
+                    "format": fmt, "a": f"bench/floor_server.py (uvloop + httptools + the forward, nothing else), "
+                                        f"batch {batch}, the same .npy request, raw socket",
+                    "b": "the same in-process forward", "runs": ROUNDS, "calls_per_run": CALLS[batch],
+                    "a_runs_s": runs[3], "b_runs_s": b, "service_s": a_s, "service_over_floor": a_s / f_s})
+    return out
 
 
 async def _throughput(port: int, fmt: str) -> dict:
@@ -437,10 +473,14 @@ def main() -> None:
             servers["batched"] = (start_server(uri, port, Path(tmp) / "batched.log"), port)
             port = free_port()
             servers["unbatched"] = (start_server(uri, port, Path(tmp) / "unbatched.log", "--no-batching"), port)
+            port = free_port()
+            servers["floor"] = (start_floor(uri, port, Path(tmp) / "floor.log"), port)
             client, slow_client = RawClient(servers["batched"][1]), Client(servers["batched"][1])
+            floor = RawClient(servers["floor"][1])
             for fmt in ("json", "npy"):
                 for batch in (1, 64):
-                    results.append(latency(client, ens, batch, fmt, slow_client))
+                    results.extend(latency(client, ens, batch, fmt, slow_client, floor if fmt == "npy" else None))
+            stop_server(servers.pop("floor")[0])
             tp = throughput({"unbatched": servers["unbatched"], "batched": servers["batched"]})
             b1 = per_call(lambda: ens.predict(torch.rand(1, *SHAPE), "mean"), 200)
             un, ba = tp["unbatched"], tp["batched"]
@@ -497,6 +537,9 @@ def main() -> None:
                 note = (f"{r['requests_per_s']:.0f} req/s, {r['errors']} errors, p50 {r['p50_ms']:.1f} ms, "
                         f"p99 {r['p99_ms']:.1f} ms; CPU per request: server {r['server_cpu_ms_per_request']:.2f} ms, "
                         f"client {r['client_cpu_ms_per_request']:.2f} ms")
+            elif "service_over_floor" in r:
+                note = (f"same runs; the service ({1000 * r['service_s']:.3f} ms) is {r['service_over_floor']:.2f}x "
+                        f"this floor")
             else:
                 note = (f"medians of {r['runs']} alternating runs x {r['calls_per_run']} calls; through "
                         f"http.client {1000 * r['a_httpclient_s']:.3f} ms, ratio {r['ratio_httpclient']:.2f}")
