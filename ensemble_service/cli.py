@@ -829,10 +829,17 @@ def ui_pages(tracking_uri: Optional[str], base: str, ensemble: Optional[str], ru
     if page is None:
         return [f"open {runs_view.runs_url(base)} (no ensemble yet: run `ensemble submit`)"]
     where = dict(view=page["view"]) if page["view"] else dict(ensemble_id=page["ensemble_id"] or None)
+    borrowed = bool(page.get("run_ids"))
+    if borrowed:  # members that are runs of other ensembles: the page lists the runs by id
+        where = dict(run_ids=page["run_ids"], experiment_ids=page["experiment_ids"])
     lines = [f"open {runs_view.runs_url(base, page['experiment_id'], **where)}",
              f"  ensemble {page['run_name']} (parent run {page['run_id']}): the ensemble and one row per member",
              f"  its charts: {runs_view.runs_url(base, page['experiment_id'], charts=True, **where)}"]
-    if not page["view"]:
+    if borrowed:
+        n = len(page["experiment_ids"])
+        lines.append(f"  (members from other ensembles{f' in {n} experiments' if n > 1 else ''}: the runs are listed "
+                     "by id, with the UI's default columns)")
+    elif not page["view"]:
         lines.append("  (this ensemble has no saved view: the columns are the UI's defaults)")
     return lines
 
@@ -851,7 +858,8 @@ def ui(
     """Start the MLflow UI on the same tracking store and print the page to open: the newest ensemble's
     runs (or --ensemble's, --run's), the ensemble and each of its members as one row with test_acc,
     test_nll, member index, strategy, datasets and registered model; and the address of its charts.
-    It binds 127.0.0.1 unless --host says otherwise (it has no login): reach it over an SSH tunnel.
+    A grown or selected ensemble's page lists its runs by id (its members are runs of other ensembles,
+    possibly in other experiments). It binds 127.0.0.1 unless --host says otherwise (it has no login): reach it over an SSH tunnel.
     A port already in use, an unknown --ensemble or --run is an error (exit 2). Ctrl-C or SIGTERM
     stops the UI's server process with it."""
     import socket

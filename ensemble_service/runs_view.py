@@ -150,6 +150,11 @@ def search_filter(ensemble_id: str) -> str:
     return f"tags.`{names.TAG_ID}` = '{ensemble_id.replace(chr(39), chr(39) * 2)}'"
 
 
+def runs_filter(run_ids: Sequence[str]) -> str:
+    """The runs ``run_ids`` (an ensemble whose members are runs of other ensembles: grown, selected)."""
+    return "attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids if r.isalnum()) + ")"
+
+
 # Sorting by anything but the start time lists nested runs as flat rows (MLflow nests children
 # only under the default sort with no filter); the ensemble carries test_acc too, so it ranks among
 # its members.
@@ -209,18 +214,26 @@ def saved_view(name: str, ensemble_id: str, members: int, created_ms: int) -> st
 
 
 def runs_url(base: str, experiment_id: Optional[str] = None, *, view: Optional[str] = None,
-             ensemble_id: Optional[str] = None, charts: bool = False) -> str:
+             ensemble_id: Optional[str] = None, charts: bool = False, run_ids: Sequence[str] = (),
+             experiment_ids: Sequence[str] = ()) -> str:
     """The UI page to open: an experiment's runs with the saved view ``view``; without one, the
-    runs of ``ensemble_id`` as flat rows sorted by test_acc (the UI's default columns); without an
-    experiment, the experiment list."""
+    runs of ``ensemble_id`` as flat rows sorted by test_acc (the UI's default columns); with
+    ``run_ids``, those runs (of ``experiment_ids`` too: MLflow's page comparing experiments when
+    there are several); without an experiment, the experiment list."""
     base = base.rstrip("/")
     if experiment_id is None:
         return f"{base}/#/experiments?{urlencode({'workflowType': WORKFLOW})}"
     query: Dict[str, str] = {"workflowType": WORKFLOW}
-    if view:
+    if run_ids:
+        query.update(searchFilter=runs_filter(run_ids), orderByKey=ORDER_BY, orderByAsc="false")
+    elif view:
         query["viewStateShareKey"] = view
     elif ensemble_id:
         query.update(searchFilter=search_filter(ensemble_id), orderByKey=ORDER_BY, orderByAsc="false")
     if charts:
         query["compareRunsMode"] = "CHART"
+    experiments = sorted({str(experiment_id), *map(str, experiment_ids)})
+    if run_ids and len(experiments) > 1:
+        query = {"experiments": json.dumps(experiments, separators=(",", ":")), **query}
+        return f"{base}/#/compare-experiments/s?{urlencode(query)}"
     return f"{base}/#/experiments/{experiment_id}/runs?{urlencode(query)}"

@@ -665,8 +665,10 @@ def ensemble_page(uri: Optional[str] = None, run_id: Optional[str] = None) -> Op
     finished); None when the store holds none (or does not
     exist and no run was asked for). A dict with ``experiment_id``, ``run_id`` (the parent),
     ``run_name``, ``ensemble_id`` and ``view`` (the key of its saved view, '' when the experiment
-    has none, e.g. for an ensemble trained before views were written). RunNotFound for an unknown
-    ``run_id``."""
+    has none, e.g. for an ensemble trained before views were written), plus ``run_ids`` and
+    ``experiment_ids`` for an ensemble with members borrowed from other ensembles (grown, selected):
+    its saved view filters by its own id, so the page lists these runs instead. RunNotFound for an
+    unknown ``run_id``."""
     from ensemble_service import runs_view
 
     try:
@@ -698,8 +700,34 @@ def ensemble_page(uri: Optional[str] = None, run_id: Optional[str] = None) -> Op
     ensemble_id = run.data.tags.get(names.TAG_ID, "")
     key = runs_view.view_key(ensemble_id) if ensemble_id else ""
     tags = client.get_experiment(run.info.experiment_id).tags or {}
-    return {"experiment_id": run.info.experiment_id, "run_id": run.info.run_id, "run_name": run.info.run_name or "",
+    page = {"experiment_id": run.info.experiment_id, "run_id": run.info.run_id, "run_name": run.info.run_name or "",
             "ensemble_id": ensemble_id, "view": key if names.MLFLOW_VIEW_PREFIX + key in tags else ""}
+    page.update(_borrowed_members(client, run, ensemble_id))
+    return page
+
+
+def _borrowed_members(client, parent, ensemble_id: str) -> Dict[str, Any]:
+    """For an ensemble some of whose members are runs of other ensembles (``ensemble grow``'s reused
+    members, ``ensemble select``'s picks, possibly in other experiments): every run to show (the
+    parent, its own members, the borrowed ones) and their experiments. {} for any other ensemble."""
+    from ensemble_service import runs_view
+
+    tags = parent.data.tags
+    borrowed = [r.split(":", 1)[0] for key in (names.TAG_REUSED_MEMBERS, names.TAG_SELECTED_MEMBERS)
+                for r in (tags.get(key) or "").split(",") if r.strip()]
+    if not borrowed:
+        return {}
+    own = [parent.info.run_id]
+    if ensemble_id:
+        own += [r.info.run_id for r in client.search_runs(
+            [parent.info.experiment_id], runs_view.search_filter(ensemble_id), max_results=1000)
+            if r.info.run_id != parent.info.run_id]
+    experiments = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+    found = {r.info.run_id: r for r in client.search_runs(experiments, runs_view.runs_filter(borrowed),
+                                                            max_results=1000)}
+    found = [found[r] for r in dict.fromkeys(borrowed) if r in found]  # in member order
+    return {"run_ids": list(dict.fromkeys(own + [r.info.run_id for r in found])),
+            "experiment_ids": sorted({parent.info.experiment_id, *(r.info.experiment_id for r in found)})}
 
 
 #: `mlflow ui` start-up and access logs say nothing to someone opening the UI: warnings and errors only

@@ -355,3 +355,96 @@ def test_ui_stops_its_server_on_sigterm_and_sigint(store, sig):
                 os.kill(p, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def _ensemble(uri: str, experiment: str, name: str, accs, extra_tags=None):
+    """A finished parent run and one finished member run per test accuracy; (parent, [members])."""
+    t = EnsembleTracker(uri, experiment)
+    parent = t.start_parent(name, {"strategy": {"name": "independent"}},
+                            {names.TAG_ID: f"{name}-id", names.TAG_STRATEGY: "independent", **(extra_tags or {})})
+    members = []
+    for i, acc in enumerate(accs):
+        rid = t.start_member(i, f"{name}-member-{i}", {"seed": i}, {})
+        t.log_metrics(rid, {names.TEST_ACC: acc})
+        t.end(rid)
+        members.append(rid)
+    t.log_metrics(parent, {names.TEST_ACC: max(accs or [0.5]) + 0.01})
+    t.end(parent)
+    return parent, members
+
+
+@pytest.fixture
+def selection(tmp_path):
+    """Two ensembles in two experiments, and a selection (in the first) of one member of each."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    a, a_members = _ensemble(uri, "pool-a", "ens-a", [0.91, 0.92])
+    b, b_members = _ensemble(uri, "pool-b", "ens-b", [0.93, 0.94])
+    picked = [a_members[1], b_members[0]]
+    sel, _ = _ensemble(uri, "pool-a", "selection-x", [], {
+        names.TAG_STRATEGY: names.STRATEGY_SELECTION, names.TAG_SELECTED_MEMBERS: f"{picked[0]}:2,{picked[1]}:1"})
+    client = MlflowClient(uri)
+    return {"uri": uri, "selection": sel, "picked": picked, "client": client,
+            "names": {r: client.get_run(r).info.run_name for r in [sel, *picked]},
+            "experiments": sorted(client.get_experiment_by_name(n).experiment_id for n in ("pool-a", "pool-b"))}
+
+
+def test_ui_of_a_selection_lists_the_runs_it_picked_from_other_experiments(selection):
+    """A selection's members are runs of other ensembles: its saved view (its own ensemble id) would
+    show the selection alone. `ensemble ui --run` prints MLflow's page comparing both experiments,
+    filtered to the selection and the two runs it picked."""
+    from ensemble_service.tracking import ensemble_page
+
+    page = ensemble_page(selection["uri"], selection["selection"])
+    assert page["run_ids"] == [selection["selection"], *selection["picked"]]
+    assert page["experiment_ids"] == selection["experiments"]
+    from ensemble_service.cli import ui_pages
+
+    lines = ui_pages(selection["uri"], "http://127.0.0.1:5000", None, selection["selection"])
+    assert lines[0].startswith("open http://127.0.0.1:5000/#/compare-experiments/s?experiments=")
+    assert "members from other ensembles in 2 experiments" in lines[-1]
+    # a plain ensemble keeps its saved-view page
+    plain = ensemble_page(selection["uri"], selection["picked"][0])
+    assert "run_ids" not in plain and plain["run_id"] != selection["selection"]
+
+
+def test_ui_of_a_grown_ensemble_lists_its_reused_members_too(tmp_path):
+    """A grown ensemble's reused members carry the old ensemble's id: the page lists the runs by id."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from ensemble_service.cli import ui_pages
+    from ensemble_service.tracking import ensemble_page
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _, old = _ensemble(uri, "digits", "ens-a", [0.91, 0.92])
+    grown, new = _ensemble(uri, "digits", "ens-a-grown", [0.93], {names.TAG_REUSED_MEMBERS: ",".join(old)})
+    page = ensemble_page(uri, new[0])  # a member run's ensemble: the grown one
+    assert page["run_ids"] == [grown, new[0], *old] and len(page["experiment_ids"]) == 1
+    url = ui_pages(uri, "http://h:1", None, grown)[0].split("open ", 1)[1]
+    fragment = urlsplit(urlsplit(url).fragment)
+    assert fragment.path == f"/experiments/{page['experiment_id']}/runs"
+    assert parse_qs(fragment.query)["searchFilter"] == [
+        "attributes.run_id IN (" + ", ".join(f"'{r}'" for r in [grown, new[0], *old]) + ")"]
+
+
+@needs_chromium
+def test_the_page_of_a_selection_shows_its_picks_across_experiments(selection, tmp_path):
+    import aiohttp
+
+    with ensemble_ui(selection["uri"], "--run", selection["selection"]) as (port, lines), \
+            chromium(tmp_path) as ws_url:
+        [url] = [line.split("open ", 1)[1] for line in lines if line.startswith("open ")]
+
+        async def drive():
+            async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+                page = Page(ws)
+                await page.call("Page.enable")
+                await page.call("Page.navigate", url=url)
+                await page.wait_text("3 matching runs")
+                await page.wait_for(f"{ROWS_JS}.length === 3", "three rows")
+                return await page.js(ROWS_JS), await page.js("document.body.innerText")
+
+        rows, body = asyncio.run(drive())
+    # sorted by test_acc (the UI's default columns do not show it): the picks 0.93, 0.92, then the selection
+    shown = [row[RUN_NAME]["text"].splitlines()[-1] for row in rows]
+    assert sorted(shown) == sorted(selection["names"].values())
+    assert "Displaying Runs from 2 Experiments" in body and "Sort: test_acc" in body
