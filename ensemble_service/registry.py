@@ -314,7 +314,12 @@ def resolve_ensemble(uri: Optional[str], ref: str) -> Dict[str, Any]:
     name, alias, version = parse_ensemble_ref(ref)
     client = client_for(uri)
     try:
-        rm = client.get_registered_model(name)
+        try:
+            rm = client.get_registered_model(name)
+        except Exception as exc:
+            if _not_found(exc):  # the name itself, whatever version or alias was asked for
+                raise EnsembleNotFound(f"no registered ensemble {name!r}") from None
+            raise
         if (rm.tags or {}).get(ENSEMBLE_MODEL_TAG) != names.KIND_ENSEMBLE:
             raise EnsembleNotFound(f"no registered ensemble named {name!r}")
         if version is not None:

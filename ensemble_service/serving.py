@@ -232,8 +232,11 @@ def as_input_tensor(x: Any, field: str = "inputs") -> torch.Tensor:
             raise ServingError(f"{field} must be a (nested) list of numbers ({msg})", field) from None
     if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
         raise ServingError(f"{field} must be real numbers, got {t.dtype}", field)
+    wide = t
     t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()):
+        if wide.dtype == torch.float64 and bool(torch.isfinite(wide).all()):
+            raise ServingError(f"{field} has values beyond float32's range (|x| > 3.4e38)", field)
         raise ServingError(f"{field} contain NaN or infinite values", field)
     return t
 

@@ -498,6 +498,7 @@ BAD = [
     ("/v1/aggregate", {"predictions": [[[[0.5, 0.5]]]]}, 422, "predictions"),             # 4-D
     ("/v1/aggregate", {"predictions": [[[0, 1]]], "kind": "labels", "num_classes": 2}, 422, "predictions"),
     ("/v1/aggregate", {"predictions": [[]], "kind": "logits"}, 422, "predictions"),       # empty batch
+    ("/v1/aggregate", {"predictions": [[[1e39, 0.0]]], "kind": "logits"}, 422, "predictions"),  # beyond float32
     ("/v1/aggregate", {"predictions": [[], []], "kind": "labels", "num_classes": 2, "method": "vote"}, 422, "predictions"),
     ("/v1/aggregate", {"predictions": []}, 422, "predictions"),                           # no members
     ("/v1/aggregate", {"predictions": [[[0.5, 0.5]]], "weights": [-1]}, 422, "weights"),
@@ -578,7 +579,7 @@ def test_wrong_http_method_is_405_with_allow(client):
                             "field": "http_method"}
     assert client.get("/v1/ensembles/alpha").status_code == 200
     r = client.get("/v1/ensembles/predict")  # an ensemble may be called 'predict'; none is here
-    assert r.status_code == 404 and r.json()["detail"].startswith("name: no registered ensemble 'predict' "), r.text
+    assert r.status_code == 404 and r.json()["detail"] == "name: no registered ensemble 'predict'", r.text
 
 
 def test_unknown_route_is_404_with_detail_and_field(client):
@@ -923,3 +924,13 @@ def test_openapi_schema_fuzz(store):
     print("fuzz statuses", {s: statuses.count(s) for s in set(statuses)})
     assert statuses and max(statuses) < 500
     assert 200 in statuses and 422 in statuses
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/ensembles/alpha/predict", {"inputs": [[1e300] * 64]}),
+    ("/v1/aggregate", {"predictions": [[[1e39, 0.0]]], "kind": "logits"}),
+])
+def test_finite_numbers_beyond_float32_are_called_that_not_infinite(client, path, body):
+    r = client.post(path, json=body)
+    assert r.status_code == 422
+    assert "beyond float32's range" in r.json()["detail"], r.json()

@@ -165,7 +165,7 @@ BAD_BODIES = [
     ("scalar", npy(np.float32(1.0)), "", "inputs", "dimension"),
     ("empty batch", npy(np.zeros((0, 64), np.float32)), "", "inputs", "empty batch"),
     ("nan", npy(np.full((1, 64), np.nan, np.float32)), "", "inputs", "NaN"),
-    ("float64 beyond float32", npy(np.full((1, 64), 1e300)), "", "inputs", "NaN or infinite"),
+    ("float64 beyond float32", npy(np.full((1, 64), 1e300)), "", "inputs", "beyond float32's range"),
     ("unknown method", npy(GOOD), "method=median", "method", ""),
     ("unknown field", npy(GOOD), "extra=1", "extra", ""),
     ("nan weight", npy(GOOD), "weights=nan,1,1", "weights.0", ""),

@@ -139,6 +139,38 @@ def test_ui_on_a_port_in_use_exits_2(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("extra", [[], ["--ray"]])
+def test_serve_on_a_port_in_use_exits_2_before_saying_it_serves(tmp_path, extra):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                                     *extra])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                     "(another server is using it; choose one with --port)")
+
+
+def test_error_lines_keep_their_brackets(monkeypatch):
+    """Rich markup must not eat a message's [batch, 8, 8]: the shape is what the user needs."""
+    import io
+
+    import typer
+    from rich.console import Console
+
+    import ensemble_service.cli as cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=out, width=400))
+    with pytest.raises(typer.Exit):
+        cli.fail("inputs has shape [3, 30]; this ensemble takes raw inputs [batch, 8, 8] or [batch, 64] [/]")
+    assert out.getvalue() == "error: inputs has shape [3, 30]; this ensemble takes raw inputs [batch, 8, 8] or " \
+                             "[batch, 64] [/]\n"
+
+
 # -- the user's own model and data: every problem is one line, exit 2, nothing started -----------
 
 

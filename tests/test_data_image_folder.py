@@ -161,6 +161,7 @@ def test_client_image_errors_after_training(tmp_path):
     with pytest.raises(PreprocessError) as err:
         pipeline([b"GIF89a broken"])
     one_line(err, "inputs[0] is not an image Pillow can read")
+    assert str(err.value).endswith("(cannot identify image file)")  # no "<_io.BytesIO object at 0x...>"
 
 
 def test_16_bit_grey_images_keep_their_values(tmp_path):

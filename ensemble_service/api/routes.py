@@ -66,13 +66,16 @@ def _check_items(value: List[Any], field: str, limit: int, what: str = "items") 
         raise ApiError(422, f"{len(value)} {what} exceed the limit of {limit}", field)
 
 
-def _tensor(arr: np.ndarray) -> torch.Tensor:
+def _tensor(arr: np.ndarray, field: str = "predictions") -> torch.Tensor:
     """A numeric array (JSON's or a .npy body's) -> the tensor aggregation.aggregate gets: floats as
-    float32 (what torch.tensor makes of JSON numbers; beyond float32's range they become inf and are
-    refused as such), integers as int64."""
+    float32 (what torch.tensor makes of JSON numbers; finite values beyond float32's range are a
+    422 saying so), integers as int64."""
     if arr.dtype.kind == "f":
         with np.errstate(over="ignore"):
-            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            out = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.dtype.itemsize > 4 and not np.isfinite(out).all() and np.isfinite(arr).all():
+            raise ApiError(422, f"{field} has values beyond float32's range (|x| > 3.4e38)", field)
+        return torch.from_numpy(out)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
 
 

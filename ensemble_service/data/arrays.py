@@ -130,7 +130,10 @@ class Arrays(Source):
         try:
             archive = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{where}: cannot read it as a .npz archive ({_first(exc)})") from None
+            why = _first(exc)
+            if "pickled" in why:  # numpy's guess for a file that is neither a ZIP archive nor a .npy file
+                why = "it is not a ZIP archive as numpy.savez writes, nor a .npy file"
+            raise DataError(f"{where}: cannot read it as a .npz archive ({why})") from None
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise DataError(f"{where} holds one array; save inputs and labels together with "
                             "numpy.savez(path, x=inputs, y=labels)")

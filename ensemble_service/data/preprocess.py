@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -222,7 +223,8 @@ def decode_image(blob: bytes, size: int, channels: int, field: str = "image") ->
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise PreprocessError(f"{field} is not an image Pillow can read ({_first(exc)})", field) from None
+        why = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", _first(exc))  # not the BytesIO's address
+        raise PreprocessError(f"{field} is not an image Pillow can read ({why})", field) from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
