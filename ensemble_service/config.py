@@ -125,8 +125,9 @@ def _full_key(text: str) -> str:
     return ""
 
 
-def _explain_compose_error(exc: BaseException) -> str:
-    """Turn Hydra/OmegaConf's multi-line errors into one line naming the problem."""
+def _explain_compose_error(exc: BaseException, custom: frozenset = frozenset()) -> str:
+    """Turn Hydra/OmegaConf's multi-line errors into one line naming the problem (``custom``: the
+    groups given as a `_target_` of the user's own)."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     msg = str(exc)
@@ -143,7 +144,7 @@ def _explain_compose_error(exc: BaseException) -> str:
     key = _full_key(text)
     first = text.strip().split("\n")[0]
     if "not in" in first and key:
-        return f"unknown config key '{key}'{_schema_hint(key, text)}"
+        return f"unknown config key '{key}'{_schema_hint(key, text) or key_hint(key, key.split('.')[0] in custom)}"
     if key:
         return f"bad value for {key}: {_one_line(first)}"
     return _one_line(msg.strip().split("\n")[0]) or type(exc).__name__
@@ -189,6 +190,25 @@ def _schema_hint(key: str, text: str) -> str:
     return ""
 
 
+def key_hint(key: str, custom: bool = False) -> str:
+    """What to say after "unknown config key 'KEY'": for a key of a ``_target_``'s arguments
+    (``custom``: the model, the optimizer, the user's own loader), that it takes a ``+``; for a key of the
+    trainer, cluster or tracking schema, the closest key and the group's keys."""
+    import difflib
+    from dataclasses import fields as dc_fields
+
+    group, _, sub = key.partition(".")
+    if custom and group in ("model", "optimizer", "data") and sub and "." not in sub:
+        return f" (a new argument of the {group}'s `_target_`? add it with +{key}=...)"
+    schema = {"trainer": TrainerConfig, "cluster": ClusterConfig, "tracking": TrackingConfig}.get(group)
+    if schema is None or not sub:
+        return ""
+    keys = [f.name for f in dc_fields(schema)]
+    close = difflib.get_close_matches(sub, keys, n=1)
+    guess = f"did you mean {group}.{close[0]}? " if close else ""
+    return f" ({guess}{group}'s keys: {', '.join(keys)})"
+
+
 def compose(overrides: List[str] | None = None):
     """Compose conf/config.yaml with Hydra overrides -> DictConfig (type-checked)."""
     from hydra import compose as hydra_compose
@@ -216,7 +236,8 @@ def compose(overrides: List[str] | None = None):
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "bad input"
-        raise ConfigError(_explain_compose_error(exc)) from None
+        custom = frozenset(g for g in ("model", "data") if f"{g}._target_" in {_override_key(o) for o in overrides})
+        raise ConfigError(_explain_compose_error(exc, custom)) from None
 
 
 def _unknown_key(node, obj, prefix: str = "") -> Optional[str]:
@@ -254,7 +275,7 @@ def to_plain(dcfg) -> Config:
         raise ConfigError("config did not match the schema")
     extra = _unknown_key(dcfg, obj)
     if extra:
-        raise ConfigError(f"unknown config key '{extra}'")
+        raise ConfigError(f"unknown config key '{extra}'{key_hint(extra)}")
     if isinstance(obj.data, dict):  # data=custom: `_target_` and the loader's own arguments
         from ensemble_service.data.custom import CustomData
 

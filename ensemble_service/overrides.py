@@ -15,7 +15,7 @@ import itertools
 from typing import Any, Dict, List, Optional
 
 from ensemble_service.config import (
-    GROUPS, Config, ConfigError, _conf_node, _resolve_entries, config_from_dict, validate,
+    GROUPS, Config, ConfigError, _conf_node, _resolve_entries, config_from_dict, key_hint, validate,
 )
 
 
@@ -109,12 +109,15 @@ def apply_overrides(config: Dict[str, Any], overrides: List[str]) -> Dict[str, A
                     raise ConfigError(f"unknown config key '{'.'.join(parts[:i + 1])}'")
             node = node[part]
         last = parts[-1]
+        # the arguments of a `_target_` (a model, the optimizer, the user's own data loader) may be added
+        custom = isinstance(d.get(parts[0]), dict) and "_target_" in d[parts[0]] and \
+            parts[0] in ("model", "optimizer", "data")
         if last in node:
             node[last] = _type_checked(key, node[last], value)
-        elif o.is_add():
+        elif o.is_add() and custom:  # an argument of the user's own model class or data loader
             node[last] = value
         else:
-            raise ConfigError(f"unknown config key '{key}' (add a new one with +{key}=...)")
+            raise ConfigError(f"unknown config key '{key}'{key_hint(key, custom)}")
     return d
 
 

@@ -101,6 +101,13 @@ def apply(cfg, overrides: List[str], load_optimizer: Callable[[str], Dict[str, A
         if f"trainer.{key}" in given:
             r.kept.append(f"trainer.{key}={given[f'trainer.{key}']}")
             continue
+        epochs = cfg.trainer.epochs
+        if key == "warmup_epochs" and isinstance(epochs, int) and not isinstance(epochs, bool) and \
+                value >= epochs >= 1 and r.epochs:  # a run shorter than the recipe's: its warm-up scaled down
+            scaled = min(epochs - 1, round(value * epochs / r.epochs))
+            setattr(cfg.trainer, key, scaled)
+            r.applied.append(f"{key}={scaled} (the recipe's {value} of {r.epochs} epochs, scaled to {epochs})")
+            continue
         setattr(cfg.trainer, key, value)
         r.applied.append(f"{key}={_fmt(value)}")
 

@@ -57,6 +57,19 @@ def test_bad_overrides_are_one_line(base, overrides, message):
         apply_overrides(base, overrides)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.epocs=3"], "unknown config key 'trainer.epocs' (did you mean trainer.epochs? trainer's keys: epochs,"),
+    (["+trainer.epocs=3"], "unknown config key 'trainer.epocs' (did you mean trainer.epochs?"),  # not a TypeError
+    (["+cluster.adress=x"], "did you mean cluster.address?"),
+    (["model.hidden=3"], "unknown config key 'model.hidden' (a new argument of the model's `_target_`? add it with "
+                         "+model.hidden=...)"),
+])
+def test_unknown_keys_say_what_was_meant(base, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        resolved_config(base, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def test_the_result_is_validated(base):
     with pytest.raises(ConfigError, match="optimizer.lr"):
         resolved_config(base, ["optimizer.lr=-1"])

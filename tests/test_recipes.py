@@ -110,3 +110,14 @@ def test_submit_reports_the_recipe_line_to_the_observer(tmp_path):
     runner.submit(cfg, Recorder(), scheduler=InProcess())
     assert seen == [describe(cfg.recipe)] and seen[0].startswith("recipe synthetic_mlp: ")
     assert "kept from the command line: trainer.epochs=1" in seen[0]
+
+
+def test_a_run_shorter_than_the_recipes_warm_up_gets_it_scaled_down():
+    """digits x lenet warms up 2 of 50 epochs: `model=lenet trainer.epochs=2` (the user never set a
+    warm-up) trained nothing before, with "warmup_epochs (2) must be below trainer.epochs (2)"."""
+    cfg = load_config(["model=lenet", "trainer.epochs=2"])
+    assert (cfg.trainer.epochs, cfg.trainer.warmup_epochs) == (2, 0)   # round(2 * 2 / 50)
+    assert "warmup_epochs=0 (the recipe's 2 of 50 epochs, scaled to 2)" in describe(cfg.recipe)
+    assert load_config(["model=lenet", "trainer.epochs=40"]).trainer.warmup_epochs == 2   # long enough: as measured
+    with pytest.raises(ConfigError, match=r"trainer.warmup_epochs \(2\) must be below trainer.epochs \(2\)"):
+        load_config(["model=lenet", "trainer.epochs=2", "trainer.warmup_epochs=2"])  # the user's own: an error
