@@ -200,6 +200,27 @@ def remove_tree(uri: str) -> None:
         pass
 
 
+def _probe_local(uri: str, p: Path) -> str:
+    """Make the directory and write, read back and delete a small file in it (root passes every
+    access check, and /proc or a read-only mount refuses anyway); the directories it made go again."""
+    made = [q for q in [p, *p.parents] if not q.exists()]
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        ok = probe.read_bytes() == b"ok"
+        probe.unlink()
+        return "" if ok else f"cluster.storage={uri}: what was written could not be read back"
+    except OSError as exc:
+        return f"cluster.storage={uri}: cannot write checkpoints there ({exc.strerror or exc})"
+    finally:
+        for q in made:  # deepest first
+            try:
+                q.rmdir()
+            except OSError:
+                break
+
+
 def check(uri: str) -> str:
     """Why checkpoints cannot be written under ``uri`` ('' when they can): a small object is
     written, read back and deleted (locally: the directory must be creatable)."""
@@ -211,7 +232,7 @@ def check(uri: str) -> str:
                 return f"cluster.storage={uri}: {existing} is a file, not a directory"
             if existing is not None and not os.access(existing, os.W_OK):
                 return f"cluster.storage={uri}: cannot create directories in {existing} (permission denied)"
-            return ""
+            return _probe_local(uri, p)
         probe = join(uri, f".probe-{os.getpid()}")
         write_bytes(probe, b"ok")
         ok = read_bytes(probe) == b"ok"

@@ -114,6 +114,13 @@ def test_check_names_a_missing_bucket_and_accepts_a_writable_one(s3, tmp_path):
     (tmp_path / "file").write_text("x")
     assert "is a file, not a directory" in storage.check(str(tmp_path / "file" / "ck"))
     assert storage.check(str(tmp_path / "new" / "ck")) == ""
+    assert not (tmp_path / "new").exists()                              # what the probe made goes again
+
+
+def test_check_writes_locally_too():
+    """root passes os.access everywhere: /proc took the check and failed in every member's task."""
+    assert storage.check("/proc/no-such-dir/ck") == ("cluster.storage=/proc/no-such-dir/ck: cannot write "
+                                                     "checkpoints there (No such file or directory)")
 
 
 # --------------------------------------------------------------------------- a worker on S3
