@@ -236,7 +236,8 @@ def compose(overrides: List[str] | None = None):
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "bad input"
-        custom = frozenset(g for g in ("model", "data") if f"{g}._target_" in {_override_key(o) for o in overrides})
+        given = {_override_key(o) for o in overrides}
+        custom = frozenset(g for g in ("model", "data") if f"{g}._target_" in given)
         raise ConfigError(_explain_compose_error(exc, custom)) from None
 
 
