@@ -24,6 +24,7 @@ the pipeline fitted on the driver turns raw values into model inputs there too.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
@@ -37,6 +38,10 @@ from ensemble_service.data.base import SOURCES
 from ensemble_service.data.preprocess import Pipeline
 
 SHUFFLE_BUFFER_BATCHES = 4   # the local shuffle buffer holds this many batches
+
+# Ray Data hands out read-only views of its blocks, and torch warns when it wraps one (in the middle
+# of a submit's progress bars). The batches here are read, never written.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 def read_unit(stream: streaming.StreamSpec, path: str, row_group: int) -> Tuple[np.ndarray, np.ndarray]:
