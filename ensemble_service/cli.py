@@ -42,7 +42,9 @@ app = typer.Typer(
     help="Train ensembles of PyTorch classifiers on Ray, track them in MLflow, serve their predictions.",
 )
 # a wide console when not on a terminal (CI logs, pipes), so tables are not truncated
-console = Console() if sys.stdout.isatty() else Console(width=140)
+# plain text unless a call asks for styles (markup=True): messages and table cells carry the user's
+# own text, and Rich markup would eat anything in brackets ("takes [batch, 8, 8]")
+console = Console(markup=False) if sys.stdout.isatty() else Console(width=140, markup=False)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 EXIT_BAD_INPUT = 2
@@ -118,10 +120,10 @@ class ProgressObserver:
         self.killed: Optional[int] = None   # runs being closed as KILLED, once interrupted
 
     def loaded(self, description: str) -> None:
-        self.progress.console.print(description, highlight=False, markup=False)
+        self.progress.console.print(description, highlight=False)
 
     def recipe(self, line: str) -> None:
-        self.progress.console.print(line, highlight=False, markup=False)
+        self.progress.console.print(line, highlight=False)
 
     def started(self, plan, resources) -> None:
         self.progress.start()   # once: a sweep's later plans add their bars to the same display
@@ -131,7 +133,7 @@ class ProgressObserver:
             f"ensemble {plan.ensemble_id}: {_count(len(plan.slots), 'member')} from "
             f"{_count(len(plan.tasks), 'Ray task')}, "
             f"strategy '{plan.strategy}' on '{plan.data}'; Ray cluster with {cpus:g} CPUs, {gpus:g} GPUs, "
-            f"{store:.0f} MiB object store", highlight=False, markup=False)
+            f"{store:.0f} MiB object store", highlight=False)
         self.tasks, self.done = {}, set()   # a sweep runs one plan after another through one observer
         roles = {slot.task: slot.tags.get(names.TAG_ROLE, "") for slot in plan.slots}
         for spec in plan.tasks:
@@ -166,13 +168,13 @@ class ProgressObserver:
         self.progress.update(t, completed=self.progress.tasks[t].total, info=f"done: {members} member(s)")
 
     def task_failed(self, task: int, message: str) -> None:
-        self.progress.update(self.tasks[task], info=f"[red]FAILED[/]: {message}")
+        self.progress.update(self.tasks[task], info=f"[red]FAILED[/]: {escape(message)}")
 
     def interrupted(self, open_runs: int) -> None:
         self.killed = open_runs
         name = self.interrupt.name if self.interrupt else "interrupted"
         self.progress.console.print(f"[yellow]{name}[/]: stopping; marking {open_runs} MLflow runs KILLED and "
-                                    "shutting down Ray", highlight=False)
+                                    "shutting down Ray", highlight=False, markup=True)
 
 
 def result_tables(result) -> List[Table]:
@@ -252,14 +254,14 @@ def _submit_remote(address: str, overrides: List[str], wait: bool) -> None:
     if cfg.recipe is not None:
         from ensemble_service.recipes import describe
 
-        console.print(describe(cfg.recipe), highlight=False, markup=False)
+        console.print(describe(cfg.recipe), highlight=False)
     _warn_without_token(address)
     try:
         job_id = jobs.submit(address, overrides, json.dumps(cfg.to_dict()))
     except jobs.JobsError as exc:
         fail(str(exc), EXIT_FAILED)
-    console.print(f"submitted job {job_id} to {address}", highlight=False, markup=False)
-    console.print(f"follow it with: ensemble logs {job_id} --follow --address {address}", highlight=False, markup=False)
+    console.print(f"submitted job {job_id} to {address}", highlight=False)
+    console.print(f"follow it with: ensemble logs {job_id} --follow --address {address}", highlight=False)
     if not wait:
         return
     try:
@@ -271,7 +273,7 @@ def _submit_remote(address: str, overrides: List[str], wait: bool) -> None:
         fail(str(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         fail(f"stopped following; job {job_id} keeps running (ensemble cancel {job_id} to stop it)", 130)
-    console.print(f"job {job_id} {final}", highlight=False, markup=False)
+    console.print(f"job {job_id} {final}", highlight=False)
     raise typer.Exit(jobs.exit_code(final))
 
 
@@ -326,15 +328,15 @@ def _on_ray(cluster_address: Optional[str], work):
 
 def _print_result(result) -> None:
     for table in result_tables(result):
-        console.print(table, markup=False)
+        console.print(table)
     if result.degraded:
-        console.print(f"[yellow]warning:[/] {escape(result.degraded)}", highlight=False)
-    console.print(f"parent run: {result.parent_run_id}", highlight=False, markup=False)
-    console.print(f"experiment: {result.experiment}", highlight=False, markup=False)
-    console.print(f"tracking URI: {result.tracking_uri}", highlight=False, markup=False)
+        console.print(f"[yellow]warning:[/] {escape(result.degraded)}", highlight=False, markup=True)
+    console.print(f"parent run: {result.parent_run_id}", highlight=False)
+    console.print(f"experiment: {result.experiment}", highlight=False)
+    console.print(f"tracking URI: {result.tracking_uri}", highlight=False)
     if result.model_version:
-        console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False, markup=False)
-    console.print(f"wall time: {result.wall_seconds:.1f} s; open the MLflow UI with: ensemble ui", highlight=False, markup=False)
+        console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False)
+    console.print(f"wall time: {result.wall_seconds:.1f} s; open the MLflow UI with: ensemble ui", highlight=False)
 
 
 @app.command(context_settings={"ignore_unknown_options": False})
@@ -429,7 +431,7 @@ def _submit_multirun(overrides: List[str], address: Optional[str], wait: bool) -
         except ConfigError as exc:
             fail(f"{' '.join(v) + ': ' if v else ''}{exc}")
     console.print(f"sweep {tag}: {len(combos)} ensembles ({'; '.join(' '.join(v) or '(no sweep)' for v in varied)})",
-                  highlight=False, soft_wrap=True, markup=False)
+                  highlight=False, soft_wrap=True)
     if address:
         _multirun_remote(address, combos, configs, tag, wait)
         return
@@ -440,7 +442,7 @@ def _submit_multirun(overrides: List[str], address: Optional[str], wait: bool) -
     def work(observer):
         results = []
         for v, cfg in zip(varied, configs):
-            observer.progress.console.print(f"-- {' '.join(v) or '(no sweep)'}", highlight=False, markup=False)
+            observer.progress.console.print(f"-- {' '.join(v) or '(no sweep)'}", highlight=False)
             results.append(run_submit(cfg, observer))
         return results
 
@@ -451,10 +453,10 @@ def _submit_multirun(overrides: List[str], address: Optional[str], wait: bool) -
     for v, r in zip(varied, results):
         table.add_row(" ".join(v), r.parent_run_id, str(len(r.members)), f"{r.ensemble[names.ENSEMBLE_MEAN_TEST_ACC]:.4f}",
                       f"{r.ensemble[names.ENSEMBLE_MEAN_TEST_NLL]:.4f}", r.model_version or "-")
-    console.print(table, markup=False)
-    console.print(f"sweep tag: {tag} ({names.TAG_SWEEP} on {len(results)} parent runs)", highlight=False, markup=False)
-    console.print(f"tracking URI: {results[0].tracking_uri}", highlight=False, markup=False)
-    console.print(f"the hyper-ensemble: ensemble select --sweep {tag} --size N", highlight=False, markup=False)
+    console.print(table)
+    console.print(f"sweep tag: {tag} ({names.TAG_SWEEP} on {len(results)} parent runs)", highlight=False)
+    console.print(f"tracking URI: {results[0].tracking_uri}", highlight=False)
+    console.print(f"the hyper-ensemble: ensemble select --sweep {tag} --size N", highlight=False)
 
 
 def _multirun_remote(address: str, combos: List[List[str]], configs, tag: str, wait: bool) -> None:
@@ -469,15 +471,15 @@ def _multirun_remote(address: str, combos: List[List[str]], configs, tag: str, w
         except jobs.JobsError as exc:
             fail(f"{str(exc)} ({len(submitted)} of {len(combos)} jobs submitted: {', '.join(submitted) or 'none'})",
                  EXIT_FAILED)
-        console.print(f"submitted job {submitted[-1]}: {' '.join(combo)}", highlight=False, soft_wrap=True, markup=False)
-    console.print(f"sweep tag: {tag}; when they are done: ensemble select --sweep {tag} --size N", highlight=False, markup=False)
+        console.print(f"submitted job {submitted[-1]}: {' '.join(combo)}", highlight=False, soft_wrap=True)
+    console.print(f"sweep tag: {tag}; when they are done: ensemble select --sweep {tag} --size N", highlight=False)
     if not wait:
         return
     worst = 0
     try:
         for job_id in submitted:
             final = jobs.wait(address, job_id)
-            console.print(f"job {job_id} {final}", highlight=False, markup=False)
+            console.print(f"job {job_id} {final}", highlight=False)
             worst = max(worst, jobs.exit_code(final))
     except jobs.JobsError as exc:
         fail(str(exc), EXIT_FAILED)
@@ -531,7 +533,7 @@ def grow(
     except Exception as exc:
         _lookup_errors(exc, tracking_uri)
     what, how = describe(cfg, reuse)
-    console.print(f"growing {what}: {how}", highlight=False, markup=False)
+    console.print(f"growing {what}: {how}", highlight=False)
     result = _on_ray(cfg.cluster.address, lambda observer: run_submit(cfg, observer, reuse=reuse))
     _print_result(result)
 
@@ -572,7 +574,7 @@ def select_cmd(
     for r in result.members:
         table.add_row(str(r["member"]), r["run_id"], r["architecture"], str(r["picks"]), f"{r['weight']:.3f}",
                       f"{r['val_nll']:.4f}", f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}")
-    console.print(table, markup=False)
+    console.print(table)
     v = result.values
     optimized = "NLL" if metric == "val_nll" else "accuracy"
     cmp = Table(title=f"Validation (the selection optimizes its {optimized}) and test", title_justify="left")
@@ -583,14 +585,14 @@ def select_cmd(
     cmp.add_row("best pool member", f"{v[names.BEST_MEMBER_VAL_NLL]:.4f}", f"{v[names.BEST_MEMBER_VAL_ACC]:.4f}", "", "")
     cmp.add_row("whole pool averaged", f"{v[names.POOL_MEAN_VAL_NLL]:.4f}", f"{v[names.POOL_MEAN_VAL_ACC]:.4f}",
                 f"{v[names.POOL_MEAN_TEST_NLL]:.4f}", f"{v[names.POOL_MEAN_TEST_ACC]:.4f}")
-    console.print(cmp, markup=False)
+    console.print(cmp)
     console.print(f"picks kept: {result.best_step} of {len(result.path_nll)} (the best ensemble along the greedy path)",
-                  highlight=False, markup=False)
-    console.print(f"parent run: {result.parent_run_id}", highlight=False, markup=False)
-    console.print(f"experiment: {result.experiment}", highlight=False, markup=False)
-    console.print(f"tracking URI: {result.tracking_uri}", highlight=False, markup=False)
+                  highlight=False)
+    console.print(f"parent run: {result.parent_run_id}", highlight=False)
+    console.print(f"experiment: {result.experiment}", highlight=False)
+    console.print(f"tracking URI: {result.tracking_uri}", highlight=False)
     if result.model_version:
-        console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False, markup=False)
+        console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False)
 
 
 @app.command()
@@ -619,7 +621,7 @@ def distill(
     except Exception as exc:
         _lookup_errors(exc, tracking_uri)
     console.print(f"distilling {plan.teacher_ref} ({len(plan.blobs)} members) at T={plan.temperature:g}, "
-                  f"alpha={plan.alpha:g}", highlight=False, markup=False)
+                  f"alpha={plan.alpha:g}", highlight=False)
     result = _on_ray(plan.cfg.cluster.address, lambda observer: run(plan, observer))
     table = Table(title="Test set", title_justify="left")
     for col in ("model", "acc", "NLL", "ECE", "forward s"):
@@ -631,12 +633,12 @@ def distill(
         if c:
             fwd = f"{c['forward_seconds']:.4f}" if "forward_seconds" in c else "-"
             table.add_row(labels[key], f"{c['acc']:.4f}", f"{c['nll']:.4f}", f"{c['ece']:.4f}", fwd)
-    console.print(table, markup=False)
-    console.print(f"forward-time ratio (ensemble / student): {result.forward_time_ratio:.1f}", highlight=False, markup=False)
-    console.print(f"student run: {result.run_id}", highlight=False, markup=False)
-    console.print(f"experiment: {result.experiment}", highlight=False, markup=False)
-    console.print(f"tracking URI: {result.tracking_uri}", highlight=False, markup=False)
-    console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False, markup=False)
+    console.print(table)
+    console.print(f"forward-time ratio (ensemble / student): {result.forward_time_ratio:.1f}", highlight=False)
+    console.print(f"student run: {result.run_id}", highlight=False)
+    console.print(f"experiment: {result.experiment}", highlight=False)
+    console.print(f"tracking URI: {result.tracking_uri}", highlight=False)
+    console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False)
 
 
 def _default_address(address: Optional[str]) -> str:
@@ -662,7 +664,7 @@ def jobs_cmd(address: Optional[str] = typer.Option(None, "--address", help=ADDRE
         table.add_column(col, overflow="fold")
     for j in found:
         table.add_row(str(j["job_id"]), str(j["status"]), str(j["entrypoint"]), str(j["message"])[:200])
-    console.print(table, markup=False)
+    console.print(table)
 
 
 @app.command("status")
@@ -672,7 +674,7 @@ def status_cmd(job_id: str = typer.Argument(..., help="Job (submission) id."),
     from ensemble_service import jobs
 
     try:
-        console.print(jobs.status(_default_address(address), job_id), highlight=False, markup=False)
+        console.print(jobs.status(_default_address(address), job_id), highlight=False)
     except jobs.JobsError as exc:
         fail(str(exc), EXIT_FAILED)
 
@@ -709,7 +711,7 @@ def cancel_cmd(job_id: str = typer.Argument(..., help="Job (submission) id."),
         stopped = jobs.cancel(address, job_id)
     except jobs.JobsError as exc:
         fail(str(exc), EXIT_FAILED)
-    console.print(f"job {job_id}: {'stop requested' if stopped else 'already finished'}", highlight=False, markup=False)
+    console.print(f"job {job_id}: {'stop requested' if stopped else 'already finished'}", highlight=False)
 
 
 RUN_COLUMNS = [  # header, justify; `ensemble runs` hides the last ones first when the terminal is narrow
@@ -776,14 +778,14 @@ def runs(
     if not terminal:
         console.width = max(width, table_width(rows, shown))
     try:
-        console.print(table, markup=False)
+        console.print(table)
     finally:
         console.width = width
     if len(shown) < len(RUN_COLUMNS):
         hidden = ", ".join(RUN_COLUMNS[i][0] for i in range(len(RUN_COLUMNS)) if i not in shown)
-        console.print(f"hidden (terminal too narrow): {hidden}", highlight=False, markup=False)
+        console.print(f"hidden (terminal too narrow): {hidden}", highlight=False)
     if not found:
-        console.print("no ensembles yet: run `ensemble submit`", markup=False)
+        console.print("no ensembles yet: run `ensemble submit`")
 
 
 # `mlflow ui` start-up lines that say nothing to someone opening the UI on their own machine
@@ -883,12 +885,12 @@ def ui(
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
                MLFLOW_LOGGING_LEVEL=os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),
                PYTHONWARNINGS=",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w))
-    console.print(f"MLflow UI for {redact_uri(resolve_uri(tracking_uri))} on http://{host}:{port}", highlight=False, markup=False)
+    console.print(f"MLflow UI for {redact_uri(resolve_uri(tracking_uri))} on http://{host}:{port}", highlight=False)
     for line in pages:
-        console.print(line, highlight=False, soft_wrap=True, markup=False)
+        console.print(line, highlight=False, soft_wrap=True)
     if is_loopback(host):
         console.print(f"from another machine, tunnel to it: ssh -N -L {port}:{host}:{port} {socket.gethostname()} "
-                      f"and open the same address", highlight=False, soft_wrap=True, markup=False)
+                      f"and open the same address", highlight=False, soft_wrap=True)
     else:
         err.print(f"[yellow]warning:[/] the MLflow UI has no login: anyone who can reach {host}:{port} can read, change "
                   f"and delete every run and model (the default --host 127.0.0.1 and an SSH tunnel avoid this)",
@@ -1077,7 +1079,7 @@ def serve(
         torch.set_num_threads(threads)
     app = create_app(tracking_uri, settings)
     console.print(f"serving ensembles registered in {auth.redact_uri(resolve_uri(tracking_uri))} on "
-                  f"http://{host}:{port} with {keys} (docs: http://{host}:{port}/docs)", highlight=False, markup=False)
+                  f"http://{host}:{port} with {keys} (docs: http://{host}:{port}/docs)", highlight=False)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
     except KeyboardInterrupt:
@@ -1099,7 +1101,7 @@ def _serve_on_ray(uri: str, settings, host: str, port: int, replicas: int, addre
     def ready(info: Dict[str, Any]) -> None:
         console.print(f"serving ensembles registered in {auth.redact_uri(uri)} on {info['address']} with {keys}: "
                       f"{info['replicas']} Ray Serve replica(s) ({cpus:g} CPU, {gpus:g} GPU each) on "
-                      f"{info['cluster']} (docs: {info['address']}/docs)", highlight=False, soft_wrap=True, markup=False)
+                      f"{info['cluster']} (docs: {info['address']}/docs)", highlight=False, soft_wrap=True)
 
     try:
         ray_serve.run(uri, settings, host=host, port=port, replicas=replicas, address=address, num_cpus=cpus,

@@ -377,3 +377,17 @@ def test_sigterm_while_ray_starts_is_reported_as_sigterm(capsys):
         cli_module._on_ray(None, work)
     assert exit_info.value.exit_code == 143
     assert "interrupted by SIGTERM; no MLflow run had been created" in capsys.readouterr().err
+
+
+def test_the_consoles_tables_keep_brackets_too():
+    """A member's error text in the result table ("FAILED: ... shape [2, 10]") is the user's own text."""
+    from rich.table import Table
+
+    import ensemble_service.cli as cli
+
+    table = Table()
+    table.add_column("member")
+    table.add_row("FAILED: logits of shape [batch, num_classes] = [2, 10]")
+    with cli.console.capture() as cap:
+        cli.console.print(table)
+    assert "[batch, num_classes] = [2, 10]" in cap.get()
