@@ -66,17 +66,24 @@ def _check_items(value: List[Any], field: str, limit: int, what: str = "items") 
         raise ApiError(422, f"{len(value)} {what} exceed the limit of {limit}", field)
 
 
-def _tensor(arr: np.ndarray, field: str = "predictions") -> torch.Tensor:
+def _tensor(arr: np.ndarray) -> torch.Tensor:
     """A numeric array (JSON's or a .npy body's) -> the tensor aggregation.aggregate gets: floats as
-    float32 (what torch.tensor makes of JSON numbers; finite values beyond float32's range are a
-    422 saying so), integers as int64."""
+    float32 (what torch.tensor makes of JSON numbers; beyond float32's range they become inf, which
+    aggregation refuses: see :func:`_agg_error`), integers as int64."""
     if arr.dtype.kind == "f":
         with np.errstate(over="ignore"):
-            out = np.ascontiguousarray(arr, dtype=np.float32)
-        if arr.dtype.itemsize > 4 and not np.isfinite(out).all() and np.isfinite(arr).all():
-            raise ApiError(422, f"{field} has values beyond float32's range (|x| > 3.4e38)", field)
-        return torch.from_numpy(out)
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+
+
+def _agg_error(exc: aggregation.AggregationError, arr: np.ndarray) -> ApiError:
+    """The 422 of a failed aggregation; "NaN or infinite" for predictions that were finite before
+    float32 says what happened (checked only here, on the error path)."""
+    message, field = str(exc), _agg_field(str(exc), "predictions")
+    if field == "predictions" and "NaN or infinite" in message and arr.dtype.kind == "f" and \
+            arr.dtype.itemsize > 4 and np.isfinite(arr).all():
+        message = "predictions has values beyond float32's range (|x| > 3.4e38)"
+    return ApiError(422, message, field)
 
 
 def _validate(model, fields: Dict[str, Any], where: str = "body"):
@@ -357,7 +364,7 @@ async def aggregate(request: Request) -> Any:
     try:
         res = await run_in_threadpool(combine) if t.numel() > _THREADPOOL_ELEMENTS else combine()
     except aggregation.AggregationError as exc:
-        raise ApiError(422, str(exc), _agg_field(str(exc), "predictions")) from None
+        raise _agg_error(exc, arr) from None
     labels = res.labels.tolist()
     if codec.wants_npy(request.headers.get("accept")):
         return codec.npy_answer(res.probabilities, labels, {"x-method": method, "x-kind": body.kind})
