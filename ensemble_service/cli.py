@@ -339,7 +339,8 @@ def _print_result(result) -> None:
     console.print(f"wall time: {result.wall_seconds:.1f} s; open the MLflow UI with: ensemble ui", highlight=False)
 
 
-@app.command(context_settings={"ignore_unknown_options": False})
+@app.command(context_settings={"ignore_unknown_options": False},
+             short_help="Train an ensemble (embedded Ray, a running cluster, or a remote job).")
 def submit(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="Hydra overrides, e.g. data=mnist1d model=cnn1d strategy.members=3 trainer.epochs=5 "
@@ -510,7 +511,7 @@ def _lookup_errors(exc: Exception, uri: Optional[str]) -> None:
 TRACKING_URI_HELP = "MLflow tracking URI of the ensemble (default: MLFLOW_TRACKING_URI or ./mlflow.db)."
 
 
-@app.command()
+@app.command(short_help="Add members to a registered ensemble (a new version; the old members reused).")
 def grow(
     ensemble: str = typer.Argument(..., help="Registered ensemble: name, name@alias or name/versions/N."),
     overrides: Optional[List[str]] = typer.Argument(
@@ -538,7 +539,7 @@ def grow(
     _print_result(result)
 
 
-@app.command("select")
+@app.command("select", short_help="Greedy ensemble selection over tracked member runs (trains nothing).")
 def select_cmd(
     size: int = typer.Option(..., "--size", "-n", help="Greedy picks at most (with replacement); the selection "
                                                        "is the best ensemble along the path."),
@@ -595,7 +596,7 @@ def select_cmd(
         console.print(f"registered model: {result.model_version} (serve it with: ensemble serve)", highlight=False)
 
 
-@app.command()
+@app.command(short_help="Distil a registered ensemble into one model.")
 def distill(
     ensemble: str = typer.Argument(..., help="Registered ensemble (the teacher): name, name@alias or name/versions/N."),
     overrides: Optional[List[str]] = typer.Argument(
@@ -736,7 +737,7 @@ def fit_columns(rows: List[List[str]], width: int) -> List[int]:
     return keep
 
 
-@app.command()
+@app.command(short_help="List recent ensembles with their main metrics.")
 def runs(
     experiment: Optional[str] = typer.Option(None, help="Only this experiment (default: all)."),
     limit: int = typer.Option(20, min=1, help="How many ensembles to list."),
@@ -848,7 +849,7 @@ def ui_pages(tracking_uri: Optional[str], base: str, ensemble: Optional[str], ru
     return lines
 
 
-@app.command()
+@app.command(short_help="Start the MLflow UI and print the page of an ensemble's runs.")
 def ui(
     port: int = typer.Option(5000, min=1, max=65535, help="Port of the MLflow UI."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (the UI has no login: keep loopback and "
@@ -1114,7 +1115,7 @@ def _serve_on_ray(uri: str, settings, host: str, port: int, replicas: int, addre
              EXIT_FAILED)
 
 
-@app.command()
+@app.command(short_help="Ask a running `ensemble serve` for the labels of the inputs in files.")
 def predict(
     name: str = typer.Argument(..., help="Registered ensemble: name, name@alias or name/versions/N."),
     files: List[Path] = typer.Argument(..., help="Inputs: a .npy array, a .json list (or {\"inputs\": ...}), a .csv "

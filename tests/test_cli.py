@@ -20,6 +20,18 @@ def test_help(cmd):
     assert "Usage" in result.output
 
 
+def test_top_level_help_lists_each_command_on_one_line():
+    """The commands panel shows a one-line summary per command, not a command's whole first
+    paragraph with its docstring line breaks (which wrapped raggedly)."""
+    result = CliRunner().invoke(app, ["--help"], terminal_width=120, env={"COLUMNS": "120"})
+    assert result.exit_code == 0
+    panel = result.output.split("Commands", 1)[1]
+    rows = [line.strip("│ ").strip() for line in panel.splitlines() if line.startswith("│")]
+    names = [r.split()[0] for r in rows if r]
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert names == commands, rows  # one row each: no continuation lines
+
+
 BAD = [
     ["data=nope"], ["model=nope"], ["strategy=nope"], ["optimizer=nope"], ["strategy.members=0"],
     ["optimizer.lr=-1"], ["trainer.epochs"], ["data=cifar10", "data.root=/does/not/exist"],
