@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ensemble_service.recipes import RecipeConfig
 from ensemble_service.strategies import MAX_MEMBERS, STRATEGIES, StrategyConfig, StrategyError
@@ -125,9 +125,11 @@ def _full_key(text: str) -> str:
     return ""
 
 
-def _explain_compose_error(exc: BaseException, custom: frozenset = frozenset()) -> str:
+def _explain_compose_error(exc: BaseException, custom: frozenset = frozenset(),
+                           node_keys: Callable[[str], Optional[List[str]]] = lambda group: None) -> str:
     """Turn Hydra/OmegaConf's multi-line errors into one line naming the problem (``custom``: the
-    groups given as a `_target_` of the user's own)."""
+    groups given as a `_target_` of the user's own; ``node_keys(group)``: the keys of a composed group
+    without its overrides, for the model's and the optimizer's hints)."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     msg = str(exc)
@@ -144,7 +146,9 @@ def _explain_compose_error(exc: BaseException, custom: frozenset = frozenset()) 
     key = _full_key(text)
     first = text.strip().split("\n")[0]
     if "not in" in first and key:
-        return f"unknown config key '{key}'{_schema_hint(key, text) or key_hint(key, key.split('.')[0] in custom)}"
+        group = key.split(".")[0]
+        keys = node_keys(group) if group in ("model", "optimizer") else None
+        return f"unknown config key '{key}'{_schema_hint(key, text) or key_hint(key, group in custom, keys)}"
     if key:
         return f"bad value for {key}: {_one_line(first)}"
     return _one_line(msg.strip().split("\n")[0]) or type(exc).__name__
@@ -190,23 +194,45 @@ def _schema_hint(key: str, text: str) -> str:
     return ""
 
 
-def key_hint(key: str, custom: bool = False) -> str:
-    """What to say after "unknown config key 'KEY'": for a key of a ``_target_``'s arguments
-    (``custom``: the model, the optimizer, the user's own loader), that it takes a ``+``; for a key of the
-    trainer, cluster or tracking schema, the closest key and the group's keys."""
+def key_hint(key: str, custom: bool = False, keys: Optional[List[str]] = None) -> str:
+    """What to say after "unknown config key 'KEY'": the closest of the group's keys (``keys``, the
+    node's own: a model's or an optimizer's; by default the trainer, cluster or tracking schema's)
+    and, for a key of a ``_target_``'s arguments (``custom``: the model, the optimizer, the user's own
+    loader), that a new one takes a ``+``; else the group's keys."""
     import difflib
     from dataclasses import fields as dc_fields
 
     group, _, sub = key.partition(".")
-    if custom and group in ("model", "optimizer", "data") and sub and "." not in sub:
-        return f" (a new argument of the {group}'s `_target_`? add it with +{key}=...)"
-    schema = {"trainer": TrainerConfig, "cluster": ClusterConfig, "tracking": TrackingConfig}.get(group)
-    if schema is None or not sub:
-        return ""
-    keys = [f.name for f in dc_fields(schema)]
-    close = difflib.get_close_matches(sub, keys, n=1)
+    if keys is None:
+        schema = {"trainer": TrainerConfig, "cluster": ClusterConfig, "tracking": TrackingConfig}.get(group)
+        keys = [f.name for f in dc_fields(schema)] if schema is not None else []
+    keys = [k for k in keys if not k.startswith("_") and k != "name"]
+    close = difflib.get_close_matches(sub, keys, n=1) if sub and "." not in sub else []
     guess = f"did you mean {group}.{close[0]}? " if close else ""
+    if custom and group in ("model", "optimizer", "data") and sub and "." not in sub:
+        return f" ({guess}{'or, for' if guess else 'for'} a new argument of the {group}'s `_target_`, " \
+               f"add it with +{key}=...)"
+    if not keys or not sub:
+        return ""
     return f" ({guess}{group}'s keys: {', '.join(keys)})"
+
+
+def _node_keys(group: str, overrides: List[str]) -> Optional[List[str]]:
+    """The keys of the composed ``group`` node (the model's, the optimizer's) without the overrides
+    of keys inside it: what a key that is not there could have meant. None if that fails too."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import DictConfig
+
+    rest = [o for o in overrides if not _override_key(o).startswith(group + ".")]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="ensemble"):
+            node = hydra_compose(config_name="config", overrides=rest).get(group)
+    except Exception:
+        return None
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else None
 
 
 def compose(overrides: List[str] | None = None):
@@ -238,7 +264,7 @@ def compose(overrides: List[str] | None = None):
     except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "bad input"
         given = {_override_key(o) for o in overrides}
         custom = frozenset(g for g in ("model", "data") if f"{g}._target_" in given)
-        raise ConfigError(_explain_compose_error(exc, custom)) from None
+        raise ConfigError(_explain_compose_error(exc, custom, lambda group: _node_keys(group, overrides))) from None
 
 
 def _unknown_key(node, obj, prefix: str = "") -> Optional[str]:

@@ -117,7 +117,10 @@ def apply_overrides(config: Dict[str, Any], overrides: List[str]) -> Dict[str, A
         elif o.is_add() and custom:  # an argument of the user's own model class or data loader
             node[last] = value
         else:
-            raise ConfigError(f"unknown config key '{key}'{key_hint(key, custom)}")
+            from ensemble_service.models.build import BUILTIN_TARGET
+
+            own = custom and node.get("_target_") != BUILTIN_TARGET  # a user's class, or an optimizer
+            raise ConfigError(f"unknown config key '{key}'{key_hint(key, own, [str(k) for k in node])}")
     return d
 
 

@@ -172,6 +172,11 @@ BAD = [
     (["tracking.model_name=a:b"], "must not contain ':'"),
     (["tracking.model_name="], "tracking.model_name='' must not be empty"),
     (["data.colour=red"], "unknown config key 'data.colour'"),
+    # a built-in model's and an optimizer's keys: the composed node's, the chosen option's (lenet has no width)
+    (["model.hiden=3"], "unknown config key 'model.hiden' (model's keys: batchnorm, dropout, init, activation, depth, width)"),
+    (["model.widht=3"], "unknown config key 'model.widht' (did you mean model.width?"),
+    (["model=lenet", "model.widht=3"], "unknown config key 'model.widht' (model's keys: batchnorm, dropout, init, activation)"),
+    (["optimizer=sgd", "optimizer.momentun=0.5"], "(did you mean optimizer.momentum? optimizer's keys: lr, momentum, "),
     (["+foo=1"], "unknown config key 'foo'"),
     (["model.init=he"], "init"),
     (["model.activation=tanh"], "activation"),

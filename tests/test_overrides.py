@@ -61,13 +61,26 @@ def test_bad_overrides_are_one_line(base, overrides, message):
     (["trainer.epocs=3"], "unknown config key 'trainer.epocs' (did you mean trainer.epochs? trainer's keys: epochs,"),
     (["+trainer.epocs=3"], "unknown config key 'trainer.epocs' (did you mean trainer.epochs?"),  # not a TypeError
     (["+cluster.adress=x"], "did you mean cluster.address?"),
-    (["model.hidden=3"], "unknown config key 'model.hidden' (a new argument of the model's `_target_`? add it with "
-                         "+model.hidden=...)"),
+    # a built-in model's and an optimizer's own keys (grow's overrides apply to the stored config)
+    (["model.widht=3"], "unknown config key 'model.widht' (did you mean model.width? model's keys: batchnorm,"),
+    (["optimizer.lrr=3"], "(did you mean optimizer.lr? or, for a new argument of the optimizer's `_target_`, "
+                          "add it with +optimizer.lrr=...)"),
 ])
 def test_unknown_keys_say_what_was_meant(base, overrides, message):
     with pytest.raises(ConfigError) as err:
         resolved_config(base, overrides)
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_an_unknown_key_of_a_users_own_model_says_it_takes_a_plus(base):
+    own = dict(base, model={"_target_": "usermod.Net", "hidden": 8})
+    with pytest.raises(ConfigError) as err:
+        resolved_config(own, ["model.hiden=3"])
+    assert str(err.value) == ("unknown config key 'model.hiden' (did you mean model.hidden? or, for a new argument of "
+                              "the model's `_target_`, add it with +model.hiden=...)")
+    with pytest.raises(ConfigError) as err:
+        resolved_config(own, ["model.depth=3"])
+    assert str(err.value).endswith("(for a new argument of the model's `_target_`, add it with +model.depth=...)")
 
 
 def test_the_result_is_validated(base):
