@@ -64,23 +64,25 @@ def _keep_sigterm_handler():
                 signal.signal(signal.SIGTERM, handler)
 
 
-def connect(cluster) -> Dict[str, Any]:
+def connect(cluster, logging_level: Optional[int] = None) -> Dict[str, Any]:
     """Start or join Ray; returns the cluster's resources.
 
     cluster.address (or RAY_ADDRESS, which Ray sets for a job's driver) joins that cluster;
     neither starts a private embedded one (``address="local"``) with cluster.num_cpus /
-    cluster.num_gpus / cluster.object_store_memory.
+    cluster.num_gpus / cluster.object_store_memory. ``logging_level``: of Ray's own logger in
+    this process (default Ray's, INFO).
     """
     service_env_defaults()
     if not ray.is_initialized():
         address = join_address(cluster)
+        level = {} if logging_level is None else {"logging_level": logging_level}
         with _keep_sigterm_handler():
             if address:
-                ray.init(address=address, log_to_driver=True)
+                ray.init(address=address, log_to_driver=True, **level)
             else:
                 ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                          object_store_memory=getattr(cluster, "object_store_memory", None),
-                         include_dashboard=False, log_to_driver=True)
+                         include_dashboard=False, log_to_driver=True, **level)
     return dict(ray.cluster_resources())
 
 

@@ -130,6 +130,13 @@ def test_serve_on_ray_with_two_replicas(store, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert rc == 0, log.read_text()[-3000:]
     assert left == [], left  # the private cluster's processes are gone
+    # the user's lines and the replicas' request lines, not Ray's and Serve's own INFO chatter, nor the
+    # failed-task warning serve.shutdown() made the raylet print on the way out
+    text = log.read_text()
+    for noise in ("Started a local Ray instance", "ServeController pid", "ProxyActor pid", "graceful_shutdown",
+                  "Started Serve in namespace"):
+        assert noise not in text, text[-3000:]
+    assert "POST / 200" in text  # the access log stays on (--log-level info, the default)
 
 
 def test_ray_options_need_ray():

@@ -108,18 +108,25 @@ def run(tracking_uri: str, settings: Settings, host: str = "127.0.0.1", port: in
     stop = stop or threading.Event()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} \
         if threading.current_thread() is threading.main_thread() else {}
+    # Ray's and Serve's own INFO lines (cluster start, controller, proxy, deployment steps) are not
+    # the user's: warnings only; the replicas log at ``log_level``, with an access line per request
+    # unless ``access_log`` is False, as the plain server does
+    import logging
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
-        scheduler.connect(cluster)
+        scheduler.connect(cluster, logging_level=logging.WARNING)
         for s in previous:  # after ray.init, which installs its own SIGTERM handler
             signal.signal(s, lambda *_: stop.set())
-        logging = {"log_level": log_level.upper(), "enable_access_log": bool(access_log)}
-        serve.start(http_options={"host": host, "port": int(port)}, logging_config=logging)
+        app_logging = {"log_level": log_level.upper(), "enable_access_log": bool(access_log)}
+        serve.start(http_options={"host": host, "port": int(port)},
+                    logging_config={"log_level": "WARNING", "enable_access_log": False})
         deployment = EnsembleDeployment.options(
             num_replicas=int(replicas), ray_actor_options={"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)},
             # requests in flight per replica: enough for serve.batch to fill a batch of max_batch_items rows
             max_ongoing_requests=max(MAX_ONGOING_REQUESTS, settings.max_batch_items))
         serve.run(deployment.bind(tracking_uri, settings, int(threads)), name=APP_NAME, route_prefix="/",
-                  blocking=False, logging_config=logging)
+                  blocking=False, logging_config=app_logging)
         if ready is not None:
             ready({"address": f"http://{host}:{port}", "replicas": int(replicas),
                    "cluster": address or "a private local Ray cluster"})
@@ -128,11 +135,9 @@ def run(tracking_uri: str, settings: Settings, host: str = "127.0.0.1", port: in
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        try:
-            if address is None:
-                serve.shutdown()
-            else:  # a shared cluster: remove only this application
-                serve.delete(APP_NAME)
+        try:  # the replicas drain their requests; a private cluster's Serve goes with the cluster (its
+            # serve.shutdown() has the controller kill itself, and the raylet reports that as a failed task)
+            serve.delete(APP_NAME)
         except Exception:
             pass
         scheduler.shutdown()
