@@ -1233,8 +1233,20 @@ def main() -> None:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        app()
-        code = 0
+        # not standalone: a usage error (a missing argument, an unknown option, a bad option value)
+        # is told here in one line, not in click's boxed usage text
+        returned = app(standalone_mode=False)
+        code = returned if type(returned) is int else 0
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        code = 1
+    except typer.TyperException as exc:  # click's usage errors (typer carries its own click)
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        message = " ".join(str(exc.format_message()).split()).rstrip(".")
+        if message:  # (`ensemble` alone has printed its help)
+            err.print(f"[bold red]error:[/] {escape(message)}{where}", highlight=False, soft_wrap=True)
+        code = getattr(exc, "exit_code", EXIT_BAD_INPUT)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0

@@ -64,6 +64,30 @@ def test_subprocess_bad_input_is_exit_2_on_stderr(tmp_path):
     assert not list(tmp_path.iterdir())  # no mlflow.db, no checkpoints
 
 
+USAGE = [
+    (["serve", "--port", "abc"], "error: Invalid value for '--port': Input should be a valid integer, unable to parse "
+                                 "string as an integer (see `ensemble serve --help`)"),
+    (["predict"], "error: Missing argument 'name' (see `ensemble predict --help`)"),
+    (["runs", "--bogus"], "error: No such option: --bogus (see `ensemble runs --help`)"),
+    (["nosuch"], "error: No such command 'nosuch' (see `ensemble --help`)"),
+    (["grow", "x"], "error: Missing option '--members' / '-k' (see `ensemble grow --help`)"),
+]
+
+
+def test_usage_errors_are_one_line_exit_2():
+    """click's usage errors (missing argument, unknown option or command, bad option value): one line
+    on stderr naming the command's --help, not click's boxed usage text."""
+    code = ("import sys, subprocess\n"
+            "from ensemble_service.cli import main\n"
+            "sys.argv = ['ensemble'] + sys.argv[1:]\n"
+            "main()\n")
+    for args, line in USAGE:
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert (proc.returncode, proc.stderr.strip(), proc.stdout) == (2, line, ""), args
+    proc = subprocess.run([sys.executable, "-c", code, "runs", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Usage: ensemble runs" in proc.stdout and proc.stderr == ""
+
+
 # -- `ensemble runs` reads, and only reads --------------------------------------------------
 
 
