@@ -47,6 +47,12 @@ def prepare(ref: str, members: int, overrides: List[str], uri: Optional[str] = N
         existing = lineage.ensemble_members(reader, ens, eager=True)
         base = lineage.ensemble_config(reader, ens.parent)
         uri = reader.uri
+    trained_on = (base.get("data") or {}).get("name")
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") == "data" and value != trained_on:
+            raise ConfigError(f"{o}: grow keeps the data set {ens.ref} was trained on "
+                              f"(data={trained_on or '?'}); its new members train on the same")
     n = len(existing)
     cfg: Config = resolved_config(base, overrides, {
         "strategy.members": n + members, "tracking.uri": uri, "tracking.model_name": ens.name,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -140,13 +141,14 @@ def test_growing_twice_keeps_every_earlier_member(tmp_path):
     (("bad", 0, []), "--members must be at least 1"),
     (("bad", 1, ["data.split_seed=1"]), "the data set differs from the one bad/versions/1 was trained on"),
     (("bad", 1, ["strategy.members=9"]), "grow keeps the ensemble's strategy"),
+    (("bad", 1, ["data=mnist1d"]), "data=mnist1d: grow keeps the data set bad/versions/1 was trained on (data=synthetic)"),
     (("bad", 1, ["trainer.epochs=x"]), "bad value for trainer.epochs"),
     (("bad", 1, ["trainer.epochs=-3"]), "trainer.epochs must be at least 1, got -3"),
 ])
 def test_grow_bad_input_is_one_line_and_leaves_no_run(tmp_path, args, message):
     submit(tmp_path, "bad", "strategy.members=1")
     before = len(all_runs(tmp_path))
-    with pytest.raises((ConfigError, EnsembleNotFound), match=message):
+    with pytest.raises((ConfigError, EnsembleNotFound), match=re.escape(message)):
         grow.grow(*args, uri=uri(tmp_path), scheduler=InProcess())
     assert len(all_runs(tmp_path)) == before
 
