@@ -220,27 +220,29 @@ def key_hint(key: str, custom: bool = False, keys: Optional[List[str]] = None) -
 def _node_keys(group: str, overrides: List[str]) -> Optional[List[str]]:
     """The keys of the composed ``group`` node (the model's, the optimizer's) without the overrides
     of keys inside it: what a key that is not there could have meant. None if that fails too."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import DictConfig
 
-    rest = [o for o in overrides if not _override_key(o).startswith(group + ".")]
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="ensemble"):
-            node = hydra_compose(config_name="config", overrides=rest).get(group)
+        node = _hydra_compose([o for o in overrides if not _override_key(o).startswith(group + ".")]).get(group)
     except Exception:
         return None
     return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else None
 
 
-def compose(overrides: List[str] | None = None):
-    """Compose conf/config.yaml with Hydra overrides -> DictConfig (type-checked)."""
+def _hydra_compose(overrides: List[str]):
+    """conf/config.yaml composed with ``overrides`` by Hydra (its errors as Hydra raises them)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="ensemble"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def compose(overrides: List[str] | None = None):
+    """Compose conf/config.yaml with Hydra overrides -> DictConfig (type-checked)."""
     register_schema()
     overrides = list(overrides or [])
     for o in overrides:
@@ -254,11 +256,8 @@ def compose(overrides: List[str] | None = None):
         key, _, value = o.partition("=")
         if key.lstrip("+") == "recipe" and value not in ("", "null") and value not in group_options("recipe"):
             raise ConfigError(f"unknown recipe {value!r}; choose one of: {', '.join(group_options('recipe'))}")
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="ensemble"):
-            return hydra_compose(config_name="config", overrides=overrides)
+        return _hydra_compose(overrides)
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "bad input"
