@@ -18,8 +18,10 @@ on one CUDA GPU. It measures, on the same GPU in one run:
    bare loop: the speed-up of keeping it there.
 
 Writes bench/gpu_throughput_<card>.json (the card's name in the file and its name).
-Usage: python bench/gpu_throughput.py [--out FILE] [--smoke]
-(--smoke: a tiny version that runs anywhere, on the CPU too, to check the script itself.)
+Usage: python bench/gpu_throughput.py [--out FILE] [--smoke] [--steps one_member,shared_gpu,options,data_on_gpu]
+(--smoke: a tiny version that runs anywhere, on the CPU too, to check the script itself; --steps: only
+these steps, in this order; the bare fp32 loop always runs. On an H200 all four took over 8 minutes:
+one_member ~2 min with the cluster's start, shared_gpu ~2 min, options ~3 min, data_on_gpu ~0.5 min.)
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 FULL = {"n_train": 50000, "n_val": 5000, "n_test": 5000, "width": 64, "epochs": 2, "batch": 128, "members": 4}
 SMOKE = {"n_train": 512, "n_val": 128, "n_test": 128, "width": 8, "epochs": 1, "batch": 64, "members": 2}
 TARGETS = {"service_vs_bare": 1.1, "shared_vs_sequential": 0.6}
+STEPS = ("one_member", "shared_gpu", "options", "data_on_gpu")
 
 
 def overrides(size, tmp: str, *extra: str):
@@ -160,8 +163,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="output JSON (default bench/gpu_throughput_<card>.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, runs on the CPU too")
+    ap.add_argument("--steps", default=",".join(STEPS),
+                    help=f"comma-separated steps to run, of: {', '.join(STEPS)} (default: all)")
     ap.add_argument("--bare", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    steps = [x.strip() for x in args.steps.split(",") if x.strip()]
+    if not steps or set(steps) - set(STEPS):
+        ap.error(f"--steps takes some of: {', '.join(STEPS)}")
     if args.bare:
         size, precision, channels_last, on_gpu = json.loads(args.bare)
         print(json.dumps(bare(size, precision, channels_last, on_gpu)))
@@ -183,63 +191,82 @@ def main() -> None:
         report[key] = value
         print(f"{key}: {json.dumps(value)}", flush=True)
 
-    from ensemble_service import runner, scheduler
-    from ensemble_service.config import ClusterConfig, load_config
+    from ensemble_service import scheduler
+    from ensemble_service.config import ClusterConfig
 
     show("bare_fp32", bare_in_fresh_process(size))
     scheduler.connect(ClusterConfig(num_cpus=min(8, os.cpu_count() or 1), num_gpus=None if not args.smoke else 1))
     with tempfile.TemporaryDirectory() as tmp:
-        # 1. one member through the whole service
-        t0 = time.perf_counter()
-        result = runner.submit(load_config(overrides(size, tmp, "strategy.members=1")))
-        wall = time.perf_counter() - t0
-        member = result.members[0]
-        images = size["n_train"] * size["epochs"]
-        service = {"train_seconds": member["train_seconds"], "images_per_s_incl_val": round(images / member["train_seconds"], 1),
-                   "submit_wall_s": round(wall, 2), "device": member["device"]}
-        b = report["bare_fp32"]
-        show("one_member", {"service": service, "bare": b,
-                            "ratio_service_to_bare": round(member["train_seconds"] / b["seconds"], 3),
-                            "target": TARGETS["service_vs_bare"],
-                            "met": member["train_seconds"] / b["seconds"] <= TARGETS["service_vs_bare"],
-                            "note": "both: train + a validation pass per epoch, cold process; "
-                                    "bare images_per_s counts training steps only"})
-
-        # 2. members sharing the GPU vs one after another
-        k = size["members"]
-        shared = scheduled(size, tmp, f"strategy.members={k}", "cluster.gpus_per_member=0.25")
-        sequential = scheduled(size, tmp, f"strategy.members={k}", "cluster.gpus_per_member=1")
-        ratio = span(shared) / span(sequential)
-        show("shared_gpu", {"members": k, "shared_span_s": round(span(shared), 2),
-                            "sequential_span_s": round(span(sequential), 2), "ratio": round(ratio, 3),
-                            "target": TARGETS["shared_vs_sequential"], "met": ratio <= TARGETS["shared_vs_sequential"],
-                            "images_per_s_shared": round(k * size["n_train"] * size["epochs"] / span(shared), 1),
-                            "images_per_s_sequential": round(k * size["n_train"] * size["epochs"] / span(sequential), 1)})
-
-        # 3. precision and memory format, one member each
-        fp32 = member_figures(scheduled(size, tmp, "strategy.members=1"), size)
-        options = {"fp32": {"service": fp32, "bare": b}}
-        for name, extra, bare_args in (("bf16", ["trainer.precision=bf16"], ("bf16", False)),
-                                       ("channels_last", ["trainer.channels_last=true"], ("fp32", True)),
-                                       ("bf16+channels_last", ["trainer.precision=bf16", "trainer.channels_last=true"],
-                                        ("bf16", True))):
-            svc = member_figures(scheduled(size, tmp, "strategy.members=1", *extra), size)
-            bb = bare_in_fresh_process(size, *bare_args)
-            options[name] = {"service": svc, "bare": bb,
-                             "speedup_service": round(fp32["train_seconds"] / svc["train_seconds"], 3),
-                             "speedup_bare": round(b["seconds"] / bb["seconds"], 3)}
-        show("options", options)
-
-        # 4. the data on the GPU (what the worker does) vs copied from the host per batch
-        host = bare_in_fresh_process(size, data_on_gpu=False)
-        show("data_on_gpu", {"on_gpu": b, "from_pinned_host_memory": host,
-                             "speedup": round(host["train_s"] / b["train_s"], 3)})
+        run = {"one_member": step_one_member, "shared_gpu": step_shared_gpu, "options": step_options,
+               "data_on_gpu": step_data_on_gpu}
+        for step in steps:
+            run[step](size, tmp, report, show)
     scheduler.shutdown()
 
     slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")
     out = Path(args.out) if args.out else ROOT / "bench" / f"gpu_throughput_{slug}{'_smoke' if args.smoke else ''}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def step_one_member(size, tmp, report, show) -> None:
+    """1. one member through the whole service (config, Ray, MLflow) vs the bare loop."""
+    from ensemble_service import runner
+    from ensemble_service.config import load_config
+
+    t0 = time.perf_counter()
+    result = runner.submit(load_config(overrides(size, tmp, "strategy.members=1")))
+    wall = time.perf_counter() - t0
+    member = result.members[0]
+    images = size["n_train"] * size["epochs"]
+    service = {"train_seconds": member["train_seconds"], "images_per_s_incl_val": round(images / member["train_seconds"], 1),
+               "submit_wall_s": round(wall, 2), "device": member["device"]}
+    b = report["bare_fp32"]
+    show("one_member", {"service": service, "bare": b,
+                        "ratio_service_to_bare": round(member["train_seconds"] / b["seconds"], 3),
+                        "target": TARGETS["service_vs_bare"],
+                        "met": member["train_seconds"] / b["seconds"] <= TARGETS["service_vs_bare"],
+                        "note": "both: train + a validation pass per epoch, cold process; "
+                                "bare images_per_s counts training steps only"})
+
+
+def step_shared_gpu(size, tmp, report, show) -> None:
+    """2. members sharing the GPU vs one after another."""
+    k = size["members"]
+    shared = scheduled(size, tmp, f"strategy.members={k}", "cluster.gpus_per_member=0.25")
+    sequential = scheduled(size, tmp, f"strategy.members={k}", "cluster.gpus_per_member=1")
+    ratio = span(shared) / span(sequential)
+    show("shared_gpu", {"members": k, "shared_span_s": round(span(shared), 2),
+                        "sequential_span_s": round(span(sequential), 2), "ratio": round(ratio, 3),
+                        "target": TARGETS["shared_vs_sequential"], "met": ratio <= TARGETS["shared_vs_sequential"],
+                        "images_per_s_shared": round(k * size["n_train"] * size["epochs"] / span(shared), 1),
+                        "images_per_s_sequential": round(k * size["n_train"] * size["epochs"] / span(sequential), 1)})
+
+
+def step_options(size, tmp, report, show) -> None:
+    """3. precision and memory format, one member each, through the scheduler and in the bare loop."""
+    b = report["bare_fp32"]
+    fp32 = member_figures(scheduled(size, tmp, "strategy.members=1"), size)
+    options = {"fp32": {"service": fp32, "bare": b}}
+    for name, extra, bare_args in (("bf16", ["trainer.precision=bf16"], ("bf16", False)),
+                                   ("channels_last", ["trainer.channels_last=true"], ("fp32", True)),
+                                   ("bf16+channels_last", ["trainer.precision=bf16", "trainer.channels_last=true"],
+                                    ("bf16", True))):
+        svc = member_figures(scheduled(size, tmp, "strategy.members=1", *extra), size)
+        bb = bare_in_fresh_process(size, *bare_args)
+        options[name] = {"service": svc, "bare": bb,
+                         "speedup_service": round(fp32["train_seconds"] / svc["train_seconds"], 3),
+                         "speedup_bare": round(b["seconds"] / bb["seconds"], 3)}
+        print(f"options.{name}: {json.dumps(options[name])}", flush=True)
+    show("options", options)
+
+
+def step_data_on_gpu(size, tmp, report, show) -> None:
+    """4. the data on the GPU (what the worker does) vs copied from pinned host memory per batch."""
+    b = report["bare_fp32"]
+    host = bare_in_fresh_process(size, data_on_gpu=False)
+    show("data_on_gpu", {"on_gpu": b, "from_pinned_host_memory": host,
+                         "speedup": round(host["train_s"] / b["train_s"], 3)})
 
 
 if __name__ == "__main__":
