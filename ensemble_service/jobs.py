@@ -105,7 +105,19 @@ def submit(address: str, overrides: List[str], config_json: str, *, submission_i
     except JobsError:
         raise
     except Exception as exc:
-        raise JobsError(f"job submission to {address} failed: {_first_line(exc)}") from None
+        raise JobsError(f"job submission to {address} failed: {_upload_problem(exc, working_dir or os.getcwd())}") \
+            from None
+
+
+def _upload_problem(exc: BaseException, working_dir: str) -> str:
+    """The first line of a failed submission, told in the user's terms where it is the upload of the
+    working directory: Python's zipfile says "File size too large, try using force_zip64" for a file
+    of 2 GiB or more."""
+    if "zip64" not in str(exc):
+        return _first_line(exc)
+    return (f"the working directory {working_dir} (uploaded as the job's working_dir) holds a file of 2 GiB or "
+            "more; submit from your project's own directory, or list large files in its .rayignore or "
+            ".gitignore (data belongs on storage the cluster reads)")
 
 
 def status(address: str, job_id: str) -> str:

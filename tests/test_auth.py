@@ -449,3 +449,19 @@ def test_the_job_upload_leaves_dot_env_at_home(tmp_path):
     _zip_files(str(project), jobs.EXCLUDES, str(tmp_path / "job.zip"), include_gitignore=False)
     names = {Path(n).name for n in zipfile.ZipFile(tmp_path / "job.zip").namelist()}
     assert "config.yaml" in names and ".env.example" in names and ".env" not in names
+
+
+def test_a_working_directory_too_big_to_zip_is_told_in_the_users_terms():
+    """Python's zipfile refuses a file of 2 GiB or more in the job's package with "File size too
+    large, try using force_zip64": the submission's error names the working directory and what to do."""
+    import inspect
+
+    from ensemble_service import jobs
+
+    raised = 'raise RuntimeError("File size too large, try using force_zip64")'
+    assert raised in inspect.getsource(zipfile)  # the text the mapping looks for is zipfile's own
+    message = jobs._upload_problem(RuntimeError("File size too large, try using force_zip64"), "/home/u/proj")
+    assert message.startswith("the working directory /home/u/proj (uploaded as the job's working_dir) holds a file "
+                              "of 2 GiB or more;") and ".rayignore" in message
+    assert jobs._upload_problem(ValueError("Package size (600MiB) exceeds the maximum size of 512MiB. To exclude\n"
+                                           "more"), "/p") == "Package size (600MiB) exceeds the maximum size of 512MiB. To exclude"
