@@ -118,6 +118,7 @@ class ProgressObserver:
         self.tasks: Dict[int, Any] = {}
         self.done: set = set()
         self.killed: Optional[int] = None   # runs being closed as KILLED, once interrupted
+        self.checkpoint_dirs: List[str] = []  # the started ensembles' resume checkpoints (not kept ones)
 
     def loaded(self, description: str) -> None:
         self.progress.console.print(description, highlight=False)
@@ -127,6 +128,8 @@ class ProgressObserver:
 
     def started(self, plan, resources) -> None:
         self.progress.start()   # once: a sweep's later plans add their bars to the same display
+        if plan.checkpoint_dir and not plan.keep_checkpoints:
+            self.checkpoint_dirs.append(plan.checkpoint_dir)
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         store = resources.get("object_store_memory", 0) / 2 ** 20
         self.progress.console.print(
@@ -293,9 +296,12 @@ def _on_ray(cluster_address: Optional[str], work):
     connected_before = scheduler.is_connected()  # a cluster this command did not connect stays up
     interrupt = Interrupt().install()
     observer = ProgressObserver(progress, interrupt)
+    ended = False
     try:  # the bars start with the first plan (ProgressObserver.started): an early error prints no empty display
         try:
-            return work(observer)
+            result = work(observer)
+            ended = True
+            return result
         finally:
             if progress.live.is_started:
                 progress.stop()
@@ -319,6 +325,12 @@ def _on_ray(cluster_address: Optional[str], work):
         try:
             if not connected_before:
                 scheduler.shutdown()
+            if not ended:  # interrupted or failed: no submission resumes another's checkpoints (a fresh
+                # ensemble id each), so they would only pile up; the members' tasks are gone by now
+                from ensemble_service.runner import remove_checkpoints
+
+                for directory in observer.checkpoint_dirs:
+                    remove_checkpoints(directory)
         except Exception:
             if _debug():
                 traceback.print_exc()

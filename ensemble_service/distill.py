@@ -150,7 +150,7 @@ def run(p: DistillPlan, observer=None, *, scheduler=None) -> DistillResult:
     ckdir = storage.join(checkpoint_root(cfg), eid)
     tasks, slots = _specs(p, ckdir)
     plan = EnsemblePlan(ensemble_id=eid, strategy=names.STRATEGY_DISTILLED, data=data.label, tasks=tasks, slots=slots,
-                        checkpoint_dir=ckdir)
+                        checkpoint_dir=ckdir, keep_checkpoints=cfg.cluster.keep_checkpoints)
     resources = scheduler.connect(cfg.cluster)
     problem = preflight.unschedulable(cfg, scheduler.node_resources())
     if problem:

@@ -126,6 +126,7 @@ class EnsemblePlan:
     tasks: List[Any] = field(default_factory=list)      # MemberSpec | TrajectorySpec, one Ray task each
     slots: List[MemberSlot] = field(default_factory=list)
     checkpoint_dir: str = ""
+    keep_checkpoints: bool = False  # cluster.keep_checkpoints: else removed once the ensemble ends, however it ends
 
 
 def ensemble_id(cfg: Config) -> str:
@@ -182,7 +183,8 @@ def plan(cfg: Config, *, ensemble: Optional[str] = None, start: int = 0) -> Ense
     slots = [MemberSlot(index=m.index, task=task_of[m.index], seed=m.seed, architecture=m.architecture,
                         tags={"ensemble.role": "member"}) for m in members]
     return EnsemblePlan(ensemble_id=eid, strategy=cfg.strategy.name, data=cfg.data.name,
-                        tasks=tasks, slots=slots, checkpoint_dir=ckdir)
+                        tasks=tasks, slots=slots, checkpoint_dir=ckdir,
+                        keep_checkpoints=cfg.cluster.keep_checkpoints)
 
 
 def pack_members(members: List[MemberSpec], k: int, ckdir: str) -> List[Any]:
@@ -226,7 +228,8 @@ def _plan_trajectories(cfg: Config, eid: str, ckdir: str) -> EnsemblePlan:
             slots.append(MemberSlot(index=i, task=t, seed=spec.seed, architecture=spec.architecture,
                                     tags={"ensemble.trajectory": str(t), **tags}))
     return EnsemblePlan(ensemble_id=eid, strategy=cfg.strategy.name, data=cfg.data.name,
-                        tasks=tasks, slots=slots, checkpoint_dir=ckdir)
+                        tasks=tasks, slots=slots, checkpoint_dir=ckdir,
+                        keep_checkpoints=cfg.cluster.keep_checkpoints)
 
 
 @dataclass(frozen=True)

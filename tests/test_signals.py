@@ -44,6 +44,11 @@ def in_session(sid: int) -> list[str]:
     return found
 
 
+def checkpoints(tmp_path: Path) -> list[str]:
+    """The files under the submissions' cluster.storage."""
+    return sorted(str(p) for p in (tmp_path / "ckpt").rglob("*") if p.is_file())
+
+
 class Submit:
     """`ensemble submit` in its own session, with a private Ray temp dir; output in files."""
 
@@ -148,6 +153,7 @@ def test_sigterm_kills_every_run_in_seconds_and_leaves_no_ray_process(tmp_path, 
     assert all(r.data.tags.get("ensemble.error") == "interrupted" for r in runs)
     assert in_session(s.proc.pid) == []
     assert seconds < 30
+    assert checkpoints(tmp_path) == []  # no submission resumes them: they would only pile up
 
 
 def test_ctrl_c_is_acknowledged_at_once(tmp_path, submits):
@@ -170,3 +176,4 @@ def test_ctrl_c_is_acknowledged_at_once(tmp_path, submits):
     assert s.proc.returncode == 128 + signal.SIGINT, s.stderr()
     assert {r.info.status for r in s.runs()} == {"KILLED"}
     assert in_session(s.proc.pid) == []
+    assert checkpoints(tmp_path) == []
