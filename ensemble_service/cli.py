@@ -1116,10 +1116,16 @@ def _serve_on_ray(uri: str, settings, host: str, port: int, replicas: int, addre
                       f"{info['replicas']} Ray Serve replica(s) ({cpus:g} CPU, {gpus:g} GPU each) on "
                       f"{info['cluster']} (docs: {info['address']}/docs)", highlight=False, soft_wrap=True)
 
+    def stopping() -> None:
+        where = "the private Ray cluster stops" if not address or address == "local" else \
+            f"the application is deleted from {address}"
+        console.print(f"stopping: the replicas finish their requests, then {where}", highlight=False, soft_wrap=True)
+
     try:
         ray_serve.run(uri, settings, host=host, port=port, replicas=replicas, address=address, num_cpus=cpus,
                       num_gpus=gpus, threads=threads or max(1, int(cpus)), log_level=log_level, access_log=access_log,
-                      ready=ready)
+                      ready=ready, stopping=stopping)
+        console.print("stopped", highlight=False)
     except KeyboardInterrupt:
         raise typer.Exit(0)
     except Exception as exc:  # a deployment that cannot start (replica errors, resources): one line

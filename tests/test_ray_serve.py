@@ -137,6 +137,10 @@ def test_serve_on_ray_with_two_replicas(store, tmp_path):
                   "Started Serve in namespace"):
         assert noise not in text, text[-3000:]
     assert "POST / 200" in text  # the access log stays on (--log-level info, the default)
+    assert "\x1b[" not in text  # Ray's coloured line prefixes: not in a log file
+    lines = text.splitlines()  # (the replicas' lines Ray forwards may come after "stopping")
+    stop = lines.index("stopping: the replicas finish their requests, then the private Ray cluster stops")
+    assert lines[-1] == "stopped" and stop < len(lines) - 1, text[-3000:]
 
 
 def test_ray_options_need_ray():

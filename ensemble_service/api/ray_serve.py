@@ -93,12 +93,12 @@ class EnsembleDeployment:
 def run(tracking_uri: str, settings: Settings, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2,
         address: Optional[str] = None, num_cpus: float = 1.0, num_gpus: float = 0.0, threads: int = 0,
         log_level: str = "info", access_log: bool = True, ready: Optional[Callable[[Dict[str, Any]], None]] = None,
-        stop: Optional[threading.Event] = None) -> None:
+        stop: Optional[threading.Event] = None, stopping: Optional[Callable[[], None]] = None) -> None:
     """Deploy the app on Ray Serve and serve until SIGINT/SIGTERM (or ``stop`` is set).
 
     ``log_level`` and ``access_log`` go to Serve's logging config (its replicas log every request
     unless ``access_log`` is False). ``ready`` is called once every replica answers, with
-    ``{"address", "replicas", "cluster"}``."""
+    ``{"address", "replicas", "cluster"}``; ``stopping`` once a signal (or ``stop``) ends the serving."""
     from ensemble_service import scheduler
 
     address = None if address in (None, "", "local") else address
@@ -132,6 +132,8 @@ def run(tracking_uri: str, settings: Settings, host: str = "127.0.0.1", port: in
                    "cluster": address or "a private local Ray cluster"})
         while not stop.wait(0.5):
             pass
+        if stopping is not None:
+            stopping()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
