@@ -978,6 +978,9 @@ def _load_inputs(path: Path) -> Dict[str, Any]:
     if suffix == ".npy":  # sent as a .npy body (application/x-npy), not JSON
         import numpy as np
 
+        with path.open("rb") as f:  # numpy calls anything without its magic "pickled data" and advises allow_pickle
+            if f.read(6) != np.lib.format.MAGIC_PREFIX:
+                fail(f"{path} is not a .npy file (it does not start with the header numpy.save writes)")
         try:
             arr = np.load(path, allow_pickle=False)
         except Exception as exc:

@@ -701,6 +701,10 @@ def test_predict_command_input_errors(tmp_path):
     np.save(tmp_path / "obj.npy", np.array(["a"], dtype=object), allow_pickle=True)
     r = runner.invoke(app, ["predict", "alpha", str(tmp_path / "obj.npy")])
     assert r.exit_code == 2 and "cannot read" in r.output  # object arrays are never unpickled
+    (tmp_path / "garbage.npy").write_bytes(b"not an array at all" * 10)
+    r = runner.invoke(app, ["predict", "alpha", str(tmp_path / "garbage.npy")])
+    assert r.exit_code == 2 and r.output.strip() == (f"error: {tmp_path / 'garbage.npy'} is not a .npy file (it does "
+                                                     "not start with the header numpy.save writes)"), r.output
     np.save(tmp_path / "x.npy", np.zeros((1, 64)))
     r = runner.invoke(app, ["predict", "alpha", str(tmp_path / "x.npy"), "--url", f"http://127.0.0.1:{_free_port()}"])
     assert r.exit_code == 1 and "cannot reach" in r.output
