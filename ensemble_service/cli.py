@@ -352,7 +352,7 @@ def _print_result(result) -> None:
 
 
 @app.command(context_settings={"ignore_unknown_options": False},
-             short_help="Train an ensemble (embedded Ray, a running cluster, or a remote job).")
+             short_help="Train an ensemble on Ray (embedded, a running cluster or a job).")
 def submit(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="Hydra overrides, e.g. data=mnist1d model=cnn1d strategy.members=3 trainer.epochs=5 "
@@ -523,7 +523,7 @@ def _lookup_errors(exc: Exception, uri: Optional[str]) -> None:
 TRACKING_URI_HELP = "MLflow tracking URI of the ensemble (default: MLFLOW_TRACKING_URI or ./mlflow.db)."
 
 
-@app.command(short_help="Add members to a registered ensemble (a new version; the old members reused).")
+@app.command(short_help="Add members to a registered ensemble (a new version).")
 def grow(
     ensemble: str = typer.Argument(..., help="Registered ensemble: name, name@alias or name/versions/N."),
     overrides: Optional[List[str]] = typer.Argument(
@@ -551,7 +551,7 @@ def grow(
     _print_result(result)
 
 
-@app.command("select", short_help="Greedy ensemble selection over tracked member runs (trains nothing).")
+@app.command("select", short_help="Greedy ensemble selection over tracked member runs.")
 def select_cmd(
     size: int = typer.Option(..., "--size", "-n", help="Greedy picks at most (with replacement); the selection "
                                                        "is the best ensemble along the path."),
@@ -680,7 +680,7 @@ def jobs_cmd(address: Optional[str] = typer.Option(None, "--address", help=ADDRE
     console.print(table)
 
 
-@app.command("status")
+@app.command("status", short_help="Print a job's status.")
 def status_cmd(job_id: str = typer.Argument(..., help="Job (submission) id."),
                address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)) -> None:
     """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
@@ -1004,7 +1004,7 @@ def _load_inputs(path: Path) -> Dict[str, Any]:
     raise AssertionError  # unreachable
 
 
-@app.command()
+@app.command(short_help="Serve registered ensembles over HTTP (uvicorn or Ray Serve).")
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port."),
@@ -1136,7 +1136,7 @@ def _serve_on_ray(uri: str, settings, host: str, port: int, replicas: int, addre
              EXIT_FAILED)
 
 
-@app.command(short_help="Ask a running `ensemble serve` for the labels of the inputs in files.")
+@app.command(short_help="Ask a running `ensemble serve` to label the inputs in files.")
 def predict(
     name: str = typer.Argument(..., help="Registered ensemble: name, name@alias or name/versions/N."),
     files: List[Path] = typer.Argument(..., help="Inputs: a .npy array, a .json list (or {\"inputs\": ...}), a .csv "

@@ -23,7 +23,7 @@ def test_help(cmd):
 def test_top_level_help_lists_each_command_on_one_line():
     """The commands panel shows a one-line summary per command, not a command's whole first
     paragraph with its docstring line breaks (which wrapped raggedly)."""
-    result = CliRunner().invoke(app, ["--help"], terminal_width=120, env={"COLUMNS": "120"})
+    result = CliRunner().invoke(app, ["--help"], terminal_width=80, env={"COLUMNS": "80"})  # a plain terminal
     assert result.exit_code == 0
     panel = result.output.split("Commands", 1)[1]
     rows = [line.strip("│ ").strip() for line in panel.splitlines() if line.startswith("│")]
