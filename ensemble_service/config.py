@@ -241,16 +241,25 @@ def _hydra_compose(overrides: List[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+def check_override(override: str) -> None:
+    """ConfigError (one line) for what is no key=value override at all: an option, no key, no '='
+    (``~key`` deletes: no '=' there)."""
+    if override.startswith("-"):
+        raise ConfigError(f"unknown option {override!r}; overrides look like key=value (see the command's --help)")
+    if not _override_key(override).strip():
+        raise ConfigError(f"malformed override {override!r}: no key before '='; overrides look like key=value, "
+                          "e.g. strategy.members=5")
+    if "=" not in override and not override.startswith("~"):
+        raise ConfigError(f"malformed override {override!r}: no '='; overrides look like key=value, "
+                          "e.g. strategy.members=5")
+
+
 def compose(overrides: List[str] | None = None):
     """Compose conf/config.yaml with Hydra overrides -> DictConfig (type-checked)."""
     register_schema()
     overrides = list(overrides or [])
     for o in overrides:
-        if o.startswith("-"):
-            raise ConfigError(f"unknown option {o!r}; overrides look like key=value (see `ensemble submit --help`)")
-        if not _override_key(o).strip():
-            raise ConfigError(f"malformed override {o!r}: no key before '='; overrides look like key=value, "
-                              "e.g. strategy.members=5")
+        check_override(o)
     overrides = _select_custom_groups(overrides)
     for o in overrides:  # `optional recipe` would silently skip a recipe that does not exist
         key, _, value = o.partition("=")

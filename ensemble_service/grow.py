@@ -51,8 +51,8 @@ def prepare(ref: str, members: int, overrides: List[str], uri: Optional[str] = N
     for o in overrides:
         key, _, value = o.partition("=")
         if key.lstrip("+~") == "data" and value != trained_on:
-            raise ConfigError(f"{o}: grow keeps the data set {ens.ref} was trained on "
-                              f"(data={trained_on or '?'}); its new members train on the same")
+            raise ConfigError(f"{o}: grow trains the new members on the data set {ens.ref} was trained on "
+                              f"(data={trained_on or '?'})")
     n = len(existing)
     cfg: Config = resolved_config(base, overrides, {
         "strategy.members": n + members, "tracking.uri": uri, "tracking.model_name": ens.name,

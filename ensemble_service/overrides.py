@@ -15,7 +15,7 @@ import itertools
 from typing import Any, Dict, List, Optional
 
 from ensemble_service.config import (
-    GROUPS, Config, ConfigError, _conf_node, _resolve_entries, config_from_dict, key_hint, validate,
+    GROUPS, Config, ConfigError, _conf_node, _resolve_entries, check_override, config_from_dict, key_hint, validate,
 )
 
 
@@ -24,8 +24,7 @@ def _parse(overrides: List[str]):
     from hydra.errors import OverrideParseException
 
     for o in overrides:
-        if o.startswith("-"):
-            raise ConfigError(f"unknown option {o!r}; overrides look like key=value")
+        check_override(o)
     try:
         return OverridesParser.create().parse_overrides(list(overrides))
     except OverrideParseException as exc:

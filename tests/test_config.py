@@ -166,6 +166,7 @@ BAD = [
     (["strategy.members"], "malformed override"),
     (["a=b=c"], "malformed override"),
     (["--members=3"], "unknown option '--members=3'"),
+    (["foo"], "malformed override 'foo': no '='; overrides look like key=value, e.g. strategy.members=5"),
     (["=3"], "malformed override '=3': no key before '='"),
     (["tracking.model_name=bad/name"], "tracking.model_name='bad/name' must not contain '/'"),
     (["tracking.model_name=a@b"], "must not contain '@'"),

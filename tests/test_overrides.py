@@ -21,6 +21,7 @@ def test_a_two_by_two_sweep_is_four_combinations_first_sweep_slowest():
 @pytest.mark.parametrize("overrides,message", [
     (["optimizer.lr=interval(0,1)"], "continuous sweep"), (["a=b=c=,"], "malformed override"),
     (["--x"], "unknown option"),
+    (["2"], "malformed override '2': no '='; overrides look like key=value"),  # not Hydra's lexer's exception
 ])
 def test_bad_sweeps(overrides, message):
     with pytest.raises(ConfigError, match=message):
