@@ -44,7 +44,7 @@ app = typer.Typer(
 # a wide console when not on a terminal (CI logs, pipes), so tables are not truncated
 # plain text unless a call asks for styles (markup=True): messages and table cells carry the user's
 # own text, and Rich markup would eat anything in brackets ("takes [batch, 8, 8]")
-console = Console(markup=False) if sys.stdout.isatty() else Console(width=140, markup=False)
+console = Console(markup=False) if sys.stdout.isatty() else Console(width=140, markup=False, soft_wrap=True)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 EXIT_BAD_INPUT = 2
@@ -149,12 +149,15 @@ class ProgressObserver:
                          f"-> {len(spec.member_indices)} members")
             else:
                 label = f"member {spec.index} ({spec.architecture}, seed {spec.seed})"
-            self.tasks[spec.index] = self.progress.add_task(label, total=spec.epochs, info="queued")
+            # its clock starts with the task's first event, not while it waits for a CPU
+            self.tasks[spec.index] = self.progress.add_task(label, total=spec.epochs, info="queued", start=False)
 
     def event(self, e: Dict[str, Any]) -> None:
         task = self.tasks.get(e["task"])
         if task is None or e["task"] in self.done:  # a late event must not overwrite "done"
             return
+        if not self.progress.tasks[task].started:
+            self.progress.start_task(task)
         if e["type"] == "start":
             note = f"resumed at epoch {e['resumed_from']}" if e["resumed_from"] else "training"
             self.progress.update(task, completed=e["resumed_from"], info=f"{note} on {e['device']}")
@@ -168,7 +171,10 @@ class ProgressObserver:
     def task_done(self, task: int, members: int) -> None:
         self.done.add(task)
         t = self.tasks[task]
-        self.progress.update(t, completed=self.progress.tasks[t].total, info=f"done: {members} member(s)")
+        if not self.progress.tasks[t].started:  # (no event came: a reused or very short task)
+            self.progress.start_task(t)
+        self.progress.update(t, completed=self.progress.tasks[t].total,
+                             info="done" if members == 1 else f"done: {_count(members, 'member')}")
 
     def task_failed(self, task: int, message: str) -> None:
         self.progress.update(self.tasks[task], info=f"[red]FAILED[/]: {escape(message)}")
