@@ -13,7 +13,10 @@ cluster address that cannot be used) prints one line `error: ...` and exits 2, b
 embedded Ray starts or any MLflow run is created. A training failure exits 1 with every
 MLflow run closed as FAILED. SIGINT (Ctrl-C) or SIGTERM (`ensemble cancel`, `timeout`, a job
 stop) closes every open run as KILLED in one write, shuts the embedded Ray down with all its
-processes and exits 130 or 143 (128 + the signal). Set ENSEMBLE_DEBUG=1 to see tracebacks.
+processes and exits 130 or 143 (128 + the signal); a failed or interrupted ensemble's resume
+checkpoints are removed (no submission resumes them) unless cluster.keep_checkpoints. A usage
+error (an unknown option or command, a missing argument) is one line too, exit 2. Set
+ENSEMBLE_DEBUG=1 to see tracebacks.
 """
 from __future__ import annotations
 
