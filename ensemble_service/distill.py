@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ensemble_service import names, storage
-from ensemble_service.config import Config, ConfigError
+from ensemble_service.config import Config, ConfigError, check_override
 
 # measured on mnist1d (5 CNN1D members -> one CNN1D, 100 epochs): T=2, alpha=0.5 gave the student a test
 # NLL of 0.541 against 0.593 with T=4, alpha=0.9 (alone: 0.699); the defaults of `ensemble distill`
@@ -80,6 +80,7 @@ def prepare(ref: str, overrides: List[str] = (), uri: Optional[str] = None, *,
     if model_name is not None and not model_name.strip():
         raise ConfigError("--model-name must not be empty")
     for o in overrides:
+        check_override(o)  # a malformed one is told before the store is read
         key = o.split("=", 1)[0].lstrip("+~")
         if key == "strategy" or key.startswith("strategy."):
             raise ConfigError(f"{o}: a student is one model; give its model=..., trainer.* and optimizer.* instead")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 from ensemble_service import names
-from ensemble_service.config import Config, ConfigError
+from ensemble_service.config import Config, ConfigError, check_override
 
 GROWABLE = ("independent",)
 
@@ -33,6 +33,7 @@ def prepare(ref: str, members: int, overrides: List[str], uri: Optional[str] = N
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise ConfigError(f"--members must be at least 1, got {members}")
     for o in overrides:
+        check_override(o)  # a malformed one is told before the store is read
         key = o.split("=", 1)[0].lstrip("+~")
         if key == "strategy.members" or key == "strategy":
             raise ConfigError(f"{o}: grow keeps the ensemble's strategy; --members says how many members to add")

@@ -141,6 +141,7 @@ def test_growing_twice_keeps_every_earlier_member(tmp_path):
     (("bad", 0, []), "--members must be at least 1"),
     (("bad", 1, ["data.split_seed=1"]), "the data set differs from the one bad/versions/1 was trained on"),
     (("bad", 1, ["strategy.members=9"]), "grow keeps the ensemble's strategy"),
+    (("nope", 1, ["2"]), "malformed override '2': no '='"),  # told before the store is read
     (("bad", 1, ["data=mnist1d"]), "data=mnist1d: grow trains the new members on the data set bad/versions/1 was trained on (data=synthetic)"),
     (("bad", 1, ["trainer.epochs=x"]), "bad value for trainer.epochs"),
     (("bad", 1, ["trainer.epochs=-3"]), "trainer.epochs must be at least 1, got -3"),
