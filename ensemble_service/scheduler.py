@@ -20,6 +20,7 @@ jobs.py) that imports Ray.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -64,25 +65,25 @@ def _keep_sigterm_handler():
                 signal.signal(signal.SIGTERM, handler)
 
 
-def connect(cluster, logging_level: Optional[int] = None) -> Dict[str, Any]:
+def connect(cluster, logging_level: int = logging.WARNING) -> Dict[str, Any]:
     """Start or join Ray; returns the cluster's resources.
 
     cluster.address (or RAY_ADDRESS, which Ray sets for a job's driver) joins that cluster;
     neither starts a private embedded one (``address="local"``) with cluster.num_cpus /
     cluster.num_gpus / cluster.object_store_memory. ``logging_level``: of Ray's own logger in
-    this process (default Ray's, INFO).
+    this process (warnings: its "Started a local Ray instance" line is not the user's; the
+    service prints the cluster it got).
     """
     service_env_defaults()
     if not ray.is_initialized():
         address = join_address(cluster)
-        level = {} if logging_level is None else {"logging_level": logging_level}
         with _keep_sigterm_handler():
             if address:
-                ray.init(address=address, log_to_driver=True, **level)
+                ray.init(address=address, log_to_driver=True, logging_level=logging_level)
             else:
                 ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                          object_store_memory=getattr(cluster, "object_store_memory", None),
-                         include_dashboard=False, log_to_driver=True, **level)
+                         include_dashboard=False, log_to_driver=True, logging_level=logging_level)
     return dict(ray.cluster_resources())
 
 

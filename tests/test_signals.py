@@ -130,6 +130,8 @@ def test_embedded_cluster_is_private_and_gone_after_a_run(tmp_path, submits):
     s.proc.wait(timeout=300)
     assert s.proc.returncode == 0, s.stdout() + s.stderr()
     assert "Failed to connect" not in s.stderr()
+    assert "Started a local Ray instance" not in s.stderr()  # Ray's INFO line; the service says which cluster
+    assert "Ray cluster with " in s.stdout()
     assert [r.info.status for r in s.runs()] == ["FINISHED", "FINISHED"]
     assert in_session(s.proc.pid) == []
 

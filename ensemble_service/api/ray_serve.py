@@ -115,7 +115,7 @@ def run(tracking_uri: str, settings: Settings, host: str = "127.0.0.1", port: in
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
-        scheduler.connect(cluster, logging_level=logging.WARNING)
+        scheduler.connect(cluster)
         for s in previous:  # after ray.init, which installs its own SIGTERM handler
             signal.signal(s, lambda *_: stop.set())
         app_logging = {"log_level": log_level.upper(), "enable_access_log": bool(access_log)}
