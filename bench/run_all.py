@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE))
 
 from harness import RESULTS, print_table, save  # noqa: E402
 
-SCRIPTS = ["bench_service.py", "bench_strategies.py", "bench_packed.py", "bench_endpoint.py"]
+SCRIPTS = ["bench_service.py", "bench_strategies.py", "bench_packed.py", "bench_forward.py", "bench_endpoint.py"]
 # entry -> (the most its ratio A/B may be, the issue that set it)
 TARGETS = {"vs_torchensemble": (0.5, 6), "scaling_4_members": (0.56, 6), "service_overhead": (1.1, 6),
            "snapshot_cost": (1.05, 6), "packed_vs_loop": (0.33, 6),

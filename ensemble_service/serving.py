@@ -25,7 +25,10 @@ Members are grouped before the first request:
   class count and state-dict layout) run as **one** batched forward: their weights are
   stacked with ``torch.func.stack_module_state`` and the module is called with
   ``torch.func.functional_call`` under ``torch.func.vmap`` (a group of one is called
-  directly);
+  directly). On the CPU the vmapped forward is the faster one only for small batches of
+  convolutional members, so there a group runs its members one after another from
+  ``LOOP_MIN_BATCH`` rows on, and always when they have no convolutions; the two paths agree to
+  float rounding (about 1e-7), and which one runs depends only on the batch's size and device;
 * *MC-dropout groups*: members that are stochastic passes of one trained model
   (``role == "mc_sample"``) share one module; pass ``s`` runs with only the Dropout
   modules in train mode (BatchNorm stays in eval) after ``torch.manual_seed(seed_s)``,
@@ -73,6 +76,13 @@ from ensemble_service.models import architecture as model_architecture, build_mo
 __all__ = ["EVAL_BATCH", "ServingError", "Member", "MemberLogits", "Prediction", "Ensemble", "load_ensemble_dir", "as_input_tensor"]
 
 EVAL_BATCH = 1024
+#: On the CPU, members of one architecture run vmapped over their stacked weights only while a
+#: batch of convolutional members has fewer rows than this; from it on, and always for members
+#: without convolutions, they run one after another. Measured on 2 CPU cores (torch 1 and 2
+#: threads, 5 members, `bench/bench_forward.py`): vmapped LeNets / ResNet-8s took 0.6-0.8x the
+#: loop's time at 1 row, about the same at 16, 1.2-1.7x at 64 and 1.2-2.3x at 256; vmapped MLPs
+#: 0.9-1.5x at every batch size (1.3-1.6x at one thread).
+LOOP_MIN_BATCH = 16
 _RNG_LOCK = threading.Lock()
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -137,7 +147,8 @@ def _signature(m: Member) -> str:
 
 
 class _StackedGroup:
-    """Members of one architecture: one vmapped forward over their stacked weights."""
+    """Members of one architecture: one vmapped forward over their stacked weights, or, on the
+    CPU, the members one after another where that is faster (:meth:`use_loop`)."""
 
     def __init__(self, members: List[Member], positions: List[int]):
         self.positions = positions
@@ -148,6 +159,8 @@ class _StackedGroup:
             return
         self.single = None
         modules = [m.module for m in members]
+        self.modules = modules
+        self.convolutional = any(isinstance(x, nn.modules.conv._ConvNd) for x in modules[0].modules())
         params, buffers = torch.func.stack_module_state(modules)
         self.params = {k: v.detach() for k, v in params.items()}
         self.buffers = {k: v.detach() for k, v in buffers.items()}
@@ -167,9 +180,17 @@ class _StackedGroup:
             self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
         return self
 
+    def use_loop(self, x: torch.Tensor) -> bool:
+        """Whether to run the members one after another instead of vmapped: on the CPU for members
+        without convolutions, and for convolutional ones from ``LOOP_MIN_BATCH`` rows (see there).
+        On CUDA always vmapped."""
+        return x.device.type == "cpu" and (not self.convolutional or x.shape[0] >= LOOP_MIN_BATCH)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.single is not None:
             return self.single(x).unsqueeze(0)
+        if self.use_loop(x):
+            return torch.stack([m(x) for m in self.modules])
         return self._vmapped(self.params, self.buffers, x)
 
 
@@ -327,8 +348,10 @@ class Ensemble:
         self.stored_weights: Optional[torch.Tensor] = (
             torch.tensor([float(w) for w in stored], dtype=torch.float32) if all(w is not None for w in stored) else None)
         order = [p for g in self.groups for p in g.positions]
-        self._inverse = torch.empty(len(order), dtype=torch.long)
-        self._inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        self._inverse: Optional[torch.Tensor] = None  # None: the groups already hold the members in order
+        if order != list(range(len(order))):
+            self._inverse = torch.empty(len(order), dtype=torch.long)
+            self._inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -444,10 +467,12 @@ class Ensemble:
         outs = []
         for g in self.groups:
             chunks = [g(t[i:i + EVAL_BATCH]) for i in range(0, len(t), EVAL_BATCH)] \
-                if isinstance(g, _StackedGroup) else [g(t)]
-            outs.append(torch.cat(chunks, dim=1))
-        z = torch.cat(outs, dim=0)
-        return z[self._inverse.to(z.device)].float().cpu()
+                if isinstance(g, _StackedGroup) and len(t) > EVAL_BATCH else [g(t)]
+            outs.append(torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0])
+        z = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        if self._inverse is not None:
+            z = z[self._inverse.to(z.device)]
+        return z.float().cpu()
 
     def predict(self, x: Any, method: str = "mean", weights: Optional[Any] = None,
                 return_members: bool = False, calibrated: Optional[bool] = None,

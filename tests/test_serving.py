@@ -16,7 +16,7 @@ from ensemble_service import aggregation
 from ensemble_service.artifact import ArtifactError, member_blob, member_record, read_member
 from ensemble_service.data import load_dataset
 from ensemble_service.models import create_model
-from ensemble_service.serving import Ensemble, ServingError, as_input_tensor
+from ensemble_service.serving import LOOP_MIN_BATCH, Ensemble, ServingError, as_input_tensor
 from workers.member import train_member
 
 SHAPES = {"mlp": (1, 8, 8), "lenet": (1, 8, 8), "alexnet": (1, 8, 8), "vgg": (1, 8, 8), "resnet": (1, 8, 8),
@@ -119,12 +119,33 @@ def loop_logits(blobs, x):
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest.mark.parametrize("batchnorm", [False, True])
-def test_stacked_forward_equals_member_loop(name, batchnorm):
+@pytest.mark.parametrize("rows", [5, LOOP_MIN_BATCH + 3])
+def test_stacked_forward_equals_member_loop(name, batchnorm, rows):
     blobs = [blob_of(name, s, batchnorm=batchnorm) for s in range(3)]
     ens = Ensemble.from_blobs(blobs)
     assert [g["kind"] for g in ens.describe_groups()] == ["stacked"]
-    x = torch.randn(5, *SHAPES[name])
+    x = torch.randn(rows, *SHAPES[name])
     torch.testing.assert_close(ens.logits(x), loop_logits(blobs, x), rtol=1e-4, atol=1e-5)
+    group = ens.groups[0]
+    with torch.inference_mode():  # whichever path ran, the vmapped one gives the same logits
+        torch.testing.assert_close(group(x), group._vmapped(group.params, group.buffers, x), rtol=1e-5, atol=1e-6)
+
+
+def test_on_the_cpu_a_group_runs_vmapped_only_for_small_batches_of_convolutional_members():
+    conv = Ensemble.from_blobs([blob_of("lenet", s) for s in range(3)]).groups[0]
+    dense = Ensemble.from_blobs([blob_of("mlp", s) for s in range(3)]).groups[0]
+    rows = lambda n, device="cpu": torch.empty(n, 1, 8, 8, device=device)  # noqa: E731
+    assert (conv.convolutional, dense.convolutional) == (True, False)
+    assert [conv.use_loop(rows(n)) for n in (1, LOOP_MIN_BATCH - 1, LOOP_MIN_BATCH, 1000)] == [False, False, True, True]
+    assert [dense.use_loop(rows(n)) for n in (1, LOOP_MIN_BATCH, 1000)] == [True, True, True]
+    # any other device (CUDA; here the meta device stands in for it) keeps the vmapped forward
+    assert not conv.use_loop(rows(1000, "meta")) and not dense.use_loop(rows(1, "meta"))
+    ran = []
+    vmapped = conv._vmapped
+    conv._vmapped = lambda *a: ran.append(a[2].shape[0]) or vmapped(*a)
+    with torch.inference_mode():
+        conv(torch.randn(4, 1, 8, 8)), conv(torch.randn(LOOP_MIN_BATCH, 1, 8, 8))
+    assert ran == [4]
 
 
 def test_groups_by_architecture_and_keeps_member_order():
