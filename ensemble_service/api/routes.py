@@ -17,11 +17,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.convertors import PathConvertor, register_url_convertor
 
 from ensemble_service import aggregation, names
 from ensemble_service.api import codec
@@ -36,15 +35,6 @@ from ensemble_service.serving import ServingError
 
 router = APIRouter()
 
-
-class _EnsembleRefConvertor(PathConvertor):
-    """``{name:ensemble_ref}``: a path (``name/versions/N`` has slashes) not ending in ``/predict``,
-    so that GET .../predict is a 405 (the predict route only takes POST), not an ensemble's name."""
-
-    regex = r"(?!.*/predict\Z).*"  # 'predict' alone is a name (an ensemble may be called that)
-
-
-register_url_convertor("ensemble_ref", _EnsembleRefConvertor())
 
 _ERR = {"model": ErrorResponse}
 _NAME_DOC = ("`name` (its alias `latest`, i.e. the newest version), `name@alias` or `name/versions/N`.")
@@ -155,10 +145,10 @@ def list_ensembles(request: Request) -> Dict[str, Any]:
     return {"ensembles": out}
 
 
-@router.get("/v1/ensembles/{name:ensemble_ref}", response_model=EnsembleInfo, response_model_exclude_none=True,
-            tags=["ensembles"], responses={404: _ERR, 405: _ERR, 503: _ERR})
 def ensemble_info(request: Request, name: str = NamePath) -> Dict[str, Any]:
     """One registered version: members, architectures, how they run, strategy, the parent run's metrics."""
+    if name.endswith("/predict"):  # the predict route's path, which takes POST only ('predict' alone is a name)
+        raise HTTPException(405, headers={"Allow": "POST"})
     store = _store(request)
     le = store.get(name)
     ens, info = le.ensemble, store.resolve(name)  # current aliases (the loaded copy's are from load time)
@@ -315,6 +305,13 @@ async def predict(request: Request, name: str = NamePath) -> Any:
 
 
 # --------------------------------------------------------------------------- aggregate
+
+# Registered after predict: for a path both match (``.../predict`` with a method neither takes), the
+# first route whose path matches gives the 405's Allow header, and that must be predict's POST.
+# A plain ``{name:path}`` (no custom convertor) so that Ray Serve's proxy, which matches the app's
+# route patterns in a process of its own, names the route in its access lines.
+router.get("/v1/ensembles/{name:path}", response_model=EnsembleInfo, response_model_exclude_none=True,
+           tags=["ensembles"], responses={404: _ERR, 405: _ERR, 503: _ERR})(ensemble_info)
 
 _AGGREGATE_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/AggregateRequest"}},
