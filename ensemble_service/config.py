@@ -126,10 +126,12 @@ def _full_key(text: str) -> str:
 
 
 def _explain_compose_error(exc: BaseException, custom: frozenset = frozenset(),
-                           node_keys: Callable[[str], Optional[List[str]]] = lambda group: None) -> str:
+                           node_keys: Callable[[str], Optional[List[str]]] = lambda group: None,
+                           outside: Callable[[str], Optional[str]] = lambda key: None) -> str:
     """Turn Hydra/OmegaConf's multi-line errors into one line naming the problem (``custom``: the
     groups given as a `_target_` of the user's own; ``node_keys(group)``: the keys of a composed group
-    without its overrides, for the model's and the optimizer's hints)."""
+    without its overrides, for the model's and the optimizer's hints; ``outside(key)``: the message
+    for a key in no group, ``epochs=3`` or ``trainr.epochs=3``)."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     msg = str(exc)
@@ -147,6 +149,8 @@ def _explain_compose_error(exc: BaseException, custom: frozenset = frozenset(),
     first = text.strip().split("\n")[0]
     if "not in" in first and key:
         group = key.split(".")[0]
+        if group not in GROUPS and (said := outside(key)):
+            return said
         keys = node_keys(group) if group in ("model", "optimizer") else None
         return f"unknown config key '{key}'{_schema_hint(key, text) or key_hint(key, group in custom, keys)}"
     if key:
@@ -217,6 +221,58 @@ def key_hint(key: str, custom: bool = False, keys: Optional[List[str]] = None) -
     return f" ({guess}{group}'s keys: {', '.join(keys)})"
 
 
+def group_key_hint(key: str, tree: Dict[str, List[str]]) -> str:
+    """What to say after "unknown config key 'KEY'" for a key in no group, from ``tree`` (each group
+    of the config and its keys): ``epochs`` -> `` (did you mean trainer.epochs?)``, ``trainr.epochs``
+    -> `` (did you mean trainer.epochs?)``, ``name`` -> `` (did you mean tracking.run_name or
+    tracking.model_name?)``; else the groups."""
+    import difflib
+
+    tree = {g: [k for k in keys if not k.startswith("_") and k != "name"] for g, keys in tree.items()}
+    head, _, rest = key.partition(".")
+    if rest:  # a misspelt group
+        close = difflib.get_close_matches(head, list(tree), n=1)
+        guesses = [f"{close[0]}.{rest}"] if close else []
+    else:
+        guesses = [f"{g}.{key}" for g, keys in tree.items() if key in keys]
+        if not guesses:
+            near = difflib.get_close_matches(key, sorted({k for keys in tree.values() for k in keys}), n=2, cutoff=0.7)
+            guesses = [f"{g}.{k}" for k in near for g, keys in tree.items() if k in keys]
+        guesses += [f"{g}=..." for g in difflib.get_close_matches(key, list(tree), n=1)]  # `modle=lenet`
+    if guesses:
+        return f" (did you mean {' or '.join(guesses[:3])}?)"
+    return f" (keys go with their group, e.g. trainer.epochs=3; groups: {', '.join(tree)})"
+
+
+def _group_tree(overrides: List[str]) -> Dict[str, List[str]]:
+    """Each group of the config composed with ``overrides`` and its keys ({} if that fails too)."""
+    try:
+        cfg = _hydra_compose(overrides)
+    except Exception:
+        return {}
+    return _tree(cfg)
+
+
+def _tree(cfg) -> Dict[str, List[str]]:
+    """A composed config's groups and their keys, those a user sets (not the recipe's, which a
+    recipe file holds and the trainer's and optimizer's keys override)."""
+    from omegaconf import DictConfig
+
+    return {str(g): [str(k) for k in node.keys()] for g, node in cfg.items() if isinstance(node, DictConfig)
+            and g not in ("hydra", "recipe", "experiment")}
+
+
+def _outside_groups(key: str, overrides: List[str]) -> Optional[str]:
+    """The one-line message for the override of ``key`` (Hydra names a key in no group by its first
+    part: ``trainr`` for ``trainr.epochs=3``), from the config composed without it."""
+    given = [o for o in overrides if _override_key(o) == key or _override_key(o).startswith(key + ".")]
+    if not given:
+        return None
+    full = _override_key(given[0])
+    tree = _group_tree([o for o in overrides if o not in given])
+    return f"unknown config key '{full}'{group_key_hint(full, tree)}" if tree else None
+
+
 def _node_keys(group: str, overrides: List[str]) -> Optional[List[str]]:
     """The keys of the composed ``group`` node (the model's, the optimizer's) without the overrides
     of keys inside it: what a key that is not there could have meant. None if that fails too."""
@@ -272,7 +328,8 @@ def compose(overrides: List[str] | None = None):
     except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "bad input"
         given = {_override_key(o) for o in overrides}
         custom = frozenset(g for g in ("model", "data") if f"{g}._target_" in given)
-        raise ConfigError(_explain_compose_error(exc, custom, lambda group: _node_keys(group, overrides))) from None
+        raise ConfigError(_explain_compose_error(exc, custom, lambda group: _node_keys(group, overrides),
+                                                 lambda key: _outside_groups(key, overrides))) from None
 
 
 def _unknown_key(node, obj, prefix: str = "") -> Optional[str]:
@@ -309,6 +366,13 @@ def to_plain(dcfg) -> Config:
     if not isinstance(obj, Config):  # a raw dict would mean the schema was not applied
         raise ConfigError("config did not match the schema")
     extra = _unknown_key(dcfg, obj)
+    if extra and "." not in extra:  # `+epochs=3`, `+trainr.epochs=3`: a key in no group
+        from omegaconf import DictConfig
+
+        sub = dcfg.get(extra)
+        full = f"{extra}.{next(iter(sub.keys()))}" if isinstance(sub, DictConfig) and len(sub) else extra
+        tree = {g: keys for g, keys in _tree(dcfg).items() if g != extra}
+        raise ConfigError(f"unknown config key '{full}'{group_key_hint(full, tree)}")
     if extra:
         raise ConfigError(f"unknown config key '{extra}'{key_hint(extra)}")
     if isinstance(obj.data, dict):  # data=custom: `_target_` and the loader's own arguments

@@ -15,7 +15,8 @@ import itertools
 from typing import Any, Dict, List, Optional
 
 from ensemble_service.config import (
-    GROUPS, Config, ConfigError, _conf_node, _resolve_entries, check_override, config_from_dict, key_hint, validate,
+    GROUPS, Config, ConfigError, _conf_node, _resolve_entries, check_override, config_from_dict, group_key_hint,
+    key_hint, validate,
 )
 
 
@@ -77,6 +78,12 @@ def _type_checked(key: str, old: Any, new: Any) -> Any:
     return new
 
 
+def _groups(d: Dict[str, Any]) -> Dict[str, List[str]]:
+    """A stored config's groups and their keys (what ``group_key_hint`` picks from)."""
+    return {g: [str(k) for k in v] for g, v in d.items() if isinstance(v, dict) and g in GROUPS
+            and g not in ("recipe", "experiment")}
+
+
 def apply_overrides(config: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
     """``config`` (a resolved ``Config.to_dict()``) with ``overrides`` applied, as a new dict."""
     d = copy.deepcopy(config)
@@ -93,8 +100,7 @@ def apply_overrides(config: Dict[str, Any], overrides: List[str]) -> Dict[str, A
             if key == "experiment":
                 raise ConfigError("experiment presets apply to `ensemble submit`; give their keys one by one")
             if key not in GROUPS:
-                raise ConfigError(f"unknown config group or key '{key}'; groups: "
-                                  f"{', '.join(g for g in GROUPS if g != 'experiment')}")
+                raise ConfigError(f"unknown config key '{key}'{group_key_hint(key, _groups(d))}")
             if not isinstance(value, str):
                 raise ConfigError(f"{key}= takes the name of a conf/{key}/*.yaml file, got {value!r}")
             d[key] = _conf_node(key, value, key)
@@ -104,6 +110,8 @@ def apply_overrides(config: Dict[str, Any], overrides: List[str]) -> Dict[str, A
             if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
                 if o.is_add() and isinstance(node, dict) and part not in node:
                     node[part] = {}
+                elif i == 0:  # `trainr.epochs=3`
+                    raise ConfigError(f"unknown config key '{key}'{group_key_hint(key, _groups(d))}")
                 else:
                     raise ConfigError(f"unknown config key '{'.'.join(parts[:i + 1])}'")
             node = node[part]

@@ -178,7 +178,17 @@ BAD = [
     (["model.widht=3"], "unknown config key 'model.widht' (did you mean model.width?"),
     (["model=lenet", "model.widht=3"], "unknown config key 'model.widht' (model's keys: batchnorm, dropout, init, activation)"),
     (["optimizer=sgd", "optimizer.momentun=0.5"], "(did you mean optimizer.momentum? optimizer's keys: lr, momentum, "),
-    (["+foo=1"], "unknown config key 'foo'"),
+    (["+foo=1"], "unknown config key 'foo' (keys go with their group, e.g. trainer.epochs=3; groups: data, model, "
+                 "strategy, optimizer, trainer, cluster, tracking)"),
+    # a key without its group, or in a misspelt group: which group's key it is (not the recipe's)
+    (["epochs=3"], "unknown config key 'epochs' (did you mean trainer.epochs?)"),
+    (["+epochs=3"], "unknown config key 'epochs' (did you mean trainer.epochs?)"),
+    (["members=3"], "unknown config key 'members' (did you mean strategy.members?)"),
+    (["lr=0.1"], "unknown config key 'lr' (did you mean optimizer.lr?)"),
+    (["model_name=x"], "unknown config key 'model_name' (did you mean tracking.model_name or model=...?)"),
+    (["trainr.epochs=3"], "unknown config key 'trainr.epochs' (did you mean trainer.epochs?)"),
+    (["+trainr.epochs=3"], "unknown config key 'trainr.epochs' (did you mean trainer.epochs?)"),
+    (["strategy=snapshot", "cycles=4"], "unknown config key 'cycles' (did you mean strategy.cycles?)"),
     (["model.init=he"], "init"),
     (["model.activation=tanh"], "activation"),
     (["model=vgg", "model.depth=19"], "vgg depth must be one of 11, 13, 16"),

@@ -49,9 +49,10 @@ def test_overrides_change_values_groups_and_add_keys(base):
 
 @pytest.mark.parametrize("overrides,message", [
     (["trainer.epochs=abc"], "bad value for trainer.epochs"), (["trainer.epochs=1.5"], "bad value for trainer.epochs"),
-    (["model.nope=1"], "unknown config key 'model.nope'"), (["nope.x=1"], "unknown config key 'nope'"),
+    (["model.nope=1"], "unknown config key 'model.nope'"), (["nope.x=1"], "unknown config key 'nope.x'"),
     (["model=nope"], "unknown model 'nope'"), (["experiment=demo"], "experiment presets"),
-    (["optimizer.lr=0.1,1"], "is a sweep"), (["~model.width"], "deleting"), (["nope=1"], "unknown config group"),
+    (["optimizer.lr=0.1,1"], "is a sweep"), (["~model.width"], "deleting"),
+    (["nope=1"], r"unknown config key 'nope' \(keys go with their group, e.g. trainer.epochs=3; groups: data, model, "),
 ])
 def test_bad_overrides_are_one_line(base, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -62,6 +63,10 @@ def test_bad_overrides_are_one_line(base, overrides, message):
     (["trainer.epocs=3"], "unknown config key 'trainer.epocs' (did you mean trainer.epochs? trainer's keys: epochs,"),
     (["+trainer.epocs=3"], "unknown config key 'trainer.epocs' (did you mean trainer.epochs?"),  # not a TypeError
     (["+cluster.adress=x"], "did you mean cluster.address?"),
+    # a key without its group, or in a misspelt one: the group keys of that name (the stored config's)
+    (["epochs=3"], "unknown config key 'epochs' (did you mean trainer.epochs?)"),
+    (["lr=0.1"], "unknown config key 'lr' (did you mean optimizer.lr?)"),
+    (["trainr.epochs=3"], "unknown config key 'trainr.epochs' (did you mean trainer.epochs?)"),
     # a built-in model's and an optimizer's own keys (grow's overrides apply to the stored config)
     (["model.widht=3"], "unknown config key 'model.widht' (did you mean model.width? model's keys: batchnorm,"),
     (["optimizer.lrr=3"], "(did you mean optimizer.lr? or, for a new argument of the optimizer's `_target_`, "
