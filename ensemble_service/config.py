@@ -176,6 +176,7 @@ def _select_custom_groups(overrides: List[str]) -> List[str]:
 
 def _schema_hint(key: str, text: str) -> str:
     """For a key the chosen strategy or data source does not have: which one it is, and its keys."""
+    import difflib
     import re
     from dataclasses import fields as dc_fields
 
@@ -192,9 +193,12 @@ def _schema_hint(key: str, text: str) -> str:
     for name, schema in catalog:
         if schema.__name__ == found.group(1):
             keys = [f.name for f in dc_fields(schema) if f.name != "name"]
-            owners = [n for n, sch in catalog if key.split(".", 1)[1] in {f.name for f in dc_fields(sch)}]
+            sub = key.split(".", 1)[1]
+            owners = [n for n, sch in catalog if sub in {f.name for f in dc_fields(sch)}]
             where = f" (a key of {group}={'/'.join(sorted(set(owners)))})" if owners else ""
-            return f" for {group}={name}{where}; its keys: {', '.join(keys)}"
+            close = difflib.get_close_matches(sub, keys, n=1) if not owners else []
+            guess = f" (did you mean {group}.{close[0]}?)" if close else ""
+            return f" for {group}={name}{where}{guess}; its keys: {', '.join(keys)}"
     return ""
 
 

@@ -188,6 +188,8 @@ BAD = [
     (["model_name=x"], "unknown config key 'model_name' (did you mean tracking.model_name or model=...?)"),
     (["trainr.epochs=3"], "unknown config key 'trainr.epochs' (did you mean trainer.epochs?)"),
     (["+trainr.epochs=3"], "unknown config key 'trainr.epochs' (did you mean trainer.epochs?)"),
+    (["strategy.member=3"], "unknown config key 'strategy.member' for strategy=independent (did you mean "
+                            "strategy.members?); its keys: members, bagging, models"),
     (["strategy=snapshot", "cycles=4"], "unknown config key 'cycles' (did you mean strategy.cycles?)"),
     (["model.init=he"], "init"),
     (["model.activation=tanh"], "activation"),
