@@ -7,6 +7,9 @@
   what a user writes by hand, and what torchensemble's VotingClassifier does); `vmapped_s` is the
   members' stacked weights under torch.func.vmap (what the service ran for every batch before
   serving.LOOP_MIN_BATCH), timed in the same alternation, and `path` which one A took.
+- softmax_c<C>_rows<R>: the members' probabilities from their logits, aggregation.softmax (A: over a
+  classes-first copy on the CPU below 16 classes and from 128 rows) against torch.softmax(dim=-1)
+  (B), for 2 and 10 classes over 320 rows (5 members x 64) and 5,120 rows (5 x 1,024).
 Each timing is many calls in a row (about 0.2 s), medians of 5 alternating runs; in-process, torch
 on BENCH_THREADS threads (default 1). Usage: python bench/bench_forward.py [--quick]
 """
@@ -23,6 +26,7 @@ import torch  # noqa: E402
 
 from harness import print_table, save  # noqa: E402
 
+from ensemble_service import aggregation  # noqa: E402
 from ensemble_service.artifact import member_blob  # noqa: E402
 from ensemble_service.models import create_model  # noqa: E402
 from ensemble_service.serving import Ensemble  # noqa: E402
@@ -81,6 +85,21 @@ def main() -> None:
                 "threads": torch.get_num_threads()}
             print(f"{name:7} batch {b:4}: forward {a_s * 1e3:8.3f} ms ({entries[f'forward_{name}_batch{b}']['path']}), "
                   f"loop {b_s * 1e3:8.3f} ms, vmapped {v_s * 1e3:8.3f} ms; max |diff| {diff:.1e}", flush=True)
+    for c in (2, 10):
+        for rows in (320, 5120):
+            z = torch.randn(5, rows // 5, c, generator=torch.Generator().manual_seed(0)) * 4
+            times = {"a": [], "b": []}
+            for _ in range(runs):
+                times["a"].append(per_call(lambda: aggregation.softmax(z), budget / 4))
+                times["b"].append(per_call(lambda: torch.softmax(z, dim=-1), budget / 4))
+            a_s, b_s = statistics.median(times["a"]), statistics.median(times["b"])
+            entries[f"softmax_c{c}_rows{rows}"] = {
+                "a_s": round(a_s, 8), "b_s": round(b_s, 8), "ratio": round(a_s / b_s, 4),
+                "a_runs": [round(t, 8) for t in times["a"]], "b_runs": [round(t, 8) for t in times["b"]],
+                "a": f"aggregation.softmax of [5, {rows // 5}, {c}] logits", "b": "torch.softmax(dim=-1), the same",
+                "max_abs_diff": float((aggregation.softmax(z) - torch.softmax(z, dim=-1)).abs().max())}
+            print(f"softmax {c:2} classes x {rows:5} rows: {a_s * 1e6:7.1f} us vs torch.softmax {b_s * 1e6:7.1f} us",
+                  flush=True)
     print_table(entries)
     if not quick:
         save(entries)

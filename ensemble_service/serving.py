@@ -504,7 +504,7 @@ class Ensemble:
         probs, scaled = res.probabilities, False
         if (self.temperature is not None if calibrated is None else calibrated) and method != "vote":
             probs, scaled = aggregation.temperature_scale(probs, self.temperature), True
-        return Prediction(res.labels, probs, res.agreement, torch.softmax(z, dim=-1) if return_members else None,
+        return Prediction(res.labels, probs, res.agreement, aggregation.softmax(z) if return_members else None,
                           scaled, res.uncertainty)
 
 

@@ -392,3 +392,23 @@ def test_extreme_inputs_give_finite_results(kind, method, weights):
         # lowest of the tied 3e38 logits), which is also the label of one member in three
         assert res.labels.tolist() == [2 if kind == "probs" else 1]
         close(res.agreement, [1 / 3])
+
+
+@pytest.mark.parametrize("shape,dtype", [((5, 1, 10), torch.float32), ((5, 64, 10), torch.float32),
+                                         ((3000, 2), torch.float32), ((4, 200, 15), torch.float32),
+                                         ((2, 300, 16), torch.float32), ((130, 3), torch.float64)])
+def test_softmax_is_torchs_to_float_rounding_on_either_path(shape, dtype):
+    # few classes over many rows run over a classes-first copy (torch's CPU kernel is 3.5-5.5x slower there)
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=dtype) * 8
+    got = A.softmax(z)
+    assert got.shape == z.shape and got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got, torch.softmax(z, dim=-1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got.sum(-1), torch.ones(shape[:-1], dtype=dtype))
+
+
+def test_softmax_of_extreme_logits_is_one_hot():
+    z = torch.zeros(5, 64, 10)
+    z[..., 3] = 3e38
+    z[..., 7] = -3e38
+    p = A.softmax(z)
+    assert torch.isfinite(p).all() and torch.equal(p[..., 3], torch.ones(5, 64)) and float(p[..., 7].max()) == 0.0
