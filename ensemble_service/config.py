@@ -227,12 +227,14 @@ def key_hint(key: str, custom: bool = False, keys: Optional[List[str]] = None) -
 
 def group_key_hint(key: str, tree: Dict[str, List[str]]) -> str:
     """What to say after "unknown config key 'KEY'" for a key in no group, from ``tree`` (each group
-    of the config and its keys): ``epochs`` -> `` (did you mean trainer.epochs?)``, ``trainr.epochs``
-    -> `` (did you mean trainer.epochs?)``, ``name`` -> `` (did you mean tracking.run_name or
-    tracking.model_name?)``; else the groups."""
+    of the config and its keys; the recipe's, which a recipe file sets and the trainer's and
+    optimizer's keys override, are left out): ``epochs`` -> `` (did you mean trainer.epochs?)``,
+    ``trainr.epochs`` -> `` (did you mean trainer.epochs?)``, ``model_name`` -> `` (did you mean
+    tracking.model_name or model=...?)``; else the groups."""
     import difflib
 
-    tree = {g: [k for k in keys if not k.startswith("_") and k != "name"] for g, keys in tree.items()}
+    tree = {g: [k for k in keys if not k.startswith("_") and k != "name"] for g, keys in tree.items()
+            if g not in ("hydra", "recipe", "experiment")}
     head, _, rest = key.partition(".")
     if rest:  # a misspelt group
         close = difflib.get_close_matches(head, list(tree), n=1)
@@ -248,22 +250,11 @@ def group_key_hint(key: str, tree: Dict[str, List[str]]) -> str:
     return f" (keys go with their group, e.g. trainer.epochs=3; groups: {', '.join(tree)})"
 
 
-def _group_tree(overrides: List[str]) -> Dict[str, List[str]]:
-    """Each group of the config composed with ``overrides`` and its keys ({} if that fails too)."""
-    try:
-        cfg = _hydra_compose(overrides)
-    except Exception:
-        return {}
-    return _tree(cfg)
-
-
 def _tree(cfg) -> Dict[str, List[str]]:
-    """A composed config's groups and their keys, those a user sets (not the recipe's, which a
-    recipe file holds and the trainer's and optimizer's keys override)."""
+    """A composed config's groups and their keys."""
     from omegaconf import DictConfig
 
-    return {str(g): [str(k) for k in node.keys()] for g, node in cfg.items() if isinstance(node, DictConfig)
-            and g not in ("hydra", "recipe", "experiment")}
+    return {str(g): [str(k) for k in node.keys()] for g, node in cfg.items() if isinstance(node, DictConfig)}
 
 
 def _outside_groups(key: str, overrides: List[str]) -> Optional[str]:
@@ -273,8 +264,11 @@ def _outside_groups(key: str, overrides: List[str]) -> Optional[str]:
     if not given:
         return None
     full = _override_key(given[0])
-    tree = _group_tree([o for o in overrides if o not in given])
-    return f"unknown config key '{full}'{group_key_hint(full, tree)}" if tree else None
+    try:
+        tree = _tree(_hydra_compose([o for o in overrides if o not in given]))
+    except Exception:  # another override is bad too: Hydra's own message for this one
+        return None
+    return f"unknown config key '{full}'{group_key_hint(full, tree)}"
 
 
 def _node_keys(group: str, overrides: List[str]) -> Optional[List[str]]:

@@ -80,8 +80,7 @@ def _type_checked(key: str, old: Any, new: Any) -> Any:
 
 def _groups(d: Dict[str, Any]) -> Dict[str, List[str]]:
     """A stored config's groups and their keys (what ``group_key_hint`` picks from)."""
-    return {g: [str(k) for k in v] for g, v in d.items() if isinstance(v, dict) and g in GROUPS
-            and g not in ("recipe", "experiment")}
+    return {g: [str(k) for k in v] for g, v in d.items() if isinstance(v, dict) and g in GROUPS}
 
 
 def apply_overrides(config: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
